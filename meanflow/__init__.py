@@ -1,0 +1,1 @@
+"""meanflow: a thin PyTorch training stack for MeanFlow (one-step generative models)."""

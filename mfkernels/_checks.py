@@ -1,0 +1,66 @@
+"""Argument checks shared by every mfkernels op.
+
+Every error names the argument, what it got (shape / dtype / device) and what was expected, so a user never has
+to read a kernel to find out why a call was refused.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_float(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (float16, bfloat16, float32 or float64); got {describe(t)}")
+
+
+def check_ndim(name: str, t: torch.Tensor, ndim: int, layout: str) -> None:
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}; got {describe(t)}")
+
+
+def check_like(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """t must share dtype and device with ref (shapes are checked by the caller)."""
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}; they must be on the same device")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}; they must match")
+
+
+def check_tangent(name: str, tangent: torch.Tensor, primal_name: str, primal: torch.Tensor) -> int:
+    """Check a ragged tangent against its primal and return its batch kt.
+
+    The contract of every op: a tangent has the primal's shape except in dim 0, where it has kt <= B rows that stand
+    for the FIRST kt rows of the primal batch (kt = 0 is allowed: no tangent work at all).
+    """
+    check_float(name, tangent)
+    check_like(name, tangent, primal_name, primal)
+    if tangent.dim() != primal.dim() or tangent.shape[1:] != primal.shape[1:]:
+        expected = ("kt",) + tuple(primal.shape[1:])
+        raise ValueError(
+            f"{name} has shape {tuple(tangent.shape)}; expected {expected} (the shape of {primal_name} "
+            f"{tuple(primal.shape)} in every dim but the first)"
+        )
+    kt, batch = tangent.shape[0], primal.shape[0]
+    if kt > batch:
+        raise ValueError(
+            f"{name} has tangent batch {kt} > primal batch {batch} of {primal_name}; the tangent rows stand for the "
+            f"first kt rows of the primal batch, so kt must be in [0, {batch}]"
+        )
+    return kt
+
+
+def check_tangent_batches(**tangents: torch.Tensor) -> int:
+    """All tangents of one op call must have the same batch kt."""
+    sizes = {name: t.shape[0] for name, t in tangents.items()}
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{n}: {s}" for n, s in sizes.items())
+        raise ValueError(f"tangent batches differ ({listing}); every tangent of one call must have the same kt")
+    return next(iter(sizes.values()))

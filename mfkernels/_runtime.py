@@ -1,0 +1,52 @@
+"""Where can a Triton kernel run, and what happens when it cannot.
+
+On CUDA tensors the compiled kernels run. On CPU tensors they run only under the Triton interpreter
+(TRITON_INTERPRET=1, used by the tests). Anywhere else an op falls back to its pure-torch `<op>_ref` and says so once.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+
+@functools.lru_cache(maxsize=None)
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_can_run(t: torch.Tensor) -> bool:
+    """True when a Triton kernel can process tensor t where it lives."""
+    if not triton_importable():
+        return False
+    if t.device.type == "cuda":
+        return not interpreter_active()
+    if t.device.type == "cpu":
+        return interpreter_active()
+    return False
+
+
+_warned: set[str] = set()
+
+
+def warn_fallback(op: str, t: torch.Tensor) -> None:
+    """One warning per op and process when the pure-torch reference replaces a Triton kernel."""
+    if op in _warned:
+        return
+    _warned.add(op)
+    why = "Triton is not importable" if not triton_importable() else (
+        f"tensors are on {t.device} (Triton kernels run on CUDA, or on CPU only with TRITON_INTERPRET=1)"
+    )
+    warnings.warn(f"mfkernels.{op}: falling back to the pure-torch reference {op}_ref because {why}.",
+                  RuntimeWarning, stacklevel=3)
