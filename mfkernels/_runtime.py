@@ -50,3 +50,20 @@ def warn_fallback(op: str, t: torch.Tensor) -> None:
     )
     warnings.warn(f"mfkernels.{op}: falling back to the pure-torch reference {op}_ref because {why}.",
                   RuntimeWarning, stacklevel=3)
+
+
+_poison = os.environ.get("MFKERNELS_POISON", "0") == "1"
+
+
+def set_poison(enabled: bool) -> None:
+    """Debug mode for tests: kernel outputs are allocated filled with NaN, so an element a kernel forgets to write
+    shows up as NaN instead of passing silently with whatever the allocator left there."""
+    global _poison
+    _poison = enabled
+
+
+def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate a kernel output buffer (uninitialised; NaN-filled in poison mode)."""
+    if _poison:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
