@@ -40,7 +40,7 @@ class _LinearJVP(torch.autograd.Function):
         batch, kt = x.shape[0], x_dot.shape[0]
         stacked = torch.cat([x, x_dot.to(x.dtype)]) if kt else x
         out = F.linear(stacked, weight)
-        y = out[:batch] + bias if bias is not None else out[:batch]
+        y = out[:batch] + bias.to(out.dtype) if bias is not None else out[:batch]  # autocast: bias stays fp32
         y_dot = out[batch:]
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
@@ -77,9 +77,10 @@ def silu_jvp_ref(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, to
     kt = check_tangent("a_dot", a_dot, "a", a)
     y = F.silu(a)
     with torch.no_grad():
-        ak = _rows(a, kt)
+        acc = torch.promote_types(a.dtype, torch.float32)
+        ak = _rows(a, kt).to(acc)
         s = torch.sigmoid(ak)
-        y_dot = s * (1 + ak * (1 - s)) * a_dot
+        y_dot = (s * (1 + ak * (1 - s)) * a_dot.to(acc)).to(a.dtype)
     return y, y_dot
 
 
@@ -94,7 +95,8 @@ def gelu_tanh_jvp_ref(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tenso
     kt = check_tangent("a_dot", a_dot, "a", a)
     y = F.gelu(a, approximate="tanh")
     with torch.no_grad():
-        y_dot = gelu_tanh_grad(_rows(a, kt)) * a_dot
+        acc = torch.promote_types(a.dtype, torch.float32)
+        y_dot = (gelu_tanh_grad(_rows(a, kt).to(acc)) * a_dot.to(acc)).to(a.dtype)
     return y, y_dot
 
 
@@ -230,19 +232,20 @@ def attention_jvp_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # ---------------------------------------------------------------------------------------------- MeanFlow target/loss
 def meanflow_loss_ref(u: torch.Tensor, v_g: torch.Tensor, du_dt: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
                       p: float = 1.0, eps: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stop-gradient MeanFlow target and the adaptively weighted loss (DESIGN.md 1), in fp32.
+    """The stop-gradient MeanFlow target and the adaptively weighted loss (DESIGN.md 1), accumulated in fp32.
 
     u_tgt_i = v_g_i - clip(t_i - r_i, 0, 1) du_dt_i   for the first kt rows (du_dt: (kt, ...));  u_tgt_i = v_g_i after
     L_i = sum over non-batch dims (u_i - u_tgt_i)^2;  w_i = 1 / (L_i + eps)^p (detached);  loss = mean_i w_i L_i
-    Returns (loss, L, w); loss is differentiable in u only: d loss / d u_i = (2 / B) w_i (u_i - u_tgt_i).
+    Returns (loss, L, w) in fp32 (fp64 for fp64 u); loss is differentiable in u only: d loss / d u_i = (2 / B) w_i (u_i - u_tgt_i).
     """
     batch, kt = u.shape[0], du_dt.shape[0]
+    acc = torch.promote_types(u.dtype, torch.float32)  # fp32 accumulation (fp64 for fp64 inputs)
     with torch.no_grad():
-        target = v_g.float().clone()
+        target = v_g.to(acc).clone()
         if kt:
-            h = (t[:kt] - r[:kt]).float().clamp(0.0, 1.0).reshape((kt,) + (1,) * (u.dim() - 1))
-            target[:kt] -= h * du_dt.float()
-    per_sample = (u.float() - target).pow(2).reshape(batch, -1).sum(1)
+            h = (t[:kt] - r[:kt]).to(acc).clamp(0.0, 1.0).reshape((kt,) + (1,) * (u.dim() - 1))
+            target[:kt] -= h * du_dt.to(acc)
+    per_sample = (u.to(acc) - target).pow(2).reshape(batch, -1).sum(1)
     weight = (per_sample.detach() + eps).pow(-p)
     loss = (weight * per_sample).mean()
     return loss, per_sample.detach(), weight

@@ -1,0 +1,53 @@
+"""Input validation for the networks: every error names the argument, what it got and what was expected."""
+from __future__ import annotations
+
+import torch
+
+from mfkernels._checks import check_float, check_tangent, check_tangent_batches, describe
+
+
+def _check_times(name: str, x: torch.Tensor, batch: int, ref: torch.Tensor) -> None:
+    check_float(name, x)
+    if x.shape != (batch,):
+        raise ValueError(f"{name} must have shape (B,) = ({batch},); got {describe(x)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but z is on {ref.device}")
+
+
+def check_network_inputs(model, z, t, h, y, tangents, *, check_values: bool = True) -> int:
+    """Validate a network call; returns the tangent batch kt (0 without tangents)."""
+    check_float("z", z)
+    expected = tuple(model.data_shape)
+    if tuple(z.shape[1:]) != expected:
+        raise ValueError(f"z must have shape (B, {', '.join(map(str, expected))}); got {describe(z)}")
+    batch = z.shape[0]
+    _check_times("t", t, batch, z)
+    _check_times("h", h, batch, z)
+    if check_values:
+        if bool(((t < 0) | (t > 1)).any()):
+            raise ValueError(f"t must lie in [0, 1]; got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
+        if bool((h < 0).any()):
+            raise ValueError("h = t - r must be >= 0 (r <= t); got a negative h, i.e. r > t in some row")
+        if bool((h > t + 1e-6).any()):
+            raise ValueError("h = t - r must be <= t (r >= 0); got h > t in some row")
+    if model.num_classes > 0:
+        if y is None:
+            raise ValueError(f"the model is class-conditional ({model.num_classes} classes): pass labels y of shape "
+                             f"(B,), with index {model.num_classes} for the null class")
+        if y.dtype not in (torch.int64, torch.int32) or y.shape != (batch,):
+            raise ValueError(f"y must be an integer tensor of shape ({batch},); got {describe(y)}")
+        if bool(((y < 0) | (y > model.num_classes)).any()):
+            raise ValueError(f"labels y must lie in [0, {model.num_classes}] ({model.num_classes} is the null class); "
+                             f"got values in [{int(y.min())}, {int(y.max())}]")
+    elif y is not None:
+        raise ValueError("the model is unconditional (num_classes = 0): y must be None")
+    if tangents is None:
+        return 0
+    if not isinstance(tangents, (tuple, list)) or len(tangents) != 3:
+        raise ValueError("tangents must be a tuple (z_dot, t_dot, h_dot)")
+    z_dot, t_dot, h_dot = tangents
+    kt = check_tangent("z_dot", z_dot, "z", z)
+    check_tangent_batches(z_dot=z_dot, t_dot=t_dot, h_dot=h_dot)
+    check_tangent("t_dot", t_dot, "t", t)
+    check_tangent("h_dot", h_dot, "h", h)
+    return kt

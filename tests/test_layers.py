@@ -1,0 +1,92 @@
+"""Each layer's explicit forward_jvp equals torch.func.jvp over its plain forward (float64), for k = 0, 1, B."""
+import pytest
+import torch
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from meanflow.backends import ops_for
+from meanflow.layers import Attention, DiTBlock, FinalLayer, Linear, Mlp, TimestepEmbedder, timestep_embedding_jvp
+from tests.utils import max_rel_err, randomize_
+
+F64 = torch.float64
+B, N, C = 3, 7, 24
+
+
+def _ragged_check(fn_plain, fn_jvp, primals, k):
+    """fn_jvp(primals, tangents) must equal jvp(fn_plain) restricted to the first k rows."""
+    tangents = tuple(torch.randn((k,) + p.shape[1:], dtype=F64) for p in primals)
+    y, y_dot = fn_jvp(primals, tangents)
+    y_ref = fn_plain(*primals)
+    assert max_rel_err(y, y_ref) < 1e-12
+    assert y.requires_grad == any(p.requires_grad for p in primals) or y.grad_fn is not None
+    assert y_dot.shape == (k,) + y_ref.shape[1:]
+    assert not y_dot.requires_grad, "tangent outputs must be detached"
+    if k:
+        with sdpa_kernel(SDPBackend.MATH):  # torch's fused SDPA kernels have no forward-mode rule
+            _, y_dot_ref = jvp(fn_plain, tuple(p[:k] for p in primals), tangents)
+        assert max_rel_err(y_dot, y_dot_ref) < 1e-10
+
+
+@pytest.mark.parametrize("k", [0, 1, B])
+def test_linear(k):
+    layer = randomize_(Linear(C, 10).double())
+    x = torch.randn(B, N, C, dtype=F64)
+    _ragged_check(layer, lambda p, d: layer.forward_jvp(p[0], d[0], ops_for("explicit")), (x,), k)
+
+
+@pytest.mark.parametrize("k", [0, 1, B])
+def test_timestep_embedder(k):
+    layer = randomize_(TimestepEmbedder(C, freq_dim=33).double())
+    t = torch.rand(B, dtype=F64)
+    _ragged_check(layer, lambda p, d: layer.forward_jvp(p[0], d[0], ops_for("explicit")), (t,), k)
+
+
+def test_timestep_embedding_tangent_closed_form():
+    t, t_dot = torch.rand(4, dtype=F64), torch.randn(2, dtype=F64)
+    emb, emb_dot = timestep_embedding_jvp(t, t_dot, 16)
+    _, ref = jvp(lambda s: timestep_embedding_jvp(s, s[:0], 16)[0], (t[:2],), (t_dot,))
+    assert max_rel_err(emb_dot, ref) < 1e-13
+
+
+@pytest.mark.parametrize("k", [0, 1, B])
+def test_mlp(k):
+    layer = randomize_(Mlp(C, 40).double())
+    x = torch.randn(B, N, C, dtype=F64)
+    _ragged_check(layer, lambda p, d: layer.forward_jvp(p[0], d[0], ops_for("explicit")), (x,), k)
+
+
+@pytest.mark.parametrize("k", [0, 1, B])
+def test_attention(k):
+    layer = randomize_(Attention(C, 4).double())
+    x = torch.randn(B, N, C, dtype=F64)
+    _ragged_check(layer, lambda p, d: layer.forward_jvp(p[0], d[0], ops_for("explicit")), (x,), k)
+
+
+@pytest.mark.parametrize("k", [0, 1, B])
+def test_dit_block(k):
+    layer = randomize_(DiTBlock(C, 4).double(), std=0.1)
+    x, c = torch.randn(B, N, C, dtype=F64), torch.randn(B, C, dtype=F64)
+    _ragged_check(layer, lambda p, d: layer.forward_jvp(p[0], d[0], p[1], d[1], ops_for("explicit")), (x, c), k)
+
+
+@pytest.mark.parametrize("k", [0, 1, B])
+def test_final_layer(k):
+    layer = randomize_(FinalLayer(C, 12).double())
+    x, c = torch.randn(B, N, C, dtype=F64), torch.randn(B, C, dtype=F64)
+    _ragged_check(layer, lambda p, d: layer.forward_jvp(p[0], d[0], p[1], d[1], ops_for("explicit")), (x, c), k)
+
+
+def test_linear_backward_keeps_no_tangent_rows():
+    """The stacked GEMM must not make the backward depend on (or save) the tangent rows."""
+    layer = randomize_(Linear(C, 10).double())
+    x = torch.randn(B, N, C, dtype=F64, requires_grad=True)
+    y, _ = layer.forward_jvp(x, torch.randn(B, N, C, dtype=F64), ops_for("explicit"))
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    layer2 = Linear(C, 10).double()
+    layer2.load_state_dict(layer.state_dict())
+    (layer2(x2) * g).sum().backward()
+    assert max_rel_err(x.grad, x2.grad) < 1e-13
+    assert max_rel_err(layer.weight.grad, layer2.weight.grad) < 1e-13
+    assert max_rel_err(layer.bias.grad, layer2.bias.grad) < 1e-13

@@ -1,0 +1,181 @@
+"""The MeanFlow loss equals the formula of DESIGN.md 1 computed independently here (float64), with guidance
+(kappa = 0 and kappa > 0, a t-interval) and label dropout; it is invariant to row order; backends agree."""
+import pytest
+import torch
+from torch.func import jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from meanflow import MeanFlowConfig, MeanFlowLoss, MLPNet, build_dit, sample_t_r
+from meanflow.time_sampling import num_jvp_rows
+from tests.utils import max_rel_err, randomize_
+
+F64 = torch.float64
+NUM_CLASSES = 4
+
+
+def _model():
+    return randomize_(build_dit("DiT-Micro/4", input_size=8, in_channels=2, num_classes=NUM_CLASSES).double(), 0.1)
+
+
+def _batch(batch=8, equal_rows=(1, 4, 6)):
+    x = torch.randn(batch, 2, 8, 8, dtype=F64)
+    noise = torch.randn_like(x)
+    t = torch.rand(batch, dtype=F64) * 0.9 + 0.05
+    r = t * torch.rand(batch, dtype=F64)
+    r[list(equal_rows)] = t[list(equal_rows)]
+    y = torch.randint(0, NUM_CLASSES, (batch,))
+    drop = torch.zeros(batch, dtype=torch.bool)
+    drop[[2, 4]] = True
+    return x, y, noise, t, r, drop
+
+
+def independent_loss(model, x, y, noise, t, r, drop, cfg: MeanFlowConfig):
+    """DESIGN.md 1 written out directly: two full no-grad guidance forwards, JVP over the whole batch."""
+    tb = t[:, None, None, None]
+    z = (1 - tb) * x + tb * noise
+    v = noise - x
+    null = torch.full_like(y, NUM_CLASSES)
+    y_in = torch.where(drop, null, y)
+    with torch.no_grad():
+        zero = torch.zeros_like(t)
+        u_null = model._forward_plain(z, t, zero, null)
+        u_cond = model._forward_plain(z, t, zero, y)
+        v_hat = cfg.omega * v + (1 - cfg.omega - cfg.kappa) * u_null + cfg.kappa * u_cond
+        apply = ((t >= cfg.t_start) & (t <= cfg.t_end) & ~drop)[:, None, None, None]
+        v_g = torch.where(apply, v_hat, v) if cfg.guided else v
+    with sdpa_kernel(SDPBackend.MATH):
+        u, dudt = jvp(lambda z_, t_, h_: model._forward_plain(z_, t_, h_, y_in), (z, t, t - r),
+                      (v_g, torch.ones_like(t), torch.ones_like(t)))
+    u_tgt = (v_g - (t - r).clamp(0, 1)[:, None, None, None] * dudt).detach()
+    per_sample = (u - u_tgt).pow(2).flatten(1).sum(1)
+    loss = (per_sample / (per_sample.detach() + cfg.eps) ** cfg.p).mean()
+    return loss, per_sample.detach(), (u.detach() - v).pow(2).flatten(1).sum(1).mean()
+
+
+GUIDANCE = [
+    dict(omega=1.0, kappa=0.0),                               # no guidance
+    dict(omega=0.6, kappa=0.0),                               # kappa = 0
+    dict(omega=1.0, kappa=0.5),                               # the official B/2 setting
+    dict(omega=0.2, kappa=0.7, t_start=0.2, t_end=0.7),       # kappa > 0 with an interval
+]
+
+
+@pytest.mark.parametrize("guidance", GUIDANCE, ids=["none", "omega", "kappa", "interval"])
+@pytest.mark.parametrize("p", [1.0, 0.75])
+def test_loss_matches_independent_formula(guidance, p):
+    model = _model()
+    cfg = MeanFlowConfig(p=p, eps=0.01, loss_op="torch", **guidance)
+    x, y, noise, t, r, drop = _batch()
+    loss, stats = MeanFlowLoss(cfg)(model, x, y, noise=noise, t=t, r=r, drop=drop)
+    ref, per_sample, v_loss = independent_loss(model, x, y, noise, t, r, drop, cfg)
+    assert abs(loss.item() - ref.item()) < 1e-10 * max(1.0, abs(ref.item()))
+    assert abs(stats["raw_loss"].item() - per_sample.mean().item()) < 1e-8 * per_sample.mean().item()
+    assert abs(stats["v_loss"].item() - v_loss.item()) < 1e-8 * v_loss.item()
+    assert stats["jvp_rows"] == 5
+    # parameter gradients equal too
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()))
+    for g, gr in zip(grads, ref_grads):
+        assert (g - gr).abs().max() <= 1e-9 * max(gr.abs().max().item(), 1e-6)
+
+
+def test_guidance_changes_the_loss():
+    """A guard against a vacuous test: guidance must actually change the target."""
+    model = _model()
+    x, y, noise, t, r, drop = _batch()
+    plain = MeanFlowLoss(loss_op="torch")(model, x, y, noise=noise, t=t, r=r, drop=drop)[0]
+    guided = MeanFlowLoss(loss_op="torch", omega=0.2, kappa=0.7)(model, x, y, noise=noise, t=t, r=r, drop=drop)[0]
+    assert abs(plain.item() - guided.item()) > 1e-6
+
+
+@pytest.mark.parametrize("guidance", GUIDANCE[1:], ids=["omega", "kappa", "interval"])
+def test_row_order_invariance(guidance):
+    model = _model()
+    cfg = MeanFlowConfig(loss_op="torch", **guidance)
+    x, y, noise, t, r, drop = _batch()
+    loss = MeanFlowLoss(cfg)(model, x, y, noise=noise, t=t, r=r, drop=drop)[0]
+    for _ in range(3):
+        perm = torch.randperm(8)
+        permuted = MeanFlowLoss(cfg)(model, x[perm], y[perm], noise=noise[perm], t=t[perm], r=r[perm],
+                                     drop=drop[perm])[0]
+        assert abs(loss.item() - permuted.item()) < 1e-12 * max(1.0, abs(loss.item()))
+
+
+@pytest.mark.parametrize("guidance", GUIDANCE, ids=["none", "omega", "kappa", "interval"])
+def test_backends_agree_on_loss_and_gradients(guidance):
+    model = _model()
+    x, y, noise, t, r, drop = _batch()
+    results = {}
+    for backend in ("explicit", "autograd"):
+        model.backend = backend
+        loss, _ = MeanFlowLoss(loss_op="torch", **guidance)(model, x, y, noise=noise, t=t, r=r, drop=drop)
+        results[backend] = (loss, torch.autograd.grad(loss, list(model.parameters())))
+    (le, ge), (la, ga) = results["explicit"], results["autograd"]
+    assert abs(le.item() - la.item()) < 1e-10
+    for a, b in zip(ge, ga):
+        assert (a - b).abs().max() <= 1e-9 * max(b.abs().max().item(), 1e-6)
+
+
+class _Spy:
+    """Wraps a network and records each call: tangent batch, batch size, and whether grad was enabled."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, z, t, h, y=None, tangents=None, backend=None):
+        self.calls.append(dict(batch=z.shape[0], kt=None if tangents is None else tangents[0].shape[0],
+                               grad=torch.is_grad_enabled(), h_zero=bool((h == 0).all())))
+        return self.model(z, t, h, y, tangents=tangents, backend=backend)
+
+
+def test_tangents_only_for_rows_with_r_neq_t_and_small_guidance_call():
+    model = _model()
+    spy = _Spy(model)
+    x, y, noise, t, r, drop = _batch()                   # 5 rows with r != t (one dropped), 3 with r = t (one dropped)
+    loss, stats = MeanFlowLoss(loss_op="torch", omega=1.0, kappa=0.5)(spy, x, y, noise=noise, t=t, r=r, drop=drop)
+    guidance_call, main_call = spy.calls
+    assert main_call["kt"] == 5 and main_call["batch"] == 8 and main_call["grad"]
+    # one no-grad call at h = 0: 4 kept r != t rows twice (cond + null) + 2 kept r = t rows (null only)
+    assert not guidance_call["grad"] and guidance_call["h_zero"] and guidance_call["batch"] == 4 * 2 + 2
+    assert stats["guidance_rows"] == 10 and stats["jvp_rows"] == 5
+
+
+def test_no_guidance_outside_interval():
+    model = _model()
+    spy = _Spy(model)
+    x, y, noise, t, r, drop = _batch()
+    MeanFlowLoss(loss_op="torch", omega=0.5, t_start=0.0, t_end=0.01)(spy, x, y, noise=noise, t=t, r=r, drop=drop)
+    assert len(spy.calls) == 1, "no row lies in the guidance interval, so no guidance forward should run"
+
+
+def test_flow_matching_needs_no_tangent():
+    model = _model()
+    spy = _Spy(model)
+    x, y = _batch()[:2]
+    loss, stats = MeanFlowLoss(flow_matching=True, loss_op="torch")(spy, x, y)
+    assert spy.calls[0]["kt"] is None and stats["jvp_rows"] == 0 and torch.isfinite(loss)
+
+
+def test_sampled_times():
+    for sampler in ("logit_normal", "logit_normal_v1", "uniform"):
+        t, r = sample_t_r(1000, sampler=sampler, ratio=0.25)
+        k = num_jvp_rows(1000, 0.25)
+        assert k == 250 and (r <= t).all() and (t <= 1).all() and (r >= 0).all() and (r[k:] == t[k:]).all()
+        if sampler != "logit_normal_v1":  # v1 clamps r = min(t, r) after the mask, so some of its first k rows have r = t
+            assert (r[:k] < t[:k]).all()
+    t, _ = sample_t_r(200_000, sampler="logit_normal", ratio=0.0, t_mean=-0.4, t_std=1.0)
+    logit = torch.log(t / (1 - t))
+    # t is the max of two independent logit-normals: its logit has mean -0.4 + 1/sqrt(pi)
+    assert abs(logit.mean().item() - (-0.4 + 1 / torch.pi ** 0.5)) < 0.02
+
+
+def test_loss_on_toy_mlp_and_generator_reproducibility():
+    model = randomize_(MLPNet(2, 32, 2).double())
+    x = torch.randn(64, 2, dtype=F64)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    l1 = MeanFlowLoss(p=0.75, eps=1e-3)(model, x, generator=g1)[0]
+    l2 = MeanFlowLoss(p=0.75, eps=1e-3)(model, x, generator=g2)[0]
+    assert l1.item() == l2.item()
