@@ -233,7 +233,8 @@ class LayerNormModulateJVPFunction(torch.autograd.Function):
         grad_x = grad_shift = grad_scale = None
         if x.numel() and (need_dx or need_dmod):
             grad_x, grad_shift, grad_scale = layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, need_dx, need_dmod)
-        elif need_dmod:  # no tokens or no features: the sums over tokens are zero
+        else:  # no tokens or no features: all gradients are zero (empty for x)
+            grad_x = torch.zeros_like(x) if need_dx else None
             grad_shift, grad_scale = torch.zeros_like(scale), torch.zeros_like(scale)
         if not ctx.needs_input_grad[1]:
             grad_shift = None
