@@ -18,6 +18,8 @@ Chain: `_act_jvp_fwd_kernel` (activations.py, with a fused bias) -> `mlp_jvp_fwd
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import _runtime
@@ -70,8 +72,9 @@ def linear_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, save_for_backward: bool):
     """Forward of the MLP and its tangent. Returns (y, y_dot, a or None); a = x W1^T + b1 (B*N, hidden) when saving."""
     lead, lead_t = x.shape[:-1], x_dot.shape[:-1]
-    m, mt = x.numel() // x.shape[-1], x_dot.numel() // x_dot.shape[-1]
-    stacked = torch.cat([x.reshape(m, -1), x_dot.reshape(mt, -1)]) if mt else x.reshape(m, -1)
+    m, mt = math.prod(lead), math.prod(lead_t)
+    c = x.shape[-1]
+    stacked = torch.cat([x.reshape(m, c), x_dot.reshape(mt, c)]) if mt else x.reshape(m, c)
     h = torch.mm(stacked, w1.t())  # GEMM 1 over [x; x_dot]: (m + mt, hidden); bias only on primal rows (kernel)
     del stacked
     hidden = h.shape[1]
@@ -83,7 +86,7 @@ def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, save_for_backward: bool):
     out = torch.mm(g_stack, w2.t())  # GEMM 2 over [g; g_dot]
     y = out[:m] if b2 is None else out[:m] + b2
     y_dot = out[m:]
-    return y.reshape(*lead, -1), y_dot.reshape(*lead_t, -1), a
+    return y.reshape(*lead, out.shape[1]), y_dot.reshape(*lead_t, out.shape[1]), a
 
 
 class MLPJVPFunction(torch.autograd.Function):
