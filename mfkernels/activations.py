@@ -137,21 +137,38 @@ def gelu_tanh_jvp_fwd(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tenso
     return y, y_dot
 
 
+def gelu_tanh_bwd(a: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    return act_bwd(a, grad_y, ACT_GELU_TANH)[0]
+
+
 def silu_jvp_fwd(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     y, y_dot, _ = act_jvp_fwd(a.contiguous(), a_dot.contiguous(), ACT_SILU)
     return y, y_dot
 
 
+def silu_bwd(a: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
+    return act_bwd(a, grad_y, ACT_SILU)[0]
+
+
 # ---------------------------------------------------------------------------------------------- autograd Functions
 class _ActJVPFunction(torch.autograd.Function):
-    """y = g(a) differentiable (saves a only); y_dot = g'(a) a_dot non-differentiable. Subclasses set ACT."""
+    """y = g(a) differentiable (saves a only); y_dot = g'(a) a_dot non-differentiable.
 
-    ACT: int
+    Subclasses name their launchers; `forward` / `backward` are spelled out in each subclass so that the
+    torch.amp decorators apply to them."""
+
+    @staticmethod
+    def _fwd(a, a_dot):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    @staticmethod
+    def _bwd(a, grad_y):  # pragma: no cover - overridden
+        raise NotImplementedError
 
     @classmethod
     def _forward(cls, ctx, a, a_dot):
         a = a.contiguous()
-        y, y_dot, _ = act_jvp_fwd(a, a_dot.contiguous(), cls.ACT)
+        y, y_dot = cls._fwd(a, a_dot)
         ctx.save_for_backward(a)
         ctx.mark_non_differentiable(y_dot)
         return y, y_dot
@@ -159,14 +176,12 @@ class _ActJVPFunction(torch.autograd.Function):
     @classmethod
     def _backward(cls, ctx, grad_y, _grad_y_dot):
         (a,) = ctx.saved_tensors
-        grad_a = None
-        if ctx.needs_input_grad[0]:
-            grad_a, _ = act_bwd(a, grad_y, cls.ACT)
-        return grad_a, None
+        return (cls._bwd(a, grad_y) if ctx.needs_input_grad[0] else None), None
 
 
 class GeluTanhJVPFunction(_ActJVPFunction):
-    ACT = ACT_GELU_TANH
+    _fwd = staticmethod(gelu_tanh_jvp_fwd)
+    _bwd = staticmethod(gelu_tanh_bwd)
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
@@ -180,7 +195,8 @@ class GeluTanhJVPFunction(_ActJVPFunction):
 
 
 class SiLUJVPFunction(_ActJVPFunction):
-    ACT = ACT_SILU
+    _fwd = staticmethod(silu_jvp_fwd)
+    _bwd = staticmethod(silu_bwd)
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
