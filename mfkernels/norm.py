@@ -1,0 +1,260 @@
+"""LayerNorm (no affine) + adaLN modulation with its tangent, fused: the DiT block's `modulate(norm(x), shift, scale)`.
+
+    xh = (x - mean) rstd,  rstd = 1 / sqrt(var + eps)            (row statistics over C, in fp32 / fp64)
+    y = xh (1 + scale) + shift                                     (scale, shift: (B, C), broadcast over the N tokens)
+    xh_dot = (x_dot - mean(x_dot) - xh mean(xh x_dot)) rstd
+    y_dot = xh_dot (1 + scale) + xh scale_dot + shift_dot          (first kt samples only)
+
+Forward: one kernel, one program per token row, reads x (and x_dot for tangent rows) once and writes y (and y_dot);
+saves mean and rstd (one fp32 pair per row) for the backward.
+Backward (primal only): one kernel per (token chunk, sample): dx = rstd (g - mean(g) - xh mean(g xh)), g = dy (1 + scale),
+and per-chunk partial sums of dy and dy xh, summed over chunks on the host (deterministic) into dshift and dscale.
+
+Dtypes: x, shift, scale and all tangents must share one dtype (as in the reference, which raises otherwise: cast the
+adaLN outputs to x's dtype before calling). No autocast casting: y and y_dot have x's dtype; statistics and all math are
+fp32 (fp64 for fp64 inputs).
+
+Chain: `_layernorm_modulate_jvp_fwd_kernel` -> `layernorm_modulate_jvp_fwd()` -> `LayerNormModulateJVPFunction`
+-> `layernorm_modulate_jvp()`; backward `_layernorm_modulate_bwd_kernel` -> `layernorm_modulate_bwd()`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _runtime
+from ._checks import check_float, check_like, check_ndim, check_tangent, check_tangent_batches
+from ._tl_math import (
+    acc_dtype,
+    reduction_rows_per_program,
+    row_block,
+    row_stride,
+    row_warps,
+    tl,
+    torch_acc_dtype,
+    triton,
+)
+from .reference import layernorm_modulate_jvp_ref
+
+__all__ = ["layernorm_modulate_jvp", "LayerNormModulateJVPFunction", "check_layernorm_modulate_args"]
+
+
+def check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot) -> int:
+    """The argument checks of `reference.layernorm_modulate_jvp_ref`, same order and messages; returns kt.
+
+    (reference.py states them inline; tests/test_norm.py asserts that both raise identically on every bad input.)
+    """
+    check_float("x", x)
+    check_ndim("x", x, 3, "(B, N, C)")
+    for name, m in (("shift", shift), ("scale", scale)):
+        check_like(name, m, "x", x)
+        if m.shape != (x.shape[0], x.shape[2]):
+            raise ValueError(f"{name} must have shape (B, C) = {(x.shape[0], x.shape[2])}; got {tuple(m.shape)}")
+    kt = check_tangent_batches(x_dot=x_dot, shift_dot=shift_dot, scale_dot=scale_dot)
+    check_tangent("x_dot", x_dot, "x", x)
+    check_tangent("shift_dot", shift_dot, "shift", shift)
+    check_tangent("scale_dot", scale_dot, "scale", scale)
+    return kt
+
+
+# ---------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _layernorm_modulate_jvp_fwd_kernel(
+    X, SHIFT, SCALE, X_DOT, SHIFT_DOT, SCALE_DOT,  # inputs: (B*N, C) rows, (B, C) modulation, tangents
+    Y, Y_DOT, MEAN, RSTD,                           # outputs: (B*N, C), (kt*N, C), (B*N,), (B*N,)
+    N, C, n_tangent_rows,
+    stride_shift, stride_scale, stride_shift_dot, stride_scale_dot,
+    eps,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr, SAVE_STATS: tl.constexpr,
+):
+    """One token row per program (grid (B*N,)), sample b = row // N; the whole row of C features in registers.
+
+        mean = sum(x) / C;  var = sum((x - mean)^2) / C;  rstd = 1 / sqrt(var + eps);  xh = (x - mean) rstd
+        y = xh (1 + scale[b]) + shift[b]
+    and for rows < kt*N (the tangent rows are the first kt samples, so token rows < kt*N):
+        xh_dot = (x_dot - mean(x_dot) - xh mean(xh x_dot)) rstd
+        y_dot = xh_dot (1 + scale[b]) + xh scale_dot[b] + shift_dot[b]
+    MEAN/RSTD[row] are saved for the backward when SAVE_STATS. Math in ACC (fp32; fp64 for fp64 data).
+    """
+    row = tl.program_id(0)
+    b = row // N
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    offs = row.to(tl.int64) * C + cols
+
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    mean = tl.sum(x, axis=0) / C
+    # zero the padding (C need not be a power of two) so it adds nothing to the variance and the tangent's means
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / C
+    rstd = 1.0 / tl.sqrt(var + eps)
+    xh = xc * rstd
+    gain = 1.0 + tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(ACC)
+    shift = tl.load(SHIFT + b * stride_shift + cols, mask=mask, other=0.0).to(ACC)
+    tl.store(Y + offs, (xh * gain + shift).to(Y.dtype.element_ty), mask=mask)
+    if SAVE_STATS:
+        tl.store(MEAN + row, mean)
+        tl.store(RSTD + row, rstd)
+
+    # Scalar branch: primal-only rows (most rows at the usual kt = B/4) never touch the tangent buffers.
+    if row < n_tangent_rows:
+        x_dot = tl.load(X_DOT + offs, mask=mask, other=0.0).to(ACC)
+        mean_dot = tl.sum(x_dot, axis=0) / C
+        proj = tl.sum(xh * x_dot, axis=0) / C  # mean(xh x_dot); xh is 0 on the padding
+        xh_dot = (x_dot - mean_dot - xh * proj) * rstd
+        scale_dot = tl.load(SCALE_DOT + b * stride_scale_dot + cols, mask=mask, other=0.0).to(ACC)
+        shift_dot = tl.load(SHIFT_DOT + b * stride_shift_dot + cols, mask=mask, other=0.0).to(ACC)
+        y_dot = xh_dot * gain + xh * scale_dot + shift_dot
+        tl.store(Y_DOT + offs, y_dot.to(Y_DOT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _layernorm_modulate_bwd_kernel(
+    DY, X, SCALE, MEAN, RSTD,   # (B*N, C), (B*N, C), (B, C), (B*N,), (B*N,)
+    DX, DSHIFT_PART, DSCALE_PART,  # (B*N, C), (B, n_chunks, C) fp32 partial sums
+    N, C, n_chunks, rows_per_program, stride_scale,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DMOD: tl.constexpr,
+):
+    """Backward of y = xh (1 + scale) + shift for the tokens [chunk * R, chunk * R + R) of sample b.
+
+    Grid (n_chunks, B); R = rows_per_program. With g = dy (1 + scale[b]) (the modulated gain of a plain LayerNorm):
+        dx = rstd (g - mean(g) - xh mean(g xh))
+        DSHIFT_PART[b, chunk] = sum over the chunk's tokens of dy
+        DSCALE_PART[b, chunk] = sum over the chunk's tokens of dy xh
+    The host sums the partials over chunks (fixed order: deterministic, no atomics).
+    """
+    chunk = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    gain = 1.0 + tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(ACC)
+    acc_dshift = tl.zeros([BLOCK_C], dtype=ACC)
+    acc_dscale = tl.zeros([BLOCK_C], dtype=ACC)
+    n0 = chunk * rows_per_program
+    for i in range(0, rows_per_program):
+        n = n0 + i
+        valid = n < N  # the last chunk may be short
+        row = (b * N + n).to(tl.int64)
+        m = mask & valid
+        dy = tl.load(DY + row * C + cols, mask=m, other=0.0).to(ACC)
+        x = tl.load(X + row * C + cols, mask=m, other=0.0).to(ACC)
+        mean = tl.load(MEAN + row, mask=valid, other=0.0)
+        rstd = tl.load(RSTD + row, mask=valid, other=0.0)
+        xh = tl.where(m, (x - mean) * rstd, 0.0)
+        if COMPUTE_DX:
+            g = dy * gain
+            mean_g = tl.sum(g, axis=0) / C
+            mean_gxh = tl.sum(g * xh, axis=0) / C
+            dx = (g - mean_g - xh * mean_gxh) * rstd
+            tl.store(DX + row * C + cols, dx.to(DX.dtype.element_ty), mask=m)
+        if COMPUTE_DMOD:
+            acc_dshift += dy
+            acc_dscale += dy * xh
+    if COMPUTE_DMOD:
+        part = (b * n_chunks + chunk).to(tl.int64) * C + cols
+        tl.store(DSHIFT_PART + part, acc_dshift, mask=mask)
+        tl.store(DSCALE_PART + part, acc_dscale, mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------- launchers
+def layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps: float, save_stats: bool):
+    """Launch the forward kernel. Returns (y, y_dot, mean, rstd); mean/rstd are None unless save_stats."""
+    batch, tokens, c = x.shape
+    kt = x_dot.shape[0]
+    x, x_dot = x.contiguous(), x_dot.contiguous()
+    shift, s_shift = row_stride(shift)
+    scale, s_scale = row_stride(scale)
+    shift_dot, s_shift_dot = row_stride(shift_dot)
+    scale_dot, s_scale_dot = row_stride(scale_dot)
+    y = _runtime.new_output(x.shape, dtype=x.dtype, device=x.device)
+    y_dot = _runtime.new_output(x_dot.shape, dtype=x.dtype, device=x.device)
+    stats_dtype = torch_acc_dtype(x.dtype)
+    mean = _runtime.new_output((batch * tokens,), dtype=stats_dtype, device=x.device) if save_stats else None
+    rstd = _runtime.new_output((batch * tokens,), dtype=stats_dtype, device=x.device) if save_stats else None
+    rows = batch * tokens
+    if rows and c:
+        block_c = row_block(c, "layernorm_modulate_jvp")
+        _layernorm_modulate_jvp_fwd_kernel[(rows,)](
+            x, shift, scale, x_dot, shift_dot, scale_dot,
+            y, y_dot, mean if save_stats else y, rstd if save_stats else y,
+            tokens, c, kt * tokens, s_shift, s_scale, s_shift_dot, s_scale_dot, eps,
+            BLOCK_C=block_c, ACC=acc_dtype(x.dtype), SAVE_STATS=save_stats, num_warps=row_warps(block_c),
+        )
+    return y, y_dot, mean, rstd
+
+
+def layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx: bool, compute_dmod: bool):
+    """Launch the backward kernel. Returns (dx or None, dshift or None, dscale or None)."""
+    batch, tokens, c = x.shape
+    grad_y = grad_y.contiguous()
+    scale, s_scale = row_stride(scale)
+    dx = _runtime.new_output(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
+    block_c = row_block(c, "layernorm_modulate_jvp")
+    rows_per_program = reduction_rows_per_program(batch, tokens, 1, x.device)
+    n_chunks = triton.cdiv(tokens, rows_per_program)
+    part_dtype = torch_acc_dtype(x.dtype)
+    if compute_dmod:
+        dshift_part = _runtime.new_output((batch, n_chunks, c), dtype=part_dtype, device=x.device)
+        dscale_part = _runtime.new_output((batch, n_chunks, c), dtype=part_dtype, device=x.device)
+    else:
+        dshift_part = dscale_part = None
+    _layernorm_modulate_bwd_kernel[(n_chunks, batch)](
+        grad_y, x, scale, mean, rstd,
+        dx if compute_dx else grad_y, dshift_part if compute_dmod else grad_y, dscale_part if compute_dmod else grad_y,
+        tokens, c, n_chunks, rows_per_program, s_scale,
+        BLOCK_C=block_c, ACC=acc_dtype(x.dtype), COMPUTE_DX=compute_dx, COMPUTE_DMOD=compute_dmod,
+        num_warps=row_warps(block_c),
+    )
+    dshift = dshift_part.sum(1).to(scale.dtype) if compute_dmod else None
+    dscale = dscale_part.sum(1).to(scale.dtype) if compute_dmod else None
+    return dx, dshift, dscale
+
+
+# ---------------------------------------------------------------------------------------------- autograd Function
+class LayerNormModulateJVPFunction(torch.autograd.Function):
+    """y differentiable in x, shift, scale (saves x, scale and the row statistics); y_dot non-differentiable."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, shift, scale, x_dot, shift_dot, scale_dot, eps):
+        needs_grad = any(ctx.needs_input_grad[:3])
+        y, y_dot, mean, rstd = layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot,
+                                                          eps, save_stats=needs_grad)
+        if needs_grad:
+            ctx.save_for_backward(x.contiguous(), scale, mean, rstd)
+        ctx.mark_non_differentiable(y_dot)
+        return y, y_dot
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_y, _grad_y_dot):
+        x, scale, mean, rstd = ctx.saved_tensors
+        need_dx = ctx.needs_input_grad[0]
+        need_dmod = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        grad_x = grad_shift = grad_scale = None
+        if x.numel() and (need_dx or need_dmod):
+            grad_x, grad_shift, grad_scale = layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, need_dx, need_dmod)
+        else:  # no tokens or no features: all gradients are zero (empty for x)
+            grad_x = torch.zeros_like(x) if need_dx else None
+            grad_shift, grad_scale = torch.zeros_like(scale), torch.zeros_like(scale)
+        if not ctx.needs_input_grad[1]:
+            grad_shift = None
+        if not ctx.needs_input_grad[2]:
+            grad_scale = None
+        return grad_x, grad_shift, grad_scale, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------- public
+def layernorm_modulate_jvp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                           x_dot: torch.Tensor, shift_dot: torch.Tensor, scale_dot: torch.Tensor,
+                           *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm (no affine) + adaLN modulate with its tangent, fused (see the module docstring for the formulas).
+
+    x: (B, N, C); shift, scale: (B, C); x_dot: (kt, N, C); shift_dot, scale_dot: (kt, C); kt <= B, all one dtype and
+    device. Returns (y (B, N, C) differentiable in x, shift, scale; y_dot (kt, N, C) detached). Same contract and
+    checks as `reference.layernorm_modulate_jvp_ref`; falls back to it (one warning) where Triton cannot run.
+    """
+    check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot)
+    if not _runtime.triton_can_run(x):
+        _runtime.warn_fallback("layernorm_modulate_jvp", x)
+        return layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, eps=eps)
+    return LayerNormModulateJVPFunction.apply(x, shift, scale, x_dot, shift_dot, scale_dot, float(eps))

@@ -1,0 +1,224 @@
+"""The adaLN-Zero gated residual with its tangent, fused: `x + gate * f` of the DiT block.
+
+    y = x + gate f                           gate: (B, C), broadcast over the N tokens of each sample
+    y_dot = x_dot + gate_dot f + gate f_dot  (first kt samples only)
+
+Forward: one elementwise kernel over (token rows, feature blocks) tiles, writing y and, for tangent rows, y_dot.
+Backward (primal only): dx = dy (returned as is, no copy); df = gate dy and per-chunk partial sums of dy f in one
+kernel; the host sums the partials over chunks (deterministic) into dgate = sum over tokens of dy f.
+
+Dtypes: as in the reference, x, gate and f may differ (the usual autocast case: an fp32 residual stream x, bf16 gate and
+branch output f); y and y_dot have their promoted dtype, math in fp32 (fp64 if any input is fp64). Each tangent must
+have its primal's dtype.
+
+Chain: `_gated_residual_jvp_fwd_kernel` -> `gated_residual_jvp_fwd()` -> `GatedResidualJVPFunction`
+-> `gated_residual_jvp()`; backward `_gated_residual_bwd_kernel` -> `gated_residual_bwd()`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _runtime
+from ._checks import check_float, check_ndim, check_tangent, check_tangent_batches
+from ._tl_math import (
+    acc_dtype,
+    next_power_of_2,
+    reduction_rows_per_program,
+    row_stride,
+    tl,
+    torch_acc_dtype,
+    triton,
+)
+from .reference import gated_residual_jvp_ref
+
+__all__ = ["gated_residual_jvp", "GatedResidualJVPFunction", "check_gated_residual_args"]
+
+
+def check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot) -> int:
+    """The argument checks of `reference.gated_residual_jvp_ref`, same order and messages; returns kt.
+
+    One addition: gate and f must be on x's device (the reference fails later inside torch with a less clear message).
+    """
+    check_float("x", x)
+    check_ndim("x", x, 3, "(B, N, C)")
+    if f.shape != x.shape:
+        raise ValueError(f"f must have the shape of x {tuple(x.shape)}; got {tuple(f.shape)}")
+    if gate.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"gate must have shape (B, C) = {(x.shape[0], x.shape[2])}; got {tuple(gate.shape)}")
+    kt = check_tangent_batches(x_dot=x_dot, gate_dot=gate_dot, f_dot=f_dot)
+    check_tangent("x_dot", x_dot, "x", x)
+    check_tangent("gate_dot", gate_dot, "gate", gate)
+    check_tangent("f_dot", f_dot, "f", f)
+    for name, t in (("gate", gate), ("f", f)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must be on the same device")
+    return kt
+
+
+# ---------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _gated_residual_jvp_fwd_kernel(
+    X, GATE, F, X_DOT, GATE_DOT, F_DOT,  # (B*N, C), (B, C), (B*N, C), (kt*N, C), (kt, C), (kt*N, C)
+    Y, Y_DOT,                            # (B*N, C), (kt*N, C)
+    n_rows, n_tangent_rows, N, C, stride_gate, stride_gate_dot,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+):
+    """Tile of BLOCK_R token rows x BLOCK_C features; grid (cdiv(B*N, BLOCK_R), cdiv(C, BLOCK_C)); b = row // N.
+
+        y = x + gate[b] f
+        y_dot = x_dot + gate_dot[b] f + gate[b] f_dot      for rows < kt*N (tangent rows are the first kt samples)
+    f and gate are loaded once for both. Math in ACC.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    mask = row_ok[:, None] & (cols < C)[None, :]
+    offs = rows.to(tl.int64)[:, None] * C + cols[None, :]
+    b = rows // N
+    goffs = b[:, None] * stride_gate + cols[None, :]
+
+    x = tl.load(X + offs, mask=mask, other=0.0).to(ACC)
+    f = tl.load(F + offs, mask=mask, other=0.0).to(ACC)
+    gate = tl.load(GATE + goffs, mask=mask, other=0.0).to(ACC)
+    tl.store(Y + offs, (x + gate * f).to(Y.dtype.element_ty), mask=mask)
+
+    # Scalar branch: tiles past the tangent rows skip the tangent loads.
+    if tl.program_id(0) * BLOCK_R < n_tangent_rows:
+        tmask = mask & (rows < n_tangent_rows)[:, None]
+        x_dot = tl.load(X_DOT + offs, mask=tmask, other=0.0).to(ACC)
+        f_dot = tl.load(F_DOT + offs, mask=tmask, other=0.0).to(ACC)
+        gate_dot = tl.load(GATE_DOT + b[:, None] * stride_gate_dot + cols[None, :], mask=tmask, other=0.0).to(ACC)
+        y_dot = x_dot + gate_dot * f + gate * f_dot
+        tl.store(Y_DOT + offs, y_dot.to(Y_DOT.dtype.element_ty), mask=tmask)
+
+
+@triton.jit
+def _gated_residual_bwd_kernel(
+    DY, GATE, F,       # (B*N, C), (B, C), (B*N, C)
+    DF, DGATE_PART,    # (B*N, C), (B, n_chunks, C) partial sums
+    N, C, n_chunks, rows_per_program, stride_gate,
+    BLOCK_C: tl.constexpr, ACC: tl.constexpr, COMPUTE_DF: tl.constexpr, COMPUTE_DGATE: tl.constexpr,
+):
+    """Backward of y = x + gate f for tokens [chunk * R, chunk * R + R) of sample b, features of one column block.
+
+    Grid (n_chunks, B, cdiv(C, BLOCK_C)); R = rows_per_program.
+        df = gate[b] dy                                  (dx = dy is not computed here: the launcher returns dy)
+        DGATE_PART[b, chunk] = sum over the chunk's tokens of dy f     (summed over chunks by the host)
+    """
+    chunk = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    gate = tl.load(GATE + b * stride_gate + cols, mask=cmask, other=0.0).to(ACC)
+    acc = tl.zeros([BLOCK_C], dtype=ACC)
+    n0 = chunk * rows_per_program
+    for i in range(0, rows_per_program):
+        n = n0 + i
+        m = cmask & (n < N)
+        offs = (b * N + n).to(tl.int64) * C + cols
+        dy = tl.load(DY + offs, mask=m, other=0.0).to(ACC)
+        if COMPUTE_DF:
+            tl.store(DF + offs, (gate * dy).to(DF.dtype.element_ty), mask=m)
+        if COMPUTE_DGATE:
+            acc += dy * tl.load(F + offs, mask=m, other=0.0).to(ACC)
+    if COMPUTE_DGATE:
+        tl.store(DGATE_PART + (b * n_chunks + chunk).to(tl.int64) * C + cols, acc, mask=cmask)
+
+
+# ----------------------------------------------------------------------------------------------------------- launchers
+def _tile(c: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of the forward: 128-wide column blocks divide the DiT widths (768, 1024, 1152)
+    exactly; 16 rows make 2048-element tiles, 8 per thread at 8 warps (one 16-byte load per 16-bit tensor). Bigger
+    tiles (32 x 128) compile to ~160 registers on sm_90, one block per SM: too little memory parallelism."""
+    block_c = min(next_power_of_2(c), 128)
+    block_r = max(1, 2048 // block_c)
+    return block_r, block_c, 8
+
+
+def gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, tokens, c = x.shape
+    kt = x_dot.shape[0]
+    out_dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), f.dtype)
+    x, f, x_dot, f_dot = x.contiguous(), f.contiguous(), x_dot.contiguous(), f_dot.contiguous()
+    gate, s_gate = row_stride(gate)
+    gate_dot, s_gate_dot = row_stride(gate_dot)
+    y = _runtime.new_output(x.shape, dtype=out_dtype, device=x.device)
+    y_dot = _runtime.new_output(x_dot.shape, dtype=out_dtype, device=x.device)
+    rows = batch * tokens
+    if rows and c:
+        block_r, block_c, warps = _tile(c)
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(c, block_c))
+        _gated_residual_jvp_fwd_kernel[grid](
+            x, gate, f, x_dot, gate_dot, f_dot, y, y_dot,
+            rows, kt * tokens, tokens, c, s_gate, s_gate_dot,
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc_dtype(x.dtype, gate.dtype, f.dtype), num_warps=warps,
+        )
+    return y, y_dot
+
+
+def gated_residual_bwd(grad_y, gate, f, compute_df: bool, compute_dgate: bool):
+    """Returns (df or None, dgate or None); dx = grad_y needs no kernel."""
+    batch, tokens, c = f.shape
+    grad_y = grad_y.contiguous()
+    gate_c, s_gate = row_stride(gate)
+    df = _runtime.new_output(f.shape, dtype=f.dtype, device=f.device) if compute_df else None
+    block_c = min(next_power_of_2(c), 256)
+    col_blocks = triton.cdiv(c, block_c)
+    rows_per_program = reduction_rows_per_program(batch, tokens, col_blocks, f.device)
+    n_chunks = triton.cdiv(tokens, rows_per_program)
+    part_dtype = torch_acc_dtype(grad_y.dtype, gate.dtype, f.dtype)
+    part = _runtime.new_output((batch, n_chunks, c), dtype=part_dtype, device=f.device) if compute_dgate else None
+    _gated_residual_bwd_kernel[(n_chunks, batch, col_blocks)](
+        grad_y, gate_c, f, df if compute_df else grad_y, part if compute_dgate else grad_y,
+        tokens, c, n_chunks, rows_per_program, s_gate,
+        BLOCK_C=block_c, ACC=acc_dtype(grad_y.dtype, gate.dtype, f.dtype),
+        COMPUTE_DF=compute_df, COMPUTE_DGATE=compute_dgate, num_warps=max(1, min(4, block_c // 64)),
+    )
+    dgate = part.sum(1).to(gate.dtype) if compute_dgate else None
+    return df, dgate
+
+
+# ---------------------------------------------------------------------------------------------- autograd Function
+class GatedResidualJVPFunction(torch.autograd.Function):
+    """y differentiable in x, gate, f (saves gate and f); y_dot non-differentiable."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, gate, f, x_dot, gate_dot, f_dot):
+        y, y_dot = gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot)
+        ctx.x_dtype = x.dtype
+        ctx.save_for_backward(gate, f)  # df needs gate, dgate needs f; nothing of the tangents is kept
+        ctx.mark_non_differentiable(y_dot)
+        return y, y_dot
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad_y, _grad_y_dot):
+        gate, f = ctx.saved_tensors
+        need_dx, need_dgate, need_df = ctx.needs_input_grad[:3]
+        grad_x = grad_gate = grad_f = None
+        if need_dx:  # y = x + ...: dy is dx (in x's dtype if the output dtype was promoted)
+            grad_x = grad_y if grad_y.dtype == ctx.x_dtype else grad_y.to(ctx.x_dtype)
+        if (need_dgate or need_df) and grad_y.numel():
+            grad_f, grad_gate = gated_residual_bwd(grad_y, gate, f, need_df, need_dgate)
+        elif need_dgate or need_df:  # no tokens: the sums over tokens are zero
+            grad_f = torch.zeros_like(f) if need_df else None
+            grad_gate = torch.zeros_like(gate) if need_dgate else None
+        return grad_x, grad_gate, grad_f, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------- public
+def gated_residual_jvp(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor,
+                       x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x + gate f (differentiable in x, gate, f);  y_dot = x_dot + gate_dot f + gate f_dot (detached).
+
+    x, f: (B, N, C); gate: (B, C); x_dot, f_dot: (kt, N, C); gate_dot: (kt, C); kt <= B. Same contract and checks as
+    `reference.gated_residual_jvp_ref` (mixed dtypes of x, gate, f allowed; outputs in the promoted dtype); falls back
+    to it (one warning) where Triton cannot run.
+    """
+    check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
+    if not _runtime.triton_can_run(x):
+        _runtime.warn_fallback("gated_residual_jvp", x)
+        return gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot)
+    return GatedResidualJVPFunction.apply(x, gate, f, x_dot, gate_dot, f_dot)
