@@ -64,3 +64,39 @@ def check_tangent_batches(**tangents: torch.Tensor) -> int:
         listing = ", ".join(f"{n}: {s}" for n, s in sizes.items())
         raise ValueError(f"tangent batches differ ({listing}); every tangent of one call must have the same kt")
     return next(iter(sizes.values()))
+
+
+def check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot) -> int:
+    """LayerNorm-modulate arguments: x (B, N, C); shift, scale (B, C) like x; tangents (kt, ...). Returns kt."""
+    check_float("x", x)
+    check_ndim("x", x, 3, "(B, N, C)")
+    for name, m in (("shift", shift), ("scale", scale)):
+        check_like(name, m, "x", x)
+        if m.shape != (x.shape[0], x.shape[2]):
+            raise ValueError(f"{name} must have shape (B, C) = {(x.shape[0], x.shape[2])}; got {tuple(m.shape)}")
+    kt = check_tangent_batches(x_dot=x_dot, shift_dot=shift_dot, scale_dot=scale_dot)
+    check_tangent("x_dot", x_dot, "x", x)
+    check_tangent("shift_dot", shift_dot, "shift", shift)
+    check_tangent("scale_dot", scale_dot, "scale", scale)
+    return kt
+
+
+def check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot) -> int:
+    """Gated-residual arguments: x, f (B, N, C); gate (B, C); tangents (kt, ...); one device. Returns kt.
+
+    Dtypes may differ (an fp32 residual stream with a bf16 branch under autocast): the output is the promoted dtype.
+    """
+    check_float("x", x)
+    check_ndim("x", x, 3, "(B, N, C)")
+    if f.shape != x.shape:
+        raise ValueError(f"f must have the shape of x {tuple(x.shape)}; got {tuple(f.shape)}")
+    if gate.shape != (x.shape[0], x.shape[2]):
+        raise ValueError(f"gate must have shape (B, C) = {(x.shape[0], x.shape[2])}; got {tuple(gate.shape)}")
+    kt = check_tangent_batches(x_dot=x_dot, gate_dot=gate_dot, f_dot=f_dot)
+    check_tangent("x_dot", x_dot, "x", x)
+    check_tangent("gate_dot", gate_dot, "gate", gate)
+    check_tangent("f_dot", f_dot, "f", f)
+    for name, t in (("gate", gate), ("f", f)):
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must be on the same device")
+    return kt

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import _runtime
-from ._checks import check_float, check_like, check_ndim, check_tangent, check_tangent_batches
+from ._checks import check_layernorm_modulate_args
 from ._tl_math import (
     acc_dtype,
     reduction_rows_per_program,
@@ -35,25 +35,7 @@ from ._tl_math import (
 )
 from .reference import layernorm_modulate_jvp_ref
 
-__all__ = ["layernorm_modulate_jvp", "LayerNormModulateJVPFunction", "check_layernorm_modulate_args"]
-
-
-def check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot) -> int:
-    """The argument checks of `reference.layernorm_modulate_jvp_ref`, same order and messages; returns kt.
-
-    (reference.py states them inline; tests/test_norm.py asserts that both raise identically on every bad input.)
-    """
-    check_float("x", x)
-    check_ndim("x", x, 3, "(B, N, C)")
-    for name, m in (("shift", shift), ("scale", scale)):
-        check_like(name, m, "x", x)
-        if m.shape != (x.shape[0], x.shape[2]):
-            raise ValueError(f"{name} must have shape (B, C) = {(x.shape[0], x.shape[2])}; got {tuple(m.shape)}")
-    kt = check_tangent_batches(x_dot=x_dot, shift_dot=shift_dot, scale_dot=scale_dot)
-    check_tangent("x_dot", x_dot, "x", x)
-    check_tangent("shift_dot", shift_dot, "shift", shift)
-    check_tangent("scale_dot", scale_dot, "scale", scale)
-    return kt
+__all__ = ["layernorm_modulate_jvp", "LayerNormModulateJVPFunction"]
 
 
 # ---------------------------------------------------------------------------------------------------------- kernels

@@ -19,7 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_float, check_like, check_ndim, check_tangent, check_tangent_batches
+from ._checks import (check_float, check_gated_residual_args, check_layernorm_modulate_args, check_like, check_ndim,
+                      check_tangent, check_tangent_batches)
 
 GELU_K = math.sqrt(2.0 / math.pi)
 GELU_C = 0.044715
@@ -119,17 +120,7 @@ def layernorm_modulate_jvp_ref(x: torch.Tensor, shift: torch.Tensor, scale: torc
     y_dot = xh_dot (1 + scale) + xh scale_dot + shift_dot
     Shapes: x (B, N, C); shift, scale (B, C); tangents (kt, N, C) and (kt, C).
     """
-    check_float("x", x)
-    check_ndim("x", x, 3, "(B, N, C)")
-    for name, m in (("shift", shift), ("scale", scale)):
-        check_like(name, m, "x", x)
-        if m.shape != (x.shape[0], x.shape[2]):
-            raise ValueError(f"{name} must have shape (B, C) = {(x.shape[0], x.shape[2])}; got {tuple(m.shape)}")
-    kt = check_tangent_batches(x_dot=x_dot, shift_dot=shift_dot, scale_dot=scale_dot)
-    check_tangent("x_dot", x_dot, "x", x)
-    check_tangent("shift_dot", shift_dot, "shift", shift)
-    check_tangent("scale_dot", scale_dot, "scale", scale)
-
+    kt = check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot)
     xh = F.layer_norm(x, (x.shape[-1],), eps=eps)
     y = xh * (1 + scale[:, None, :]) + shift[:, None, :]
     with torch.no_grad():
@@ -150,16 +141,7 @@ def gated_residual_jvp_ref(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor,
                            x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x + gate * f;  y_dot = x_dot + gate_dot * f + gate * f_dot   (x, f: (B, N, C); gate: (B, C))."""
-    check_float("x", x)
-    check_ndim("x", x, 3, "(B, N, C)")
-    if f.shape != x.shape:
-        raise ValueError(f"f must have the shape of x {tuple(x.shape)}; got {tuple(f.shape)}")
-    if gate.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"gate must have shape (B, C) = {(x.shape[0], x.shape[2])}; got {tuple(gate.shape)}")
-    kt = check_tangent_batches(x_dot=x_dot, gate_dot=gate_dot, f_dot=f_dot)
-    check_tangent("x_dot", x_dot, "x", x)
-    check_tangent("gate_dot", gate_dot, "gate", gate)
-    check_tangent("f_dot", f_dot, "f", f)
+    kt = check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
     y = x + gate[:, None, :] * f
     with torch.no_grad():
         y_dot = x_dot + gate_dot[:, None, :] * _rows(f, kt) + _rows(gate, kt)[:, None, :] * f_dot

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from . import _runtime
-from ._checks import check_float, check_ndim, check_tangent, check_tangent_batches
+from ._checks import check_gated_residual_args
 from ._tl_math import (
     acc_dtype,
     next_power_of_2,
@@ -31,28 +31,7 @@ from ._tl_math import (
 )
 from .reference import gated_residual_jvp_ref
 
-__all__ = ["gated_residual_jvp", "GatedResidualJVPFunction", "check_gated_residual_args"]
-
-
-def check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot) -> int:
-    """The argument checks of `reference.gated_residual_jvp_ref`, same order and messages; returns kt.
-
-    One addition: gate and f must be on x's device (the reference fails later inside torch with a less clear message).
-    """
-    check_float("x", x)
-    check_ndim("x", x, 3, "(B, N, C)")
-    if f.shape != x.shape:
-        raise ValueError(f"f must have the shape of x {tuple(x.shape)}; got {tuple(f.shape)}")
-    if gate.shape != (x.shape[0], x.shape[2]):
-        raise ValueError(f"gate must have shape (B, C) = {(x.shape[0], x.shape[2])}; got {tuple(gate.shape)}")
-    kt = check_tangent_batches(x_dot=x_dot, gate_dot=gate_dot, f_dot=f_dot)
-    check_tangent("x_dot", x_dot, "x", x)
-    check_tangent("gate_dot", gate_dot, "gate", gate)
-    check_tangent("f_dot", f_dot, "f", f)
-    for name, t in (("gate", gate), ("f", f)):
-        if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must be on the same device")
-    return kt
+__all__ = ["gated_residual_jvp", "GatedResidualJVPFunction"]
 
 
 # ---------------------------------------------------------------------------------------------------------- kernels

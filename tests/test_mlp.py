@@ -121,15 +121,13 @@ def test_mlp_under_autocast_cpu():
     assert_close("y_dot", y_dot.float(), y_dot64, atol=3e-2, rtol=2e-2)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="reference._LinearJVP adds an fp32 bias to a bf16 GEMM output under autocast: y is fp32, "
-                          "y_dot bf16, so mlp_jvp_ref's GELU refuses the pair (reported in issue 5; "
-                          "mfkernels.mlp casts first). Remove this test when reference.py is fixed.")
-def test_reference_mlp_under_autocast_cpu_is_broken():
+def test_reference_mlp_under_autocast_cpu():
+    """Under autocast the stacked GEMM's y and y_dot share the autocast dtype (the fp32 bias is cast, not promoted)."""
     x = torch.randn(2, 3, 8)
     w1, b1, w2, b2 = make_params(8, 16, 8, torch.float32, "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        mlp_jvp_ref(x, w1, b1, w2, b2, x[:1])
+        y, y_dot = mlp_jvp_ref(x, w1, b1, w2, b2, x[:1])
+    assert y.dtype == y_dot.dtype == torch.bfloat16
 
 
 @pytest.mark.gpu
