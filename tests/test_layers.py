@@ -5,7 +5,8 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow.backends import ops_for
-from meanflow.layers import Attention, DiTBlock, FinalLayer, Linear, Mlp, TimestepEmbedder, timestep_embedding_jvp
+from meanflow.layers import Attention, DiTBlock, FinalLayer, Linear, TimestepEmbedder, timestep_embedding_jvp
+from mfkernels.nn import MLP as Mlp
 from tests.utils import max_rel_err, randomize_
 
 F64 = torch.float64

@@ -1,0 +1,48 @@
+"""Op tables: the set of forward+JVP ops a model's `forward_jvp` calls, in two implementations.
+
+- "reference": the pure-torch ops of `mfkernels.reference` (run anywhere; the readable statement of the rules).
+- "fused": the Triton / native ops (CUDA, or CPU under TRITON_INTERPRET=1; each falls back to its reference with one
+  warning where Triton cannot run).
+
+A model written against `JVPOps` switches implementation by switching tables; nothing else changes.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+IMPLEMENTATIONS = ("reference", "fused")
+
+
+@dataclass(frozen=True)
+class JVPOps:
+    """The layer ops a network's forward_jvp may call; all follow the contract of mfkernels.reference."""
+
+    name: str
+    linear: Callable
+    silu: Callable
+    gelu_tanh: Callable
+    mlp: Callable
+    layernorm_modulate: Callable
+    gated_residual: Callable
+    attention: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def ops_table(implementation: str = "fused") -> JVPOps:
+    if implementation == "reference":
+        from . import reference as R
+
+        return JVPOps("reference", R.linear_jvp_ref, R.silu_jvp_ref, R.gelu_tanh_jvp_ref, R.mlp_jvp_ref,
+                      R.layernorm_modulate_jvp_ref, R.gated_residual_jvp_ref, R.attention_jvp_ref)
+    if implementation == "fused":
+        from .activations import gelu_tanh_jvp, silu_jvp
+        from .attention import attention_jvp
+        from .mlp import linear_jvp, mlp_jvp
+        from .norm import layernorm_modulate_jvp
+        from .residual import gated_residual_jvp
+
+        return JVPOps("fused", linear_jvp, silu_jvp, gelu_tanh_jvp, mlp_jvp, layernorm_modulate_jvp,
+                      gated_residual_jvp, attention_jvp)
+    raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
