@@ -1,0 +1,116 @@
+"""Block benchmark: one DiT block, forward + JVP + backward of the primal, per backend, same inputs in one run.
+
+Providers:
+- `primal`:   forward + backward without any tangent (what a flow-matching step pays per block), torch SDPA default.
+- `autograd`: torch.func.jvp over the block's plain forward on the whole batch (SDPA forced to math), then backward.
+- `explicit`: `forward_jvp` with the pure-torch reference ops (ragged tangents), then backward.
+- `fused`:    `forward_jvp` with the mfkernels Triton ops, then backward.
+The tangent batch is kt = ratio * B rows (the MeanFlow rows with r != t); `autograd` differentiates all B rows.
+
+    python bench/bench_block.py --out block.json [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import is_oom, peak_memory_mb, time_fn, write_results  # noqa: E402
+from meanflow.backends import ops_for  # noqa: E402
+from meanflow.layers import DiTBlock  # noqa: E402
+
+WIDTHS = {"DiT-B": (768, 12), "DiT-XL": (1152, 16)}
+
+
+def block_flops(batch: int, kt: int, tokens: int, dim: int, with_jvp: bool) -> float:
+    """Useful FLOPs: GEMMs 2*rows*(4 + 8)*dim^2 per token row (qkv 3, proj 1, mlp 8) plus attention 4*N^2*dim per
+    sample forward; the tangent adds the same GEMMs on kt rows and 8*N^2*dim of attention per tangent sample
+    (12 N^2 d total for forward + JVP). Backward of the primal: 2x the primal forward."""
+    gemm = 2 * tokens * 12 * dim * dim
+    attn = 4 * tokens * tokens * dim
+    fwd = batch * (gemm + attn)
+    total = 3 * fwd
+    if with_jvp:
+        total += kt * (gemm + 2 * attn)
+    return float(total)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", nargs="+", default=list(WIDTHS))
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--providers", nargs="+", default=["primal", "autograd", "explicit", "fused"])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    widths = dict(WIDTHS)
+    if args.quick and not cuda:
+        widths, args.models, args.batch, args.tokens = {"tiny": (48, 2)}, ["tiny"], 4, 12
+    dtype = torch.bfloat16 if cuda else torch.float32
+    rows = []
+    for name in args.models:
+        dim, heads = widths[name]
+        torch.manual_seed(0)
+        block = DiTBlock(dim, heads).to(args.device, dtype)
+        with torch.no_grad():
+            for p in block.parameters():
+                p.normal_(0, 0.02)
+        b, n = args.batch, args.tokens
+        kt = max(1, round(args.ratio * b))
+        x = torch.randn(b, n, dim, device=args.device, dtype=dtype, requires_grad=True)
+        c = torch.randn(b, dim, device=args.device, dtype=dtype)
+        x_dot = torch.randn(kt, n, dim, device=args.device, dtype=dtype)
+        c_dot = torch.randn(kt, dim, device=args.device, dtype=dtype)
+        dy = torch.randn(b, n, dim, device=args.device, dtype=dtype)
+        x_dot_full = torch.cat([x_dot, x_dot.new_zeros(b - kt, n, dim)])
+        c_dot_full = torch.cat([c_dot, c_dot.new_zeros(b - kt, dim)])
+
+        def run(provider):
+            if provider == "primal":
+                y = block(x, c)
+            elif provider == "autograd":
+                with sdpa_kernel(SDPBackend.MATH):
+                    y, _ = torch.func.jvp(block, (x, c), (x_dot_full, c_dot_full))
+            else:
+                y, _ = block.forward_jvp(x, x_dot, c, c_dot, ops_for(provider))
+            y.backward(dy)
+            x.grad = None
+            for p in block.parameters():
+                p.grad = None
+
+        for provider in args.providers:
+            row = {"bench": "block", "model": name, "provider": provider, "dtype": str(dtype).replace("torch.", ""),
+                   "B": b, "N": n, "C": dim, "heads": heads, "kt": 0 if provider == "primal" else
+                   (b if provider == "autograd" else kt)}
+            try:
+                row.update(time_fn(lambda: run(provider), args.device, warmup=1 if args.quick else 3,
+                                   reps=2 if args.quick else 10))
+                row["peak_mem_mb"] = peak_memory_mb(lambda: run(provider), args.device)
+                row["tflops"] = block_flops(b, kt, n, dim, provider != "primal") / (row["ms"] * 1e-3) / 1e12
+            except Exception as exc:  # noqa: BLE001 - one provider failing must not lose the others
+                if not (is_oom(exc) or isinstance(exc, (ImportError, NotImplementedError))):
+                    raise
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        base = next((r for r in rows if r["model"] == name and r["provider"] == "primal" and "ms" in r), None)
+        for r in rows:
+            if base and r["model"] == name and "ms" in r:
+                r["ratio_to_primal"] = r["ms"] / base["ms"]
+        write_results(args.out, "block", args.device, rows, args=vars(args))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
