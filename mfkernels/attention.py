@@ -7,9 +7,9 @@ Per head, with c the softmax scale (default D^-1/2):
     O_dot = P_dot V + P V_dot = (T V + P~ V_dot) / l - (mu / l) O,   P~ = exp(S - m), l = rowsum P~, T = P~ * S_dot,
                                                                       mu = rowsum T
 One pass over the key tiles (DESIGN.md 2) keeps, per query row, the running max m, l, mu and two accumulators
-A_O = sum P~ V and A_T = sum (T V + P~ V_dot), rescaled by alpha = exp(m_old - m_new) when the max moves. The running max
-needs no tangent. Only O(N) state is kept beyond the outputs: the log-sum-exp of the primal, saved so that the backward
-of O is the ordinary flash backward (no tangent recompute, no second forward).
+A_O = sum P~ V and A_T = sum (T V + P~ V_dot), rescaled by alpha = exp(m_old - m_new) when the max moves. The
+running max needs no tangent. Only O(N) state is kept beyond the outputs: the log-sum-exp of the primal, saved so that
+the backward of O is the ordinary flash backward (no tangent recompute, no second forward).
 
 Public API
     attention_jvp(q, k, v, q_dot, k_dot, v_dot, *, causal=False, scale=None) -> (o, o_dot)
@@ -19,20 +19,28 @@ Public API
         Drop-in for F.scaled_dot_product_attention (4-D inputs, no mask / dropout / GQA) that works under plain
         autograd, torch.autograd.forward_ad and torch.func.jvp; its forward-mode derivative comes from the fused kernel.
 
-Layers: _attn_jvp_fwd_kernel -> attention_jvp_fwd() -> AttentionJVPFunction -> attention_jvp();
-        _attn_bwd_{preprocess,dkdv,dq}_kernel -> attention_bwd();
-        custom ops mfkernels::attention_jvp_fwd / mfkernels::attention_bwd -> _SDPAFunction -> scaled_dot_product_attention().
+Layers: _attn_jvp_fwd_kernel -> attention_jvp_fwd() (launcher) -> custom op mfkernels::attention_jvp_fwd;
+        _attn_bwd_{preprocess,dkdv,dq}_kernel -> attention_bwd() (launcher) -> custom op mfkernels::attention_bwd;
+        both ops -> AttentionJVPFunction -> attention_jvp()
+                 -> _SDPAFunction (+ _SDPAJVPFunction with jvp) -> scaled_dot_product_attention().
+The custom ops make the launchers opaque to torch.func transforms and Dynamo (DESIGN.md 4).
 
-The saved LSE is kept in base 2: lse2_i = log2 sum_j exp(S_ij) = m_i + log2 l_i with m in base 2 (the kernels use exp2).
+Numerics: the kernels use exp2 and keep the running max m in raw-score units (s = q . k, before any scale), so that
+P~ = 2^((s - m) c log2 e): the subtraction of two large logits happens before the multiply, and no rounding of a large
+scaled logit reaches the exponent (this keeps q, k scaled by 30 as accurate as torch in fp32). The saved LSE is in the
+same raw units: L_i = m_i + log2(l_i) / (c log2 e), P_ij = 2^((s_ij - L_i) c log2 e); the natural log-sum-exp is c L_i.
+This needs c > 0 (a scale <= 0 is refused).
 """
 from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 import triton
 import triton.language as tl
 
@@ -155,20 +163,20 @@ def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd,
                    offs_m, offs_d, d_ok, lo, hi, N_K, sm, qk,
                    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_D: tl.constexpr,
                    DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
-    """Key tiles [lo, hi) of the fused recurrence (base 2: s2 = S log2 e, m in base 2, P~ = 2^(s2 - m)):
+    """Key tiles [lo, hi) of the fused recurrence (s = raw scores q . k, m raw, qk = c log2 e):
 
-    m' = max(m, rowmax s2); alpha = 2^(m - m'); P~ = 2^(s2 - m'); T = P~ * S_dot
+    m' = max(m, rowmax s); alpha = 2^((m - m') qk); P~ = 2^((s - m') qk); T = P~ * S_dot
     l = alpha l + rowsum P~;  mu = alpha mu + rowsum T;  A_O = alpha A_O + P~ V;  A_T = alpha A_T + T V + P~ V_dot
     S_dot uses the plain scale c (not c log2 e). 6 dots a tile: S (1), S_dot = Q_dot K^T + Q K_dot^T chained into one
     accumulator (2, i.e. one dot of inner width 2D), P~ V (1), T V + P~ V_dot chained into A_T (2, i.e. one dot of
-    inner width 2 BLOCK_N). MASKED tiles (key tail, causal diagonal) set S = -inf and S_dot = 0 there, so they add 0.
+    inner width 2 BLOCK_N). MASKED tiles (key tail, causal diagonal) set s = -inf and S_dot = 0 there, so they add 0.
     """
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_K
         k = _load_rows(Kh + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
         kd = _load_rows(KDh + offs_n[:, None] * skdn + offs_d[None, :] * skdd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC) * qk
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC)
         sd = tl.dot(qd, tl.trans(k), out_dtype=ACC, input_precision=PREC)
         sd = tl.dot(q, tl.trans(kd), sd, out_dtype=ACC, input_precision=PREC) * sm
         if MASKED:
@@ -178,8 +186,8 @@ def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd,
             s = tl.where(ok, s, float("-inf"))
             sd = tl.where(ok, sd, 0.0)
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2((m_i - m_new) * qk)
+        p = tl.exp2((s - m_new[:, None]) * qk)
         t = p * sd
         l_i = l_i * alpha + tl.sum(p, 1)
         mu_i = mu_i * alpha + tl.sum(t, 1)
@@ -203,15 +211,15 @@ def _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, skn, skd, svn, svd,
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_K
         k = _load_rows(Kh + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC) * qk
+        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC)
         if MASKED:
             ok = n_ok[None, :]
             if IS_CAUSAL:
                 ok = ok & (offs_m[:, None] >= offs_n[None, :])
             s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2((m_i - m_new) * qk)
+        p = tl.exp2((s - m_new[:, None]) * qk)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(Vh + offs_n[:, None] * svn + offs_d[None, :] * svd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
         acc_o = tl.dot(p.to(DOT), v, acc_o * alpha[:, None], out_dtype=ACC, input_precision=PREC)
@@ -225,7 +233,7 @@ def _fwd_plain_head(q, Kh, Vh, Oh, LSEh, skn, skd, svn, svd, som, sod,
                     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
                     MASK_D: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr,
                     RNE_BF16: tl.constexpr):
-    """O = A_O / l and lse2 = m + log2 l for one (row block, head) without tangent."""
+    """O = A_O / l and L = m + log2(l) / qk (raw units) for one (row block, head) without tangent."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
     acc_o = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
@@ -238,7 +246,7 @@ def _fwd_plain_head(q, Kh, Vh, Oh, LSEh, skn, skd, svn, svd, som, sod,
     mask = m_ok[:, None] & d_ok[None, :]
     tl.store(Oh + offs_m[:, None] * som + offs_d[None, :] * sod, round_to(o, Oh.dtype.element_ty, RNE_BF16),
              mask=mask)
-    tl.store(LSEh + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+    tl.store(LSEh + offs_m, m_i + tl.log2(l_i) / qk, mask=m_ok)
 
 
 @triton.autotune(configs=_all_configs(_FWD_CONFIGS), key=["N_K", "BLOCK_D", "IS_CAUSAL", "HAS_TANGENT"],
@@ -257,10 +265,10 @@ def _attn_jvp_fwd_kernel(
     """Fused attention forward + JVP for one block of BLOCK_M query rows of one (batch, head).
 
     O = softmax(c Q K^T) V;  O_dot = (A_T / l) - (mu / l) O  with  A_T = sum_j P~_j (S_dot_j V_j + V_dot_j) online
-    (see _fwd_jvp_tiles); LSE (base 2) = m + log2 l. Batch rows b < KT have a tangent (tangent row b); the others run
-    the plain flash forward (_fwd_plain_head) and never touch the tangent tensors. The grid is (row blocks, B*H) with the
-    tangent heads first, so the heavier programs start first; with causal masking the row blocks run last-to-first
-    for the same reason.
+    (see _fwd_jvp_tiles); LSE (raw-score units) L = m + log2(l) / (c log2 e). Batch rows b < KT have a tangent
+    (tangent row b); the others run the plain flash forward (_fwd_plain_head) and never touch the tangent tensors.
+    The grid is (row blocks, B*H) with the tangent heads first, so the heavier programs start first; with causal
+    masking the row blocks run last-to-first for the same reason.
     """
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
@@ -315,7 +323,7 @@ def _attn_jvp_fwd_kernel(
             ODh = OD + b * sodb + h * sodh
             tl.store(ODh + offs_m[:, None] * sodm + offs_d[None, :] * sodd,
                      round_to(o_dot, ODh.dtype.element_ty, RNE_BF16), mask=mask)
-            tl.store(LSEh + offs_m, m_i + tl.log2(l_i), mask=m_ok)
+            tl.store(LSEh + offs_m, m_i + tl.log2(l_i) / qk, mask=m_ok)
         else:
             _fwd_plain_head(q, Kh, Vh, Oh, LSEh, skn, skd, svn, svd, som, sod, offs_m, offs_d, m_ok, d_ok, mid, hi,
                             N_K, qk, BLOCK_M, BLOCK_D, BLOCK_N, IS_CAUSAL, MASK_D, DOT, ACC, PREC, RNE_BF16)
@@ -336,7 +344,8 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, causal: bool, scale: float):
     """Launch the fused forward + JVP kernel. Inputs are assumed checked (see attention_jvp).
 
-    Returns (o (B, H, Nq, D), o_dot (kt, H, Nq, D), lse2 (B, H, Nq) in fp32 (fp64 for fp64 inputs)).
+    Returns (o (B, H, Nq, D), o_dot (kt, H, Nq, D), lse (B, H, Nq) in raw-score units (see the module docstring),
+    fp32 (fp64 for fp64 inputs)).
     """
     batch, heads, n_q, d = q.shape
     n_k = k.shape[2]
@@ -391,7 +400,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqm, sqd, sdom, sdod,
                     DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Query tiles [lo, hi) against one resident key tile, in transposed form (no transposes of big tiles):
 
-    P^T = 2^(K Q^T c log2 e - lse2);  dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T * (dP^T - delta);  dK += dS^T Q
+    P^T = 2^((K Q^T - L) c log2 e);  dV += P^T dO;  dP^T = V dO^T;  dS^T = P^T * (dP^T - delta);  dK += dS^T Q
     (dK is scaled by c once at the end). MASKED: causal diagonal, P = 0 where key > query. Query-tail rows load
     q = dO = 0, so they add nothing without a compute mask.
     """
@@ -403,7 +412,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqm, sqd, sdom, sdod,
         lse = tl.load(LSEh + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTAh + offs_m, mask=m_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision=PREC)
-        p_t = tl.exp2(s_t * qk - lse[None, :])
+        p_t = tl.exp2((s_t - lse[None, :]) * qk)
         if MASKED:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
         dv = tl.dot(p_t.to(DOT), do, dv, out_dtype=ACC, input_precision=PREC)
@@ -427,9 +436,9 @@ def _attn_bwd_dkdv_kernel(
 ):
     """dK = c sum_i dS_i^T Q_i and dV = sum_i P_i^T dO_i for one tile of BLOCK_N keys of one (batch, head).
 
-    P is rebuilt from the saved base-2 LSE: P_ij = 2^(S_ij log2 e - lse2_i); dS = P * (dO V^T - delta). Each program
-    owns its output rows, so no atomics and a deterministic result. Causal: queries before the key tile are skipped,
-    the tiles crossing the diagonal are masked, the rest are not.
+    P is rebuilt from the saved LSE (raw units): P_ij = 2^((q_i . k_j - L_i) c log2 e); dS = P * (dO V^T - delta).
+    Each program owns its output rows, so no atomics and a deterministic result. Causal: queries before the key tile
+    are skipped, the tiles crossing the diagonal are masked, the rest are not.
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -475,7 +484,7 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, Kh, Vh, skn, skd, svn, svd,
                   DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Key tiles [lo, hi) against one resident query tile:
 
-    P = 2^(Q K^T c log2 e - lse2);  dP = dO V^T;  dS = P * (dP - delta);  dQ += dS K   (scaled by c at the end).
+    P = 2^((Q K^T - L) c log2 e);  dP = dO V^T;  dS = P * (dP - delta);  dQ += dS K   (scaled by c at the end).
     Key-tail rows load k = v = 0, so their dS multiplies a zero row of K: no compute mask is needed for them.
     """
     for start_n in tl.range(lo, hi, BLOCK_N):
@@ -484,7 +493,7 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, Kh, Vh, skn, skd, svn, svd,
         k = _load_rows(Kh + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, True, MASK_D).to(DOT)
         v = _load_rows(Vh + offs_n[:, None] * svn + offs_d[None, :] * svd, n_ok, d_ok, True, MASK_D).to(DOT)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC)
-        p = tl.exp2(s * qk - lse[:, None])
+        p = tl.exp2((s - lse[:, None]) * qk)
         if MASKED:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), out_dtype=ACC, input_precision=PREC)
@@ -506,7 +515,7 @@ def _attn_bwd_dq_kernel(
     SCALE_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ = c sum_j dS_j K_j for one tile of BLOCK_M queries of one (batch, head), dS = P * (dO V^T - delta),
-    P from the saved base-2 LSE. Causal: keys after the tile are skipped, tiles crossing the diagonal are masked."""
+    P from the saved LSE. Causal: keys after the tile are skipped, tiles crossing the diagonal are masked."""
     pid_m = tl.program_id(0)
     if IS_CAUSAL:
         pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest row blocks first
@@ -546,7 +555,7 @@ _PRE_BLOCK_M = 64
 
 
 def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, need_dq: bool = True, need_dkdv: bool = True):
-    """Flash backward through the primal O from the saved base-2 LSE: returns (dq, dk, dv) (None where not needed)."""
+    """Flash backward through the primal O from the saved LSE: returns (dq, dk, dv) (None where not needed)."""
     batch, heads, n_q, d = q.shape
     n_k = k.shape[2]
     acc, dot, prec, rne = compute_dtypes(q.dtype)
@@ -590,8 +599,11 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, need_dq: b
 def _resolve_scale(scale, d: int) -> float:
     if scale is None:
         return d ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(float(scale)):
-        raise TypeError(f"scale must be None or a finite real number; got {scale!r} ({type(scale).__name__})")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale must be None or a real number; got {scale!r} ({type(scale).__name__})")
+    if not (math.isfinite(float(scale)) and scale > 0):
+        raise ValueError(f"scale must be finite and > 0 (the kernels track the row max of unscaled scores); "
+                         f"got {scale!r}")
     return float(scale)
 
 
@@ -615,9 +627,10 @@ def _check_causal(causal) -> bool:
 def _attention_jvp_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_dot: torch.Tensor,
                           k_dot: torch.Tensor, v_dot: torch.Tensor, causal: bool,
                           scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(o, o_dot, lse2) from the fused kernel; an opaque op, so torch.func transforms and Dynamo never look inside."""
-    if not triton_can_run(q):
-        raise RuntimeError(f"mfkernels::attention_jvp_fwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
+    """(o, o_dot, lse) from the fused kernel; an opaque op, so torch.func transforms and Dynamo never look inside."""
+    if not _kernel_can_run(q):
+        raise RuntimeError(f"mfkernels::attention_jvp_fwd needs a CUDA fp16/bf16/fp32 tensor "
+                           f"(or TRITON_INTERPRET=1 on CPU); "
                            f"got q with {describe(q)}")
     return attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, causal, scale)
 
@@ -632,9 +645,10 @@ def _(q, k, v, q_dot, k_dot, v_dot, causal, scale):
 @torch.library.custom_op("mfkernels::attention_bwd", mutates_args=())
 def _attention_bwd_op(grad_o: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                       lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the flash backward kernels and the saved base-2 LSE."""
-    if not triton_can_run(q):
-        raise RuntimeError(f"mfkernels::attention_bwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
+    """(dq, dk, dv) from the flash backward kernels and the saved LSE."""
+    if not _kernel_can_run(q):
+        raise RuntimeError(f"mfkernels::attention_bwd needs a CUDA fp16/bf16/fp32 tensor "
+                           f"(or TRITON_INTERPRET=1 on CPU); "
                            f"got q with {describe(q)}")
     return attention_bwd(grad_o, q, k, v, o, lse, causal, scale)
 
@@ -644,10 +658,30 @@ def _(grad_o, q, k, v, o, lse, causal, scale):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
+def _kernel_can_run(q: torch.Tensor) -> bool:
+    """Triton can run here, and the dtype is one the compiled kernels support on that device. fp64 runs only under the
+    interpreter (exact fp64 tests); Triton 3.6 has no reliable fp64 tl.dot on NVIDIA, so CUDA fp64 uses the
+    reference."""
+    return triton_can_run(q) and not (q.device.type == "cuda" and q.dtype == torch.float64)
+
+
+def _fallback(op: str, q: torch.Tensor) -> None:
+    if triton_can_run(q):  # only the dtype is the reason
+        if op not in _FP64_WARNED:
+            _FP64_WARNED.add(op)
+            warnings.warn(f"mfkernels.{op}: float64 CUDA tensors use the pure-torch reference (the Triton kernels "
+                          f"support fp16, bf16 and fp32 on CUDA)", RuntimeWarning, stacklevel=3)
+    else:
+        warn_fallback(op, q)
+
+
+_FP64_WARNED: set[str] = set()
+
+
 # ====================================================================================== autograd + public API (1)
 class AttentionJVPFunction(torch.autograd.Function):
     """(o, o_dot) from one fused launch; o backpropagates through the flash backward, o_dot is non-differentiable and
-    the tangent inputs get no gradient. Saves q, k, v, o and the base-2 LSE (O(N)); never any tangent.
+    the tangent inputs get no gradient. Saves q, k, v, o and the LSE (O(N)); never any tangent.
 
     The launchers are reached through the custom ops, so Dynamo sees one opaque op instead of tracing the autotuner.
     """
@@ -661,6 +695,7 @@ class AttentionJVPFunction(torch.autograd.Function):
         return o, o_dot
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_o, _grad_o_dot):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.mfkernels.attention_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.scale)
@@ -682,15 +717,15 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     _check_head_dim(q, k)
     causal = _check_causal(causal)
     c = _resolve_scale(scale, q.shape[-1])
-    if not triton_can_run(q):
-        warn_fallback("attention_jvp", q)
+    if not _kernel_can_run(q):
+        _fallback("attention_jvp", q)
         return reference.attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, causal=causal, scale=c)
     return AttentionJVPFunction.apply(q, k, v, q_dot, k_dot, v_dot, causal, c)
 
 
 # ====================================================================================== autograd + public API (2)
 class _SDPAFunction(torch.autograd.Function):
-    """Attention through the custom ops with the flash backward; forward returns (o, lse2), lse2 non-differentiable and
+    """Attention through the custom ops with the flash backward; forward returns (o, lse), lse non-differentiable and
     hidden by scaled_dot_product_attention. setup_context style (no ctx in forward) so torch.func transforms accept it.
     No jvp here: Dynamo refuses to trace a Function with a custom jvp (a graph break), so under torch.compile without
     forward mode this one is used and lands in the graph whole."""
@@ -710,6 +745,7 @@ class _SDPAFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
+    @once_differentiable  # no double backward; also keeps the op call out of autograd under torch.func.grad
     def backward(ctx, grad_o, _grad_lse):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.mfkernels.attention_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.scale)
@@ -727,8 +763,10 @@ class _SDPAJVPFunction(_SDPAFunction):
         q_dot = torch.zeros_like(q) if q_dot is None else q_dot
         k_dot = torch.zeros_like(k) if k_dot is None else k_dot
         v_dot = torch.zeros_like(v) if v_dot is None else v_dot
-        _, o_dot, _ = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot.to(q.dtype), k_dot.to(k.dtype),
-                                                            v_dot.to(v.dtype), ctx.causal, ctx.scale)
+        # o_dot is never differentiable (and a custom op call under torch.func.grad must not record anything).
+        with torch.no_grad():
+            _, o_dot, _ = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot.to(q.dtype), k_dot.to(k.dtype),
+                                                                v_dot.to(v.dtype), ctx.causal, ctx.scale)
         return o_dot, None
 
 
@@ -753,9 +791,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     backward) and forward mode (torch.autograd.forward_ad, torch.func.jvp: the fused forward + JVP kernel).
 
     attn_mask, dropout_p > 0 and enable_gqa are not supported and raise. Falls back to F.scaled_dot_product_attention
-    (with a warning) where Triton cannot run. Under torch.compile, plain autograd traces into the graph (two opaque
-    custom ops); forward mode (torch.func.jvp / forward_ad) graph-breaks around this call, because Dynamo would
-    otherwise silently drop the custom jvp (pytorch #192985).
+    (with a warning; in forward mode to the math reference) where the kernels cannot run. Under torch.compile, plain
+    autograd traces into the graph (two opaque custom ops); forward mode (torch.func.jvp / forward_ad) graph-breaks
+    around this call, because Dynamo would otherwise silently drop the custom jvp (pytorch #192985).
     """
     if attn_mask is not None:
         raise NotImplementedError("mfkernels.scaled_dot_product_attention: attn_mask is not supported "
@@ -770,8 +808,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     _check_head_dim(query, key)
     causal = _check_causal(is_causal)
     c = _resolve_scale(scale, query.shape[-1])
-    if not triton_can_run(query):
-        warn_fallback("scaled_dot_product_attention", query)
+    if not _kernel_can_run(query):
+        _fallback("scaled_dot_product_attention", query)
+        if _forward_mode_active():  # torch's fused CPU/CUDA SDPA kernels have no forward-mode formula
+            return reference.attention_ref(query, key, value, causal=causal, scale=c)
         return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=c)
     if torch.compiler.is_compiling():
         if _forward_mode_active():
