@@ -156,6 +156,20 @@ def _scale_args(scale: float, dtype: torch.dtype, device, dummy: torch.Tensor):
     return (float(scale), qk, dummy), False
 
 
+@triton.jit
+def _tile_and_head(N_ROWS, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """Split a 1-D program id into (row tile, batch*head). 1-D because grid dim 1 is capped at 65535 (B*H can exceed
+    it); row tiles of one head stay adjacent (K/V reuse in L2), and the heads keep their order (tangent heads first).
+    REVERSE runs a head's row tiles last-to-first: under causal masking the last tiles have the most keys."""
+    pid = tl.program_id(0)
+    num_tiles = tl.cdiv(N_ROWS, BLOCK)
+    bh = pid // num_tiles
+    tile = pid % num_tiles
+    if REVERSE:
+        tile = num_tiles - 1 - tile
+    return tile, bh
+
+
 # ============================================================================================= forward + JVP kernel
 @triton.jit
 def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd,
@@ -267,13 +281,10 @@ def _attn_jvp_fwd_kernel(
     O = softmax(c Q K^T) V;  O_dot = (A_T / l) - (mu / l) O  with  A_T = sum_j P~_j (S_dot_j V_j + V_dot_j) online
     (see _fwd_jvp_tiles); LSE (raw-score units) L = m + log2(l) / (c log2 e). Batch rows b < KT have a tangent
     (tangent row b); the others run the plain flash forward (_fwd_plain_head) and never touch the tangent tensors.
-    The grid is (row blocks, B*H) with the tangent heads first, so the heavier programs start first; with causal
-    masking the row blocks run last-to-first for the same reason.
+    The grid is 1-D over (B*H, row blocks) with the tangent heads first (see _tile_and_head), so the heavier programs
+    start first; with causal masking the row blocks run last-to-first for the same reason.
     """
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(N_Q, BLOCK_M, IS_CAUSAL)
     b = (bh // H).to(tl.int64)  # int64: b * stride can exceed 2^31 for large batches
     h = (bh % H).to(tl.int64)
     sm, qk = _scales(sm_scale, qk_scale, SCALES, SCALE_PTR)
@@ -361,7 +372,7 @@ def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, causal: bool, scale: float):
     # Without tangent rows the tangent pointers are never dereferenced (HAS_TANGENT is a constexpr): pass q / o.
     qd, kd, vd, od = (q_dot, k_dot, v_dot, o_dot) if has_t else (q, k, v, o)
     scale_args, scale_ptr = _scale_args(scale, q.dtype, q.device, lse)
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     _attn_jvp_fwd_kernel[grid](
         q, k, v, qd, kd, vd, o, od, lse,
         *q.stride(), *k.stride(), *v.stride(), *qd.stride(), *kd.stride(), *vd.stride(), *o.stride(), *od.stride(),
@@ -378,8 +389,7 @@ def _attn_bwd_preprocess_kernel(O, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sd
                                 HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr,
                                 ACC: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta_i = rowsum(dO_i * O_i) = sum_j P_ij dP_ij: the softmax-backward correction, computed once per row."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(N_Q, BLOCK_M, False)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -440,8 +450,7 @@ def _attn_bwd_dkdv_kernel(
     Each program owns its output rows, so no atomics and a deterministic result. Causal: queries before the key tile
     are skipped, the tiles crossing the diagonal are masked, the rest are not.
     """
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n, bh = _tile_and_head(N_K, BLOCK_N, False)  # causal: the first key tiles have the most queries already
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     sm, qk = _scales(sm_scale, qk_scale, SCALES, SCALE_PTR)
@@ -516,10 +525,7 @@ def _attn_bwd_dq_kernel(
 ):
     """dQ = c sum_j dS_j K_j for one tile of BLOCK_M queries of one (batch, head), dS = P * (dO V^T - delta),
     P from the saved LSE. Causal: keys after the tile are skipped, tiles crossing the diagonal are masked."""
-    pid_m = tl.program_id(0)
-    if IS_CAUSAL:
-        pid_m = tl.num_programs(0) - 1 - pid_m  # heaviest row blocks first
-    bh = tl.program_id(1)
+    pid_m, bh = _tile_and_head(N_Q, BLOCK_M, IS_CAUSAL)  # causal: heaviest row blocks first
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     sm, qk = _scales(sm_scale, qk_scale, SCALES, SCALE_PTR)
@@ -571,7 +577,7 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, need_dq: b
                 t.zero_()
         return dq, dk, dv
     delta = new_output((batch, heads, n_q), dtype=lse.dtype, device=q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, _PRE_BLOCK_M), batch * heads)](
+    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, _PRE_BLOCK_M) * batch * heads,)](
         o, do, delta, *o.stride(), *do.stride(), heads, n_q,
         HEAD_D=d, BLOCK_D=block_d, MASK_D=block_d != d, ACC=acc, BLOCK_M=_PRE_BLOCK_M,
     )
@@ -579,14 +585,14 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, need_dq: b
     common = dict(HEAD_D=d, BLOCK_D=block_d, MASK_D=block_d != d, IS_CAUSAL=bool(causal),
                   ACC=acc, DOT=dot, PREC=prec, RNE_BF16=rne, SCALE_PTR=scale_ptr)
     if need_dkdv:
-        grid = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]), batch * heads)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731
         _attn_bwd_dkdv_kernel[grid](
             q, k, v, do, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             heads, n_q, n_k, *scales, **common,
         )
     if need_dq:
-        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
         _attn_bwd_dq_kernel[grid](
             q, k, v, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
