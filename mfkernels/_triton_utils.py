@@ -29,7 +29,9 @@ def compute_dtypes(dtype: torch.dtype):
     ACC: accumulation dtype (fp64 for fp64 inputs, else fp32).
     DOT: dtype of tl.dot operands. 16-bit inputs feed the tensor cores in their own dtype on a GPU (as flash attention
     does for P); under the interpreter they are upcast to fp32 first because its bf16 arithmetic is garbage.
-    PREC: tl.dot input precision. "ieee" for fp32/fp64 (torch's default matmul is not tf32 either); ignored for 16-bit.
+    PREC: tl.dot input precision, ignored for 16-bit. fp32: "tf32x3" on a GPU (three TF32 products, near-fp32
+    accuracy on the tensor cores; Triton's "ieee" fp32 dot falls back to FMA code that spills tens of KB per thread in
+    the attention kernels); "ieee" in the interpreter (which computes dots in numpy anyway) and for fp64.
     RNE_BF16: emulate round-to-nearest-even on bf16 stores (the interpreter's fp32 -> bf16 cast truncates).
     """
     acc = tl.float64 if dtype == torch.float64 else tl.float32
@@ -39,7 +41,7 @@ def compute_dtypes(dtype: torch.dtype):
         prec = "tf32"
     else:
         dot = acc
-        prec = "ieee"
+        prec = "tf32x3" if (dtype == torch.float32 and not interp) else "ieee"
     return acc, dot, prec, bool(interp and dtype == torch.bfloat16)
 
 

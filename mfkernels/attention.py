@@ -62,28 +62,51 @@ def _cfg(bm, bn, warps, stages):
 # BLOCK_M != BLOCK_N on purpose: it exercises the causal diagonal logic with unequal tiles.
 _INTERP_CONFIG = [_cfg(32, 16, 4, 1)]
 
-# Hopper-oriented lists (DESIGN.md 5). Keyed on (N, padded D, causal, tangent or not, dtype); pruned by D below.
-# Forward + JVP holds A_O, A_T (BLOCK_M x D fp32 each) plus S and S_dot (BLOCK_M x BLOCK_N fp32 each) in registers:
-# BLOCK_M 128 needs 8 warps to stay under 255 registers a thread; D = 128 prefers a narrow BLOCK_N.
-_FWD_CONFIGS = {
-    64: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 4), _cfg(64, 128, 4, 2)],
-    128: [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 2), _cfg(64, 32, 4, 3)],
-    256: [_cfg(64, 32, 4, 2), _cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2)],
+# Hopper-oriented lists (DESIGN.md 5), keyed on (N, padded D, causal, tangent or not, dtype) and pruned by D (and, for
+# the forward, by whether the kernel has tangent rows). Every entry was compiled offline for sm_90a with Triton 3.6's
+# bundled ptxas: all use wgmma, none spills registers for bf16 at D = 64 / 128 (D = 256 works but spills).
+# Forward + JVP holds A_O, A_T (BLOCK_M x D fp32) plus S, S_dot (BLOCK_M x BLOCK_N fp32) in registers: BLOCK_M 128 needs
+# 8 warps (D = 64, 128 x 64: 241 registers a thread); D = 128 needs BLOCK_N 32 (128 x 64 spills). Shared memory per
+# pipeline stage holds K, K_dot, V, V_dot tiles (D = 128, 128 x 32, 3 stages: 160 KB of the 228 KB).
+_FWD_JVP_CONFIGS = {
+    64: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3)],
+    128: [_cfg(128, 32, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 4), _cfg(64, 32, 4, 3), _cfg(64, 32, 4, 4)],
+    256: [_cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2), _cfg(64, 32, 8, 1)],
 }
-# Shared memory per pipeline stage is 4 tiles (K, K_dot, V, V_dot) of BLOCK_N x D plus Q, Q_dot once: D = 128 with
-# BLOCK_N 64 and 3 stages would need about 256 KB (> 228 KB on H100), hence 2 stages there. Configs that do not fit
-# fail to compile and the autotuner skips them (it times them as inf).
+# Plain flash forward (kt = 0): one accumulator, wider key tiles fit.
+_FWD_PLAIN_CONFIGS = {
+    64: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 4, 3), _cfg(128, 128, 4, 3)],
+    128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2)],
+}
 # Backward: dK/dV keeps a key tile resident and streams query tiles (BLOCK_N resident, BLOCK_M streamed);
 # dQ keeps a query tile resident and streams key tiles.
 _DKDV_CONFIGS = {
-    64: [_cfg(32, 128, 4, 3), _cfg(64, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(32, 128, 4, 5)],
-    128: [_cfg(32, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3)],
-    256: [_cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)],
+    64: [_cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 128, 8, 3), _cfg(64, 64, 4, 4)],
+    128: [_cfg(32, 128, 8, 3), _cfg(32, 128, 8, 2), _cfg(64, 64, 8, 3), _cfg(32, 64, 4, 3), _cfg(32, 64, 4, 4)],
+    256: [_cfg(32, 32, 4, 2), _cfg(32, 64, 8, 2)],
 }
 _DQ_CONFIGS = {
     64: [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 5)],
     128: [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)],
-    256: [_cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
+}
+# fp32 inputs (3xTF32 dots, see _triton_utils.compute_dtypes): fp32 tiles take twice the registers and shared memory,
+# so small tiles (compiled offline too: a few hundred bytes of spills at most for D <= 64, ~1-3 KB at D = 128).
+_FP32_FWD_CONFIGS = {
+    64: [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)],
+    128: [_cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2)],
+    256: [_cfg(32, 32, 4, 1), _cfg(32, 16, 4, 1)],
+}
+_FP32_DKDV_CONFIGS = {
+    64: [_cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)],
+    128: [_cfg(32, 32, 4, 2), _cfg(32, 64, 4, 2)],
+    256: [_cfg(32, 32, 4, 1), _cfg(16, 32, 4, 1)],
+}
+_FP32_DQ_CONFIGS = {
+    64: [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2)],
+    128: [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2)],
+    256: [_cfg(32, 32, 4, 1), _cfg(32, 16, 4, 1)],
 }
 
 
@@ -91,11 +114,11 @@ def _config_group(block_d: int) -> int:
     return 64 if block_d <= 64 else block_d
 
 
-def _all_configs(table):
+def _all_configs(*tables):
     if interpreter_active():
         return list(_INTERP_CONFIG)
     seen, out = set(), []
-    for cfgs in table.values():
+    for cfgs in (c for table in tables for c in table.values()):
         for c in cfgs:
             key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
             if key not in seen:
@@ -104,13 +127,22 @@ def _all_configs(table):
     return out
 
 
-def _pruner(table):
+def _pruner(table, plain_table=None, fp32_table=None):
+    """Keep the configs listed for this head dim: the fp32 list for fp32 inputs, else the plain list for a forward
+    without tangent rows (HAS_TANGENT False), else the main list."""
     def prune(configs, named_args, **kwargs):
         if interpreter_active() or len(configs) <= 1:
             return configs
-        block_d = named_args.get("BLOCK_D", kwargs.get("BLOCK_D"))
+        arg = lambda name: named_args.get(name, kwargs.get(name))  # noqa: E731
+        q = arg("Q")
+        if fp32_table is not None and q is not None and q.dtype == torch.float32:
+            chosen = fp32_table
+        elif plain_table is not None and not arg("HAS_TANGENT"):
+            chosen = plain_table
+        else:
+            chosen = table
         wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                  for c in table[_config_group(block_d)]}
+                  for c in chosen[_config_group(arg("BLOCK_D"))]}
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
         return kept or configs[:1]
@@ -266,8 +298,9 @@ def _fwd_plain_head(q, Kh, Vh, Oh, LSEh, skn, skd, svn, svd, som, sod,
     tl.store(LSEh + offs_m, m_i + tl.log2(l_i) / qk, mask=m_ok)
 
 
-@triton.autotune(configs=_all_configs(_FWD_CONFIGS), key=["N_K", "BLOCK_D", "IS_CAUSAL", "HAS_TANGENT"],
-                 prune_configs_by=_pruner(_FWD_CONFIGS))
+@triton.autotune(configs=_all_configs(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS),
+                 key=["N_K", "BLOCK_D", "IS_CAUSAL", "HAS_TANGENT"],
+                 prune_configs_by=_pruner(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS))
 @triton.jit
 def _attn_jvp_fwd_kernel(
     Q, K, V, QD, KD, VD, O, OD, LSE,
@@ -435,8 +468,8 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqm, sqd, sdom, sdod,
     return dk, dv
 
 
-@triton.autotune(configs=_all_configs(_DKDV_CONFIGS), key=["N_Q", "N_K", "BLOCK_D", "IS_CAUSAL"],
-                 prune_configs_by=_pruner(_DKDV_CONFIGS))
+@triton.autotune(configs=_all_configs(_DKDV_CONFIGS, _FP32_DKDV_CONFIGS), key=["N_Q", "N_K", "BLOCK_D", "IS_CAUSAL"],
+                 prune_configs_by=_pruner(_DKDV_CONFIGS, fp32_table=_FP32_DKDV_CONFIGS))
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -514,8 +547,8 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, Kh, Vh, skn, skd, svn, svd,
     return dq
 
 
-@triton.autotune(configs=_all_configs(_DQ_CONFIGS), key=["N_Q", "N_K", "BLOCK_D", "IS_CAUSAL"],
-                 prune_configs_by=_pruner(_DQ_CONFIGS))
+@triton.autotune(configs=_all_configs(_DQ_CONFIGS, _FP32_DQ_CONFIGS), key=["N_Q", "N_K", "BLOCK_D", "IS_CAUSAL"],
+                 prune_configs_by=_pruner(_DQ_CONFIGS, fp32_table=_FP32_DQ_CONFIGS))
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,

@@ -446,12 +446,15 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
     torch.testing.assert_close(out[1], ref[1])
 
 
-def test_autotune_configs():
-    """One config under the interpreter; the GPU lists are sane tiles (powers of two >= 16) for every D group."""
+def test_autotune_configs(monkeypatch):
+    """One config under the interpreter; the GPU lists are sane tiles (powers of two >= 16) for every D group, and the
+    pruner hands each kernel the list for its head dim (and the forward the tangent or the plain list)."""
     kernels = (attn._attn_jvp_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel)
     if _runtime.interpreter_active():
         assert all(len(kern.configs) == 1 for kern in kernels)
-    for table in (attn._FWD_CONFIGS, attn._DKDV_CONFIGS, attn._DQ_CONFIGS):
+    tables = (attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._DKDV_CONFIGS, attn._DQ_CONFIGS,
+              attn._FP32_FWD_CONFIGS, attn._FP32_DKDV_CONFIGS, attn._FP32_DQ_CONFIGS)
+    for table in tables:
         assert set(table) == {64, 128, 256}
         for cfgs in table.values():
             for c in cfgs:
@@ -459,3 +462,17 @@ def test_autotune_configs():
                     size = c.kwargs[key]
                     assert size >= 16 and size & (size - 1) == 0
                 assert c.num_warps in (4, 8) and 1 <= c.num_stages <= 5
+    monkeypatch.setattr(attn, "interpreter_active", lambda: False)  # what a GPU process sees
+    sig = lambda cfgs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs}  # noqa
+    every = attn._all_configs(*tables)
+    prune = attn._pruner(attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._FP32_FWD_CONFIGS)["early_config_prune"]
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
+    for block_d, group in ((32, 64), (64, 64), (128, 128), (256, 256)):
+        assert sig(prune(every, {"Q": bf16}, BLOCK_D=block_d, HAS_TANGENT=True)) == sig(attn._FWD_JVP_CONFIGS[group])
+        assert sig(prune(every, {"Q": bf16}, BLOCK_D=block_d, HAS_TANGENT=False)) == sig(
+            attn._FWD_PLAIN_CONFIGS[group])
+        assert sig(prune(every, {"Q": fp32}, BLOCK_D=block_d, HAS_TANGENT=True)) == sig(
+            attn._FP32_FWD_CONFIGS[group])
+    prune_dq = attn._pruner(attn._DQ_CONFIGS, fp32_table=attn._FP32_DQ_CONFIGS)["early_config_prune"]
+    assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128])
+    assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": fp32})) == sig(attn._FP32_DQ_CONFIGS[128])
