@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 import warnings
 
 import torch
@@ -129,7 +130,7 @@ def _all_configs(*tables):
 
 def _pruner(table, plain_table=None, fp32_table=None):
     """Keep the configs listed for this head dim: the fp32 list for fp32 inputs, else the plain list for a forward
-    without tangent rows (HAS_TANGENT False), else the main list."""
+    without tangent rows (HAS_TANGENT False), else the main list. MFKERNELS_AUTOTUNE=0 keeps only the list's first."""
     def prune(configs, named_args, **kwargs):
         if interpreter_active() or len(configs) <= 1:
             return configs
@@ -141,10 +142,15 @@ def _pruner(table, plain_table=None, fp32_table=None):
             chosen = plain_table
         else:
             chosen = table
-        wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
-                  for c in chosen[_config_group(arg("BLOCK_D"))]}
+        group = _config_group(arg("BLOCK_D"))
+        wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen[group]}
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        if os.environ.get("MFKERNELS_AUTOTUNE", "1") == "0":
+            # Test runs on a GPU: one compile per specialization instead of timing the whole list for every N.
+            order = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen[group]]
+            kept = sorted(kept, key=lambda c: order.index(
+                (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)))[:1]
         return kept or configs[:1]
     return {"early_config_prune": prune}
 

@@ -490,3 +490,6 @@ def test_autotune_configs(monkeypatch):
     prune_dq = attn._pruner(attn._DQ_CONFIGS, fp32_table=attn._FP32_DQ_CONFIGS)["early_config_prune"]
     assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128])
     assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": fp32})) == sig(attn._FP32_DQ_CONFIGS[128])
+    monkeypatch.setenv("MFKERNELS_AUTOTUNE", "0")  # GPU test runs: the first config of the list only
+    assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128][:1])
+    assert sig(prune(every, {"Q": bf16}, BLOCK_D=64, HAS_TANGENT=False)) == sig(attn._FWD_PLAIN_CONFIGS[64][:1])
