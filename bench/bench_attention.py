@@ -127,17 +127,17 @@ def _backward_provider(name, q, k, v, causal):
 
 
 # ----------------------------------------------------------------------------------------------------- driver
-def _shapes(quick: bool):
+def _shapes(quick: bool, dtypes=None, ns=None):
     if not CUDA:
         return ["bf16"], [32, 64], [32, 64], (lambda n, d: (1, 2))
-    dtypes = ["bf16"] if quick else ["bf16", "fp16"]
-    ns = [1024, 2048] if quick else [1024, 2048, 4096, 8192]
+    dtypes = dtypes or (["bf16"] if quick else ["bf16", "fp16"])
+    ns = ns or ([1024, 2048] if quick else [1024, 2048, 4096, 8192])
     # 16k tokens per batch and a model width of 2048 (the FlashAttention papers' setting).
     return dtypes, [64, 128], ns, (lambda n, d: (max(1, 16384 // n), 2048 // d))
 
 
-def run(quick: bool, causal_modes, only=None, log=print):
-    dtypes, dims, ns, bh = _shapes(quick)
+def run(quick: bool, causal_modes, only=None, log=print, dtypes=None, ns=None, on_shape_done=None):
+    dtypes, dims, ns, bh = _shapes(quick, dtypes, ns)
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -185,6 +185,8 @@ def run(quick: bool, causal_modes, only=None, log=print):
                             if row["provider"] == "fused_fwd_jvp" and all(row[kk] == vv for kk, vv in base.items()):
                                 row["max_abs_diff_vs_math"] = diff
                     outputs.clear()
+                    if on_shape_done is not None:
+                        on_shape_done(rows)  # partial results survive a time limit
                 del q, k, v, q_dot, k_dot, v_dot
                 if CUDA:
                     torch.cuda.empty_cache()
@@ -228,12 +230,24 @@ def main(argv=None):
     ap.add_argument("--causal", choices=("off", "on", "both"), default=None,
                     help="causal variants (default: both, or off with --quick / without CUDA)")
     ap.add_argument("--providers", default=None, help="comma-separated subset of: " + ",".join(FLOPS_PER_HEAD))
+    ap.add_argument("--dtypes", default=None, help="comma-separated subset of bf16,fp16 (CUDA)")
+    ap.add_argument("--ns", default=None, help="comma-separated sequence lengths (CUDA), e.g. 1024,2048,4096,8192")
     args = ap.parse_args(argv)
     mode = args.causal or ("off" if (args.quick or not CUDA) else "both")
     causal_modes = {"off": [False], "on": [True], "both": [False, True]}[mode]
     only = set(args.providers.split(",")) if args.providers else None
     t0 = time.time()
-    rows = run(args.quick or not CUDA, causal_modes, only)
+    dtypes = args.dtypes.split(",") if args.dtypes else None
+    ns = [int(n) for n in args.ns.split(",")] if args.ns else None
+    rows = run(args.quick or not CUDA, causal_modes, only, dtypes=dtypes, ns=ns,
+               on_shape_done=lambda partial: _write(args.out, partial, t0, final=False))
+    result = _write(args.out, rows, t0, final=True)
+    for s in result["summary"]:
+        print(s)
+    print(f"wrote {len(rows)} rows to {args.out} in {result['wall_s']} s")
+
+
+def _write(path, rows, t0, final):
     result = {
         "device": torch.cuda.get_device_name() if CUDA else "cpu",
         "torch": torch.__version__,
@@ -241,15 +255,16 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
         "wall_s": round(time.time() - t0, 1),
+        "complete": final,
         "rows": rows,
         "summary": summarize(rows),
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    for s in result["summary"]:
-        print(s)
-    print(f"wrote {len(rows)} rows to {args.out} in {result['wall_s']} s")
+    os.replace(tmp, path)
+    return result
 
 
 if __name__ == "__main__":
