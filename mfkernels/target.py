@@ -67,7 +67,7 @@ def meanflow_loss(u: torch.Tensor, v_g: torch.Tensor, du_dt: torch.Tensor, t: to
     """(loss, per_sample_L, weight) of the MeanFlow objective; see the module doc for the exact contract.
 
     backend: "auto" | "native" | "torch".  check_times: None = check t >= r where it costs no host sync (CPU);
-    True = check on every device (one sync on CUDA); False = only what the CPU kernel checks anyway.
+    True = check on every device (one sync on CUDA); False = no Python-side check (the CPU kernel still refuses).
     """
     _check_args(u, v_g, du_dt, t, r, p, eps)
     if backend not in BACKENDS:
@@ -83,7 +83,7 @@ def meanflow_loss(u: torch.Tensor, v_g: torch.Tensor, du_dt: torch.Tensor, t: to
         else:
             _warn_fallback(u.device.type, why)
     if check_times is None:
-        check_times = u.device.type == "cpu" and not native  # the CPU kernel checks by itself
+        check_times = u.device.type == "cpu"  # free there (the CPU kernel checks too; this gives the same error type)
     if check_times and not torch.compiler.is_compiling():
         _check_time_order(t, r)
     if native:
