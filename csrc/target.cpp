@@ -103,9 +103,27 @@ using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 // Element conversions. static_cast suffices for float, double and bfloat16 (gcc vectorizes those loops); c10::Half's
 // portable float <-> half conversion has selects that gcc turns into branches here (no vectorization: 8x slower), so
 // Half gets the same algorithm (bit-exact, round to nearest even) written with bit masks.
-// (__builtin_bit_cast, not memcpy: gcc does not vectorize the loops through the memcpy form.)
+// (__builtin_bit_cast where the compiler has it, gcc >= 11 / clang: gcc does not vectorize the memcpy form.)
+#if defined(__has_builtin)
+#if __has_builtin(__builtin_bit_cast)
+#define MFKERNELS_BIT_CAST 1
+#endif
+#endif
+#ifdef MFKERNELS_BIT_CAST
 inline float bits_to_float(uint32_t b) { return __builtin_bit_cast(float, b); }
 inline uint32_t float_to_bits(float f) { return __builtin_bit_cast(uint32_t, f); }
+#else
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, sizeof(f));
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof(b));
+  return b;
+}
+#endif
 
 template <typename T>
 struct Cvt {

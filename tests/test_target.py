@@ -337,15 +337,24 @@ def test_device_kernel_matches_reference(device, dtype, batch, shape, kt):
 @pytest.mark.gpu
 def test_device_misaligned_and_time_check(device):
     """Storage offsets that break 16-byte alignment take the scalar path; check_times=True refuses t < r."""
-    base = torch.randn(4 * 2 * 64 + 1, device=device)
-    u = base[1:].view(4, 2, 64).requires_grad_(True)  # 4-byte offset: not 16-byte aligned
-    v_g = torch.randn(4, 2, 64, device=device)
-    du_dt = torch.randn(3, 2, 64, device=device)
+    def misaligned(*shape):  # contiguous, but 4 bytes past an aligned address (.contiguous() keeps it there)
+        numel = 1
+        for s in shape:
+            numel *= s
+        return torch.randn(numel + 1, device=device)[1:].view(shape)
+
+    u = misaligned(4, 2, 64).requires_grad_(True)
+    v_g, du_dt = misaligned(4, 2, 64), misaligned(3, 2, 64)
+    assert u.data_ptr() % 16 != 0 and v_g.data_ptr() % 16 != 0
     t = torch.rand(4, device=device)
     r = t * 0.5
-    got = run(u, v_g, du_dt, t, r)
-    want = run(u.detach().clone(), v_g, du_dt, t, r, backend="torch")
-    for name, a, b in zip(("loss", "per_sample", "weight", "grad_u"), got, want):
+    loss, per_sample, weight = mt.meanflow_loss(u, v_g, du_dt, t, r, backend="native")
+    loss.backward()
+    u_ref = u.detach().clone().requires_grad_(True)
+    ref = meanflow_loss_ref(u_ref, v_g, du_dt, t, r)
+    ref[0].backward()
+    for name, a, b in zip(("loss", "per_sample", "weight", "grad_u"), (loss, per_sample, weight, u.grad),
+                          (*ref, u_ref.grad)):
         close(a, b, torch.float32, f"{device} misaligned {name}")
     r_bad = r.clone()
     r_bad[1] = t[1] + 0.1

@@ -360,7 +360,12 @@ void dispatch_float(at::ScalarType s, const char* what, F&& f) {
 
 }  // namespace
 
-int64_t forward_chunks(int64_t n, at::ScalarType dtype) {
+}  // namespace cuda_impl
+}  // namespace mfkernels
+
+// The entry points declared in target.h, defined with qualified names: a signature that differs from the
+// declaration is a compile error here (not a silent overload and a link error at load time).
+int64_t mfkernels::cuda_impl::forward_chunks(int64_t n, at::ScalarType dtype) {
   int64_t chunks = 0;
   dispatch_float(dtype, "meanflow_loss (CUDA)", [&](auto zero) {
     using T = decltype(zero);
@@ -369,7 +374,7 @@ int64_t forward_chunks(int64_t n, at::ScalarType dtype) {
   return chunks;
 }
 
-void meanflow_loss_forward(const at::Tensor& u, const at::Tensor& v_g, const at::Tensor& du_dt, const at::Tensor& t,
+void mfkernels::cuda_impl::meanflow_loss_forward(const at::Tensor& u, const at::Tensor& v_g, const at::Tensor& du_dt, const at::Tensor& t,
                            const at::Tensor& r, double p, double eps, const at::Tensor& partials,
                            const at::Tensor& loss, const at::Tensor& per_sample, const at::Tensor& weight,
                            const at::Tensor& residual) {
@@ -381,7 +386,7 @@ void meanflow_loss_forward(const at::Tensor& u, const at::Tensor& v_g, const at:
   });
 }
 
-void meanflow_loss_backward(const at::Tensor& grad_loss, const at::Tensor& residual, const at::Tensor& weight,
+void mfkernels::cuda_impl::meanflow_loss_backward(const at::Tensor& grad_loss, const at::Tensor& residual, const at::Tensor& weight,
                             const at::Tensor& grad_u) {
   const c10::cuda::CUDAGuard guard(residual.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(residual.device().index()).stream();
@@ -390,6 +395,3 @@ void meanflow_loss_backward(const at::Tensor& grad_loss, const at::Tensor& resid
     launch_backward<T>(grad_loss, residual, weight, grad_u, stream);
   });
 }
-
-}  // namespace cuda_impl
-}  // namespace mfkernels
