@@ -33,6 +33,7 @@ traces.
 from __future__ import annotations
 
 import math
+import numbers
 import threading
 import warnings
 
@@ -74,14 +75,12 @@ def meanflow_loss(u: torch.Tensor, v_g: torch.Tensor, du_dt: torch.Tensor, t: to
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     native = False
     if backend != "torch":
-        why = _unavailable_reason(u.device.type)
+        why = _unavailable_reason(u.device.type, backend == "auto")  # warns (once) when "auto" falls back
         if why == "":
             native = True
         elif backend == "native":
             raise RuntimeError(f"mfkernels.meanflow_loss: backend='native' is not available for {u.device.type} "
                                f"tensors: {why}")
-        else:
-            _warn_fallback(u.device.type, why)
     if check_times is None:
         check_times = u.device.type == "cpu"  # free there (the CPU kernel checks too; this gives the same error type)
     if check_times and not torch.compiler.is_compiling():
@@ -113,9 +112,9 @@ def _check_args(u, v_g, du_dt, t, r, p, eps) -> None:
             raise ValueError(f"{name} must have shape (B,) = ({batch},), one value per row of u; got {describe(x)}")
     if r.dtype != t.dtype:
         raise TypeError(f"r has dtype {r.dtype} but t has dtype {t.dtype}; they must match")
-    if not (isinstance(p, (int, float)) and math.isfinite(p)):
+    if not (isinstance(p, numbers.Real) and math.isfinite(p)):
         raise ValueError(f"p must be a finite number; got {p!r}")
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
+    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be a finite number >= 0; got {eps!r}")
 
 
@@ -133,17 +132,22 @@ _SUPPORTED = ("cpu", "cuda", "meta")
 
 
 @torch.compiler.assume_constant_result
-def _unavailable_reason(device_type: str) -> str:
-    """'' when the native op runs on `device_type`, else why not. Loads the extension on first call; under
-    torch.compile it runs once at trace time and its result is a constant of the graph."""
+def _unavailable_reason(device_type: str, warn: bool = False) -> str:
+    """'' when the native op runs on `device_type`, else why not (and, with warn, the one fallback warning).
+    Loads the extension on first call; under torch.compile it runs at trace time and its result is a constant of
+    the graph."""
+    why = ""
     if device_type not in _SUPPORTED:
-        return f"no native kernel for device type {device_type!r}"
-    status = native_status()
-    if not status.available:
-        return status.reason or "the native extension is not available"
-    if device_type == "cuda" and not status.cuda:
-        return status.reason or "the native extension has no CUDA kernels"
-    return ""
+        why = f"no native kernel for device type {device_type!r}"
+    else:
+        status = native_status()
+        if not status.available:
+            why = status.reason or "the native extension is not available"
+        elif device_type == "cuda" and not status.cuda:
+            why = status.reason or "the native extension has no CUDA kernels"
+    if why and warn:
+        _warn_fallback(device_type, why)
+    return why
 
 
 _warned: set[str] = set()
@@ -156,7 +160,7 @@ def _warn_fallback(device_type: str, why: str) -> None:
     _warned.add(device_type)
     warnings.warn(f"mfkernels.meanflow_loss: native op unavailable for {device_type} tensors, falling back to the "
                   f"pure-torch reference meanflow_loss_ref (slower, same results). Why: {why}",
-                  RuntimeWarning, stacklevel=3)
+                  RuntimeWarning, stacklevel=4)
 
 
 # ------------------------------------------------------------------------------ fake kernels and autograd (Python)

@@ -383,6 +383,17 @@ def test_fallback_warns_once_and_matches_reference(monkeypatch):
         mt.meanflow_loss(*args, backend="native")
 
 
+def test_fallback_under_torch_compile(monkeypatch):
+    broken = _ext.NativeStatus(False, None, False, "simulated: no extension")
+    monkeypatch.setattr(_ext, "status", lambda: broken)
+    monkeypatch.setattr(mt, "_warned", set())
+    args = inputs(4, (3, 4), 2)
+    compiled = torch.compile(lambda *a: mt.meanflow_loss(*a)[0], fullgraph=True, backend="aot_eager")
+    with pytest.warns(RuntimeWarning, match="simulated: no extension"):
+        got = compiled(*args)
+    torch.testing.assert_close(got, meanflow_loss_ref(*args)[0])
+
+
 def test_loader_modes(monkeypatch):
     monkeypatch.setattr(_ext, "_status", None)
     monkeypatch.setenv("MFKERNELS_NATIVE", "off")
