@@ -11,6 +11,10 @@
 // backward: read 1, write 1), for every sample size, with no per-sample size limit (no sample has to fit in one
 // block's registers). Saving the unscaled residual also keeps fp16 safe: (2 / B) w_i d is often below fp16's normal
 // range (w ~ 1 / L), d itself is not, and the scale is applied in fp32 (so GradScaler's scale never underflows).
+// Measured on CPU (one thread, B = 256 x 4x32x32, kt = 64, forward + backward): against the best two-phase variant
+// (each task rescales its sample in place right after the reduction, while it is still in L1/L2, and backward is
+// grad_out * grad_u) this design takes 0.44 vs 0.54 ms in fp32 and 0.94 vs 1.37 ms in bf16: the second pass is not
+// free even from cache (it converts every element twice more), and on a GPU it would be a second full pass.
 //
 // Accumulation is in fp32 (fp64 for fp64 inputs); outputs loss, per_sample, weight are fp32 (fp64 for fp64 inputs).
 // Reductions are deterministic: fixed chunking of each sample, independent of the number of threads.
