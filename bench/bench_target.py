@@ -14,7 +14,9 @@ the bandwidth any memory-bound op can hope for on that device; native rows carry
 
 Timing: CUDA uses triton.testing.do_bench (median; its warm-up excluded); CPU repeats time.perf_counter around one
 call (median of `reps`, after `warmup` untimed calls), with the providers interleaved call by call so that load
-from other processes on a shared machine hits both alike.
+from other processes on a shared machine hits both alike; CPU rows also carry ms_min (the fastest call), which
+other processes disturb least. On a loaded 2-core host, 2 OpenMP threads stall whenever the other core is taken:
+--threads 1 gives the steadier numbers there.
 """
 from __future__ import annotations
 
@@ -98,7 +100,11 @@ def time_cpu(fns: dict, mode, u, warmup, reps):
             start = time.perf_counter()
             run_fn(fn, mode, u)
             samples[name].append((time.perf_counter() - start) * 1e3)
+    _minimum.update({name: min(s) for name, s in samples.items()})
     return {name: statistics.median(s) for name, s in samples.items()}
+
+
+_minimum: dict = {}  # fastest CPU sample per provider of the last time_cpu call (robust to other load on the host)
 
 
 def time_cuda(fns: dict, mode, u, warmup, reps):
@@ -167,7 +173,7 @@ def main(argv=None):
     if device == "cuda":  # do_bench takes milliseconds of warm-up and of measurement
         warmup, reps, timer = 25, (100 if args.quick else 500), time_cuda
     else:  # calls
-        warmup, reps, timer = (2, 7, time_cpu) if args.quick else (3, 21, time_cpu)
+        warmup, reps, timer = (2, 7, time_cpu) if args.quick else (3, 31, time_cpu)
 
     rows = []
     status = mt.native_status()
@@ -191,8 +197,12 @@ def main(argv=None):
                 for provider in ("native", "torch"):
                     ms = times[provider]
                     row = {**common, "provider": provider, "ms": round(ms, 4), "gbps": round(nbytes / ms / 1e6, 2)}
+                    if device == "cpu":
+                        row["ms_min"] = round(_minimum[provider], 4)
                     if provider == "native":
                         row["speedup_vs_torch"] = round(times["torch"] / ms, 2)
+                        if device == "cpu":
+                            row["speedup_vs_torch_min"] = round(_minimum["torch"] / _minimum["native"], 2)
                         row["frac_of_copy"] = round(row["gbps"] / copy_gbps, 3)
                     rows.append(row)
                 rows.append({**common, "provider": "copy", "ms": round(copy_ms, 4), "gbps": round(copy_gbps, 2)})
@@ -200,12 +210,16 @@ def main(argv=None):
                     notes = ""
                     if row["provider"] == "native":
                         notes = f"{row['speedup_vs_torch']}x vs torch, {row['frac_of_copy']:.0%} of copy"
+                        if "speedup_vs_torch_min" in row:
+                            notes += f" (fastest runs: {row['speedup_vs_torch_min']}x)"
                     print(f"{str(tuple(shape)):>18} {dtype_name:>5} {mode:>8} {row['provider']:>8} "
                           f"{row['ms']:9.3f} {row['gbps']:8.1f}  {notes}", flush=True)
     result = {"device": device_name(device), "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "native_source": status.source, "python": platform.python_version(),
-              "host_load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None, "rows": rows}
+              "host_load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+              "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
+              "command": " ".join(sys.argv), "rows": rows}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
