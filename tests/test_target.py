@@ -458,6 +458,28 @@ def test_setup_py_builds_the_prebuilt_module(tmp_path):
     assert source == "prebuilt" and Path(path).parent == tmp_path / "pkg" / "mfkernels"
 
 
+@pytest.mark.slow
+def test_setup_py_survives_a_failed_build(tmp_path):
+    """A compiler that fails: the build warns and goes on without the extension (MFKERNELS_BUILD_EXT=1: it fails)."""
+    bad_cxx = tmp_path / "bad-cxx"
+    bad_cxx.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = "-c" ] && { echo "simulated compile error" >&2; '
+                       'exit 1; }; done\nexec g++ "$@"\n')
+    bad_cxx.chmod(0o755)
+    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"), "--build-temp",
+           str(tmp_path / "tmp")]
+    env = {**os.environ, "CXX": str(bad_cxx)}
+    try:
+        soft = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+        hard = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                              env={**env, "MFKERNELS_BUILD_EXT": "1"})
+    finally:
+        shutil.rmtree(ROOT / "build", ignore_errors=True)
+    assert soft.returncode == 0, soft.stderr[-3000:]
+    assert "WARNING: building the native extension failed" in soft.stderr
+    assert not list((tmp_path / "lib").rglob("_C*.so"))
+    assert hard.returncode != 0
+
+
 # ------------------------------------------------------------------------------------------------ nvcc check
 NVCC = shutil.which("nvcc")
 CHECK = ROOT / "tools" / "check_cuda_compile.sh"
