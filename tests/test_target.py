@@ -210,6 +210,19 @@ def test_empty_and_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_isa_copies_agree_bitwise(monkeypatch, dtype):
+    """The AVX2 copy of the CPU loops (x86-64) and the baseline copy: same lanes, same order, same bits."""
+    u, v_g, du_dt, t, r = inputs(5, (3, 40, 41), 2, dtype=dtype)
+    out = {}
+    for isa in ("baseline", "auto"):
+        monkeypatch.setenv("MFKERNELS_CPU_ISA", isa)
+        loss, per_sample, weight, residual = torch.ops.mfkernels.meanflow_loss(u.detach(), v_g, du_dt, t, r, 1.0, 0.01)
+        grad = torch.ops.mfkernels.meanflow_loss_backward(torch.tensor(0.5, dtype=loss.dtype), residual, weight)
+        out[isa] = (loss, per_sample, weight, residual, grad)
+    assert all(torch.equal(a, b) for a, b in zip(out["baseline"], out["auto"]))
+
+
 # --------------------------------------------------------------------------------------- torch.library machinery
 @pytest.mark.parametrize("dtype,kt,save", [(torch.float32, 2, True), (torch.bfloat16, 0, True),
                                            (torch.float64, 4, True), (torch.float32, 1, False)])
