@@ -137,14 +137,16 @@ def _build_dir(flavour: str) -> Path:
 
 
 def _jit(reasons: list[str]) -> NativeStatus | None:
-    missing = [s for s in CPU_SOURCES + CUDA_SOURCES if not (SOURCE_DIR / s).exists()]
+    missing = [s for s in CPU_SOURCES if not (SOURCE_DIR / s).exists()]
     if missing:
         reasons.append(f"JIT build impossible: sources {missing} not found under {SOURCE_DIR} (installed without csrc/)")
         return None
     cuda_note = ""
     if torch.cuda.is_available() and torch.version.cuda:
         home = find_cuda_home()
-        if home is None:
+        if not all((SOURCE_DIR / s).exists() for s in CUDA_SOURCES):
+            cuda_note = f"CUDA kernels not built: {list(CUDA_SOURCES)} not found under {SOURCE_DIR}"
+        elif home is None:
             cuda_note = "CUDA kernels not built: no CUDA toolkit found (set CUDA_HOME)"
         else:
             try:
@@ -187,6 +189,7 @@ def _jit_build(*, with_cuda: bool, cuda_home: str | None) -> str:
     return str(build_dir / f"{name}.so")
 
 
-def _short(exc: BaseException, limit: int = 400) -> str:
+def _short(exc: BaseException, head: int = 300, tail: int = 3000) -> str:
+    """One line; a compiler's output keeps its start and its end (where the errors are)."""
     text = f"{type(exc).__name__}: {exc}".strip().replace("\n", " | ")
-    return text if len(text) <= limit else text[:limit] + " ..."
+    return text if len(text) <= head + tail else f"{text[:head]} ... {text[-tail:]}"
