@@ -442,6 +442,29 @@ def test_import_is_lazy_and_jit_cache_loads():
     assert (source, available) == ("jit", "True") and path.endswith("mfkernels_native_cpu.so")
 
 
+def test_failed_jit_build_falls_back_with_one_warning(tmp_path):
+    """A real failed build (a compiler that errors), no prebuilt module: one warning, the reference's results."""
+    bad_cxx = tmp_path / "bad-cxx"
+    bad_cxx.write_text('#!/bin/sh\necho "simulated compiler failure" >&2\nexit 1\n')
+    bad_cxx.chmod(0o755)
+    code = (
+        "import warnings, torch, mfkernels.target as mt\n"
+        "from mfkernels.reference import meanflow_loss_ref\n"
+        "u, v, du = torch.randn(4, 3), torch.randn(4, 3), torch.randn(2, 3)\n"
+        "t = torch.tensor([0.9, 0.8, 0.5, 0.5]); r = torch.tensor([0.1, 0.2, 0.5, 0.5])\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    a = mt.meanflow_loss(u, v, du, t, r); b = mt.meanflow_loss(u, v, du, t, r)\n"
+        "msgs = [str(x.message) for x in w if issubclass(x.category, RuntimeWarning)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert torch.equal(a[0], meanflow_loss_ref(u, v, du, t, r)[0]) and torch.equal(a[0], b[0])\n"
+        "print(msgs[0])\n"
+    )
+    out = _python(code, MFKERNELS_NATIVE="jit", MFKERNELS_BUILD_DIR=str(tmp_path / "build"), CXX=str(bad_cxx))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "falling back to the pure-torch reference" in out.stdout and "JIT build failed" in out.stdout
+
+
 @pytest.mark.slow
 def test_jit_builds_from_scratch(tmp_path):
     out = _python("import mfkernels.target as mt; s = mt.native_status(); print(s.source, s.path)",
