@@ -65,7 +65,7 @@ json.dump(info, open(sys.argv[1], "w"), indent=1)
 print(info)
 PY
 
-stage native 150 "$PY" - <<'PY'
+stage native 120 "$PY" - <<'PY'
 import torch
 import mfkernels.target as target
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -77,19 +77,19 @@ print("native op ran on", device, float(loss))
 PY
 
 if [ "$device" = cuda ]; then
-  stage tests 150 env MFKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE \
+  stage tests 130 env MFKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE \
     -o addopts="" tests >"$out/gpu_tests.log" 2>&1
   tail -n 25 "$out/gpu_tests.log"
 else
   echo "=== tests: the gpu-marked tests run on CPU in the ordinary test suite (skipped in the dry run)"
 fi
 
-stage attention 100 "$PY" bench/bench_attention.py --out "$out/attention.json" --causal off --dtypes bf16 \
+stage attention 90 "$PY" bench/bench_attention.py --out "$out/attention.json" --causal off --dtypes bf16 \
   --ns 1024,2048,4096,8192 $quick
-stage target 45 "$PY" bench/bench_target.py --out "$out/target.json" $quick
-stage block_ops 60 "$PY" bench/bench_block_ops.py --out "$out/block_ops.json" $quick
-stage block 60 "$PY" bench/bench_block.py --out "$out/block.json" $quick
-stage step 150 "$PY" bench/bench_step.py --out "$out/step.json" --batch 64 $quick
+stage target 40 "$PY" bench/bench_target.py --device "$device" --out "$out/target.json" $quick
+stage block_ops 50 "$PY" bench/bench_block_ops.py --out "$out/block_ops.json" $quick
+stage block 45 "$PY" bench/bench_block.py --out "$out/block.json" $quick
+stage step 130 "$PY" bench/bench_step.py --out "$out/step.json" --batch 64 $quick
 
 echo "suite finished in $(( $(date +%s) - suite_start ))s on $device; results in $out"
 if [ "${#failed[@]}" -gt 0 ]; then

@@ -165,7 +165,10 @@ class MeanFlowLoss:
         if pending is not None:
             v_g = pending.finish(v_g, v, u, c.omega, c.kappa)
 
-        loss, per_sample, weight = loss_op(c.loss_op)(u, v_g, du_dt.detach(), t, r, p=c.p, eps=c.eps)
+        # The loss is computed in fp32 (or fp64): under autocast u and du_dt come in bf16, v_g in the data's dtype.
+        acc = torch.promote_types(torch.promote_types(u.dtype, v_g.dtype), torch.float32)
+        loss, per_sample, weight = loss_op(c.loss_op)(u.to(acc), v_g.to(acc), du_dt.detach().to(acc), t.to(acc),
+                                                      r.to(acc), p=c.p, eps=c.eps)
         with torch.no_grad():
             acc = torch.promote_types(u.dtype, torch.float32)
             v_loss = (u.detach().to(acc) - v.to(acc)).pow(2).reshape(batch, -1).sum(1).mean()
