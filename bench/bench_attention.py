@@ -127,17 +127,17 @@ def _backward_provider(name, q, k, v, causal):
 
 
 # ----------------------------------------------------------------------------------------------------- driver
-def _shapes(quick: bool, dtypes=None, ns=None):
+def _shapes(quick: bool, dtypes=None, ns=None, dims=None):
     if not CUDA:
         return ["bf16"], [32, 64], [32, 64], (lambda n, d: (1, 2))
     dtypes = dtypes or (["bf16"] if quick else ["bf16", "fp16"])
     ns = ns or ([1024, 2048] if quick else [1024, 2048, 4096, 8192])
     # 16k tokens per batch and a model width of 2048 (the FlashAttention papers' setting).
-    return dtypes, [64, 128], ns, (lambda n, d: (max(1, 16384 // n), 2048 // d))
+    return dtypes, dims or [64, 128], ns, (lambda n, d: (max(1, 16384 // n), 2048 // d))
 
 
-def run(quick: bool, causal_modes, only=None, log=print, dtypes=None, ns=None, on_shape_done=None):
-    dtypes, dims, ns, bh = _shapes(quick, dtypes, ns)
+def run(quick: bool, causal_modes, only=None, log=print, dtypes=None, ns=None, dims=None, on_shape_done=None):
+    dtypes, dims, ns, bh = _shapes(quick, dtypes, ns, dims)
     rows = []
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -231,6 +231,7 @@ def main(argv=None):
                     help="causal variants (default: both, or off with --quick / without CUDA)")
     ap.add_argument("--providers", default=None, help="comma-separated subset of: " + ",".join(FLOPS_PER_HEAD))
     ap.add_argument("--dtypes", default=None, help="comma-separated subset of bf16,fp16 (CUDA)")
+    ap.add_argument("--dims", default=None, help="comma-separated head dims (CUDA), default 64,128")
     ap.add_argument("--ns", default=None, help="comma-separated sequence lengths (CUDA), e.g. 1024,2048,4096,8192")
     args = ap.parse_args(argv)
     mode = args.causal or ("off" if (args.quick or not CUDA) else "both")
@@ -239,7 +240,8 @@ def main(argv=None):
     t0 = time.time()
     dtypes = args.dtypes.split(",") if args.dtypes else None
     ns = [int(n) for n in args.ns.split(",")] if args.ns else None
-    rows = run(args.quick or not CUDA, causal_modes, only, dtypes=dtypes, ns=ns,
+    dims = [int(d) for d in args.dims.split(",")] if args.dims else None
+    rows = run(args.quick or not CUDA, causal_modes, only, dtypes=dtypes, ns=ns, dims=dims,
                on_shape_done=lambda partial: _write(args.out, partial, t0, final=False))
     result = _write(args.out, rows, t0, final=True)
     for s in result["summary"]:

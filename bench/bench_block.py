@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import is_oom, peak_memory_mb, time_fn, write_results  # noqa: E402
 from meanflow.backends import ops_for  # noqa: E402
 from meanflow.layers import DiTBlock  # noqa: E402
+from mfkernels.nn import math_attention  # noqa: E402
 
 WIDTHS = {"DiT-B": (768, 12), "DiT-XL": (1152, 16)}
 
@@ -56,7 +56,9 @@ def main(argv=None):
     widths = dict(WIDTHS)
     if args.quick and not cuda:
         widths, args.models, args.batch, args.tokens = {"tiny": (48, 2)}, ["tiny"], 4, 12
-    dtype = torch.bfloat16 if cuda else torch.float32
+    # As in training: fp32 parameters, bf16 autocast on CUDA (fp32 on CPU).
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    dtype = torch.float32
     rows = []
     for name in args.models:
         dim, heads = widths[name]
@@ -76,20 +78,23 @@ def main(argv=None):
         c_dot_full = torch.cat([c_dot, c_dot.new_zeros(b - kt, dim)])
 
         def run(provider):
-            if provider == "primal":
-                y = block(x, c)
-            elif provider == "autograd":
-                with sdpa_kernel(SDPBackend.MATH):
-                    y, _ = torch.func.jvp(block, (x, c), (x_dot_full, c_dot_full))
-            else:
-                y, _ = block.forward_jvp(x, x_dot, c, c_dot, ops_for(provider))
+            with autocast:
+                y = forward(provider)
             y.backward(dy)
             x.grad = None
             for p in block.parameters():
                 p.grad = None
 
+        def forward(provider):
+            if provider == "primal":
+                return block(x, c)
+            if provider == "autograd":
+                with math_attention():  # what the model's autograd backend does
+                    return torch.func.jvp(block, (x, c), (x_dot_full, c_dot_full))[0]
+            return block.forward_jvp(x, x_dot, c, c_dot, ops_for(provider))[0]
+
         for provider in args.providers:
-            row = {"bench": "block", "model": name, "provider": provider, "dtype": str(dtype).replace("torch.", ""),
+            row = {"bench": "block", "model": name, "provider": provider, "dtype": "bf16-autocast" if cuda else "fp32",
                    "B": b, "N": n, "C": dim, "heads": heads, "kt": 0 if provider == "primal" else
                    (b if provider == "autograd" else kt)}
             try:

@@ -77,15 +77,18 @@ print("native op ran on", device, float(loss))
 PY
 
 if [ "$device" = cuda ]; then
-  stage tests 130 env MFKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE \
-    -o addopts="" tests >"$out/gpu_tests.log" 2>&1
+  parallel=()  # pytest-xdist, where installed, spreads the Triton compiles over the CPU cores
+  "$PY" -c "import xdist" >/dev/null 2>&1 && parallel=(-n "${SUITE_TEST_WORKERS:-8}")
+  stage tests 130 env MFKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short \
+    "${parallel[@]}" -o addopts="" ${SUITE_TEST_ARGS:-tests} >"$out/gpu_tests.log" 2>&1
   tail -n 25 "$out/gpu_tests.log"
 else
   echo "=== tests: the gpu-marked tests run on CPU in the ordinary test suite (skipped in the dry run)"
 fi
 
-stage attention 90 "$PY" bench/bench_attention.py --out "$out/attention.json" --causal off --dtypes bf16 \
-  --ns 1024,2048,4096,8192 $quick
+# shellcheck disable=SC2086
+stage attention 90 "$PY" bench/bench_attention.py --out "$out/attention.json" \
+  ${SUITE_ATTENTION_ARGS:---causal off --dtypes bf16 --ns 1024,2048,4096,8192} $quick
 stage target 40 "$PY" bench/bench_target.py --device "$device" --out "$out/target.json" $quick
 stage block_ops 50 "$PY" bench/bench_block_ops.py --out "$out/block_ops.json" $quick
 stage block 45 "$PY" bench/bench_block.py --out "$out/block.json" $quick

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mfkernels.nn import math_attention
 
 from ._validate import check_network_inputs
 from .backends import JVPOps, check_backend, ops_for
@@ -59,7 +60,9 @@ class JVPNetwork(nn.Module):
         """What peers do: torch.func.jvp over the plain forward on the WHOLE batch (tangents zero-padded to B)."""
         pad = z.shape[0] - kt
         tangents = tuple(torch.cat([d, d.new_zeros((pad,) + d.shape[1:])]) for d in (z_dot, t_dot, h_dot))
-        with sdpa_kernel(SDPBackend.MATH):  # the fused SDPA kernels have no forward-mode rule
+        # torch's fused SDPA kernels have no forward-mode rule, and its math SDPA breaks under CUDA autocast in forward
+        # mode (softmax's tangent comes out fp32 for a bf16 primal): attention runs as the plain math formula here.
+        with math_attention():
             u, u_dot = torch.func.jvp(lambda z_, t_, h_: self._forward_plain(z_, t_, h_, y), (z, t, h), tangents)
         return u, u_dot[:kt].detach()
 
@@ -174,6 +177,8 @@ class DiT(JVPNetwork):
         te, te_dot = self.t_embedder.forward_jvp(t, t_dot, ops)
         he, he_dot = self.h_embedder.forward_jvp(h, h_dot, ops)
         c, c_dot = te + he + self._label(y), te_dot + he_dot  # labels carry no tangent
+        # Under autocast the fp32 position / label embeddings promote the primal; tangents follow their primal's dtype.
+        x_dot, c_dot = x_dot.to(x.dtype), c_dot.to(c.dtype)
         c_act, c_act_dot = ops.silu(c, c_dot)
         for block in self.blocks:
             x, x_dot = block.forward_jvp(x, x_dot, c_act, c_act_dot, ops)

@@ -9,11 +9,28 @@ standing for the first kt rows; y is differentiable, y_dot detached.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import JVPOps, ops_table
+from .reference import attention_ref
+
+_MATH_ATTENTION = contextvars.ContextVar("mfkernels_math_attention", default=False)
+
+
+@contextlib.contextmanager
+def math_attention():
+    """Within this context `Attention.forward` computes softmax(c Q K^T) V with plain ops instead of torch's SDPA:
+    every op then has a forward-mode rule (torch.func.jvp, forward_ad), which SDPA's fused kernels lack."""
+    token = _MATH_ATTENTION.set(True)
+    try:
+        yield
+    finally:
+        _MATH_ATTENTION.reset(token)
 
 
 def _ops(ops: JVPOps | None) -> JVPOps:
@@ -64,7 +81,8 @@ class Attention(nn.Module):
 
     def forward(self, x):
         q, k, v = self._split(self.qkv(x))
-        return self.proj(self._merge(F.scaled_dot_product_attention(q, k, v)))
+        o = attention_ref(q, k, v) if _MATH_ATTENTION.get() else F.scaled_dot_product_attention(q, k, v)
+        return self.proj(self._merge(o))
 
     def forward_jvp(self, x, x_dot, ops: JVPOps | None = None):
         ops = _ops(ops)
