@@ -61,7 +61,6 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         stats = torch.zeros(B * N, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
         norm.layernorm_modulate_bwd(x, x, mod, stats, stats, True, True)
         residual.gated_residual_jvp_fwd(x, mod, x, x[:kt], mod[:kt], x[:kt])
-        residual.gated_residual_bwd(x, mod, x, True, True)
         for act in (ACT_GELU_TANH, ACT_SILU):
             activations.act_jvp_fwd(x, x[:kt], act)
             activations.act_bwd(x, x, act, write_da=True, write_g=act == ACT_GELU_TANH)
@@ -93,7 +92,7 @@ def test_kernels_compile_for_sm90_without_spills():
     compiled = json.loads(proc.stdout.strip().splitlines()[-1])
     kernels = {r["kernel"] for r in compiled}
     assert kernels == {"_layernorm_modulate_jvp_fwd_kernel", "_layernorm_modulate_bwd_kernel",
-                       "_gated_residual_jvp_fwd_kernel", "_gated_residual_bwd_kernel",
+                       "_gated_residual_jvp_fwd_kernel",
                        "_act_jvp_fwd_kernel", "_act_bwd_kernel"}
     spilling = [r for r in compiled if r["spill"]]
     assert not spilling, f"register spills on sm_90: {spilling}"
