@@ -18,16 +18,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import is_oom, peak_memory_mb, time_fn, write_results  # noqa: E402
+from bench.common import is_oom, peak_memory_mb, time_fn, time_interleaved, write_results  # noqa: E402
 from meanflow import MeanFlowLoss, build_dit  # noqa: E402
 
 GUIDANCE = {"off": {}, "on": {"omega": 1.0, "kappa": 0.5}}  # the official DiT-B/2 guidance setting
 
 
-def make_step(model, loss_fn, x, y, opt, device):
+def make_step(model, loss_fn, x, y, opt, device, backend):
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
 
     def step():
+        model.backend = backend
         opt.zero_grad(set_to_none=True)
         with autocast:
             loss, _ = loss_fn(model, x, y)
@@ -56,13 +57,17 @@ def bench_model(name: str, args, device: str) -> list[dict]:
         for backend in args.backends:
             cases.append(("meanflow", backend, guidance,
                           MeanFlowLoss(ratio=args.ratio, label_dropout=0.1, **GUIDANCE[guidance])))
-    rows = []
+    rows, steps = [], []
     for objective, backend, guidance, loss_fn in cases:
         model.backend = backend
         row = {"bench": "step", "model": name, "objective": objective, "backend": backend, "guidance": guidance,
                "batch": batch, "input": [channels, size, size], "ratio": 0.0 if objective == "flow_matching" else
                args.ratio, "dtype": "bf16-autocast" if device.startswith("cuda") else "fp32"}
-        step = make_step(model, loss_fn, x, y, opt, device)
+        step = make_step(model, loss_fn, x, y, opt, device, backend)
+        if not device.startswith("cuda"):  # CPU: timed below, interleaved
+            rows.append(row)
+            steps.append(step)
+            continue
         try:
             row.update(time_fn(step, device, warmup=args.warmup, reps=args.reps))
             row["samples_per_s"] = batch / row["ms"] * 1e3
@@ -71,10 +76,14 @@ def bench_model(name: str, args, device: str) -> list[dict]:
             if not (is_oom(exc) or isinstance(exc, ImportError)):
                 raise
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
+            torch.cuda.empty_cache()
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    if steps:
+        # On a shared CPU the load drifts over minutes: time the cases round-robin so every case sees the same drift.
+        for row, result in zip(rows, time_interleaved(steps, warmup=args.warmup, reps=args.reps)):
+            row.update(result, samples_per_s=batch / result["ms"] * 1e3, peak_mem_mb=None)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     base = next(r for r in rows if r["objective"] == "flow_matching")
     for r in rows:
         if "ms" in r and "ms" in base:
@@ -95,12 +104,17 @@ def main(argv=None):
     ap.add_argument("--num-classes", type=int, default=1000)
     ap.add_argument("--cpu-size", type=int, default=32, help="image side on CPU (default 32: 256 tokens at patch 2)")
     ap.add_argument("--cpu-channels", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads on CPU (1 gives stable ratios on a shared machine: OpenMP regions stall "
+                         "whenever another process holds a core)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one repetition (a dry run of the harness)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.models is None:
         args.models = ["DiT-B/2", "DiT-XL/2"] if cuda else ["DiT-Tiny/2"]
     if args.quick:

@@ -62,6 +62,25 @@ def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 2, reps: int
     return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
 
 
+def time_interleaved(fns: list[Callable[[], object]], *, warmup: int = 2, reps: int = 5) -> list[dict]:
+    """CPU timing of several functions round-robin (each rep times every fn once): slow drifts in machine load hit all
+    of them alike, so their ratios stay meaningful on a shared machine. Median ms with p20/p80 per fn."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    out = []
+    for ts in times:
+        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
+        out.append({"ms": statistics.median(ts), "ms_p20": q[0], "ms_p80": q[3]})
+    return out
+
+
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
     """Peak allocated CUDA memory of one call of fn, in MiB (None on CPU)."""
     if not device.startswith("cuda"):
