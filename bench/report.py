@@ -197,11 +197,11 @@ def readme_section(folder: Path) -> str:
            "(regenerate with `python bench/report.py " + str(folder) + " --readme README.md`).\n"]
     step, _ = load_rows(folder, "step")
     if step:
-        out.append("Training step, bf16 autocast, MeanFlow at ratio 0.25 vs flow matching of the same model:\n")
-        out.append(step_section(step) + "\n")
+        out.append("**Training step** (forward + loss + backward + AdamW), MeanFlow vs flow matching of the same model. "
+                   + step_section(step) + "\n")
     att, _ = load_rows(folder, "attention")
     if att:
-        out.append("Attention forward + JVP (bf16, non-causal, 16k tokens per batch):\n")
+        out.append("**Attention** forward + JVP (bf16, non-causal, 16k tokens per batch):\n")
         out.append(attention_section([r for r in att if r["dtype"] == "bf16"]) + "\n")
     return "\n".join(out)
 
