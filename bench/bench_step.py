@@ -69,7 +69,9 @@ def bench_model(name: str, args, device: str) -> list[dict]:
             steps.append(step)
             continue
         try:
-            row.update(time_fn(step, device, warmup=args.warmup, reps=args.reps))
+            # A step takes 40-500 ms: give do_bench seconds, not its default 100 ms, so the median is over many runs.
+            row.update(time_fn(step, device, warmup=args.warmup, reps=args.reps, cuda_warmup_ms=500,
+                               cuda_rep_ms=2000))
             row["samples_per_s"] = batch / row["ms"] * 1e3
             row["peak_mem_mb"] = peak_memory_mb(step, device)
         except Exception as exc:  # noqa: BLE001 - a provider failing must not lose the other rows
