@@ -1,0 +1,112 @@
+"""Named run configurations. `get_preset(name)` returns a fresh RunConfig; `meanflow presets` lists them.
+
+| preset        | data                     | model                  | budget                      |
+|---------------|--------------------------|------------------------|-----------------------------|
+| toy           | checkerboard (2-D)       | MLP 256 x 4            | ~1 min CPU                  |
+| moons, 8gaussians | 2-D toys             | MLP 256 x 4            | ~1 min CPU                  |
+| digits        | sklearn 8x8 digits       | DiT 64 wide, patch 2   | ~2 min CPU                  |
+| mnist         | 5,000 MNIST digits, 32px | DiT 96 wide, patch 4   | ~10 min on 2 CPU cores      |
+| imagenet-B/2, -L/2, -XL/2 | SD-VAE latents 4x32x32 | DiT-B/2, L/2, XL/2 | the paper's 240 epochs |
+
+The ImageNet presets carry the official hyperparameters (DESIGN.md 1) and need `--set data.path=...`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from .loss import MeanFlowConfig
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    build: Callable[[], RunConfig]
+
+
+def _toy(data: str) -> Callable[[], RunConfig]:
+    def build() -> RunConfig:
+        return RunConfig(
+            preset=data if data != "checkerboard" else "toy",
+            description=f"2-D {data}, unconditional MLP (256 x 4), explicit JVP backend",
+            model=ModelConfig(arch="mlp", hidden=256, depth=4, backend="auto"),
+            data=DataConfig(name=data),
+            # no guidance (unconditional); a larger r != t share than ImageNet's 0.25 helps 1-step quality, and the
+            # JVP rows are cheap for an MLP
+            loss=MeanFlowConfig(ratio=0.5, p=1.0, eps=0.01, label_dropout=0.0),
+            train=TrainConfig(steps=3000, batch_size=256, lr=1e-3, warmup_steps=100, ema_decays=(0.99,),
+                              log_every=100, sample_every=1000),
+            eval=EvalConfig(num_samples=5000, steps=(1, 2)),
+        )
+    return build
+
+
+def _digits() -> RunConfig:
+    return RunConfig(
+        preset="digits", description="sklearn 8x8 digits, class-conditional micro DiT (64 wide, 3 blocks, patch 2)",
+        model=ModelConfig(arch="dit", name="DiT-Micro/2", hidden=64, depth=3, heads=4),
+        data=DataConfig(name="digits"),
+        loss=MeanFlowConfig(ratio=0.5, omega=1.0, kappa=0.5, p=1.0, eps=0.01),
+        train=TrainConfig(steps=1500, batch_size=64, lr=1e-3, warmup_steps=100, ema_decays=(0.995,), log_every=50,
+                          sample_every=500),
+        eval=EvalConfig(num_samples=1000),
+    )
+
+
+def _mnist() -> RunConfig:
+    # Calibrated on 2 shared CPU cores (see docs/mnist_metrics.json): DiT 96 wide, 4 blocks, patch 4 (64 tokens),
+    # guidance folded into training (omega 1, kappa 0.5: sampling guidance 2), half the rows with r != t.
+    return RunConfig(
+        preset="mnist", description="THE DEMO: 5,000 real MNIST digits, class-conditional DiT-Tiny/4, ~10 min on CPU",
+        model=ModelConfig(arch="dit", name="DiT-Tiny/4"),
+        data=DataConfig(name="mnist"),
+        loss=MeanFlowConfig(ratio=0.5, omega=1.0, kappa=0.5, p=1.0, eps=0.01),
+        train=TrainConfig(steps=1000, batch_size=64, lr=1e-3, warmup_steps=100, ema_decays=(0.995,),
+                          log_every=25, sample_every=250),
+        eval=EvalConfig(num_samples=1000),
+    )
+
+
+def _imagenet(size: str, omega: float, kappa: float, t_end: float) -> Callable[[], RunConfig]:
+    def build() -> RunConfig:
+        return RunConfig(
+            preset=f"imagenet-{size}/2",
+            description=f"ImageNet-256 SD-VAE latents, DiT-{size}/2, official MeanFlow settings "
+                        f"(omega {omega}, kappa {kappa}, [0, {t_end}]); needs --set data.path=...",
+            model=ModelConfig(arch="dit", name=f"DiT-{size}/2", backend="fused"),
+            data=DataConfig(name="latents", path="", latent_scale=0.18215, num_classes=1000),
+            loss=MeanFlowConfig(time_sampler="logit_normal", t_mean=-0.4, t_std=1.0, ratio=0.25, p=1.0, eps=0.01,
+                                omega=omega, kappa=kappa, t_start=0.0, t_end=t_end, label_dropout=0.1),
+            # 240 epochs at batch 256: ceil(240 * 1,281,167 / 256) = 1,201,095 steps
+            train=TrainConfig(steps=-(-240 * IMAGENET_TRAIN_IMAGES // 256), batch_size=256, lr=1e-4, betas=(0.9, 0.95),
+                              weight_decay=0.0, ema_decays=(0.9999,), precision="bf16", log_every=100,
+                              sample_every=10_000, ckpt_every=10_000, keep_ckpts=3),
+            eval=EvalConfig(num_samples=50_000, batch_size=250),
+        )
+    return build
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("toy", "2-D checkerboard, MLP, ~1 min on CPU (MeanFlow 1-step vs the data)", _toy("checkerboard")),
+    Preset("checkerboard", "alias of toy", _toy("checkerboard")),
+    Preset("moons", "2-D two moons, MLP, ~1 min on CPU", _toy("moons")),
+    Preset("8gaussians", "2-D eight Gaussians, MLP, ~1 min on CPU", _toy("8gaussians")),
+    Preset("digits", "sklearn 8x8 digits, tiny class-conditional DiT, ~2 min on CPU", _digits),
+    Preset("mnist", "THE DEMO: real MNIST digits, class-conditional DiT-Tiny/4, ~10 min on 2 CPU cores", _mnist),
+    Preset("imagenet-B/2", "ImageNet-256 latents, DiT-B/2, official settings (omega 1.0, kappa 0.5); "
+                           "needs data.path", _imagenet("B", 1.0, 0.5, 1.0)),
+    Preset("imagenet-L/2", "ImageNet-256 latents, DiT-L/2, official settings (omega 0.2, kappa 0.92, [0, 0.8]); "
+                           "needs data.path", _imagenet("L", 0.2, 0.92, 0.8)),
+    Preset("imagenet-XL/2", "ImageNet-256 latents, DiT-XL/2, official settings (omega 0.2, kappa 0.92, "
+                            "[0, 0.75]); needs data.path", _imagenet("XL", 0.2, 0.92, 0.75)),
+]}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name].build()
