@@ -46,11 +46,18 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` so that a crash leaves either the old file or the complete new one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the final file the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -130,7 +137,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     p = resolve_checkpoint(path)
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - zip, pickle and EOF errors all mean "unusable"
+    except Exception as exc:  # zip, pickle and EOF errors all mean 'unusable'
         raise CheckpointError(f"checkpoint {p} is corrupt or truncated and cannot be loaded "
                               f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
                               f"use an earlier checkpoint from {p.parent}") from exc
@@ -141,12 +148,13 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 # --------------------------------------------------------------------------------------- inference weights
-def export_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict) -> None:
+def export_weights(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config: dict, step: int = -1) -> None:
     """Weights as safetensors with the run config as JSON metadata (for sharing and `meanflow sample`)."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    write_bytes_atomic(path, save(tensors, metadata={"format": FORMAT, "config": json.dumps(config)}))
+    write_bytes_atomic(path, save(tensors, metadata={"format": FORMAT, "config": json.dumps(config),
+                                                     "step": str(step)}))
 
 
 def load_weights(path: str | os.PathLike, which: str = "ema") -> tuple[dict[str, torch.Tensor], dict, int]:
@@ -161,8 +169,8 @@ def load_weights(path: str | os.PathLike, which: str = "ema") -> tuple[dict[str,
         try:
             with safe_open(str(p), framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        except Exception as exc:  # noqa: BLE001
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is no dict
+        except Exception as exc:  # safetensors raises several types for a broken file
             raise CheckpointError(f"weights file {p} is corrupt or truncated ({exc})") from exc
         if "config" not in meta:
             raise CheckpointError(f"weights file {p} has no meanflow config in its metadata")

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 CACHE_VERSION = 1
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -223,10 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `meanflow` console script; errors print one clear line and exit with status 2 (usage)
-    or 1 (a failed run)."""
+    or 1 (a failed run). MEANFLOW_DEBUG=1 shows full tracebacks instead."""
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
 
+    if os.environ.get("MEANFLOW_DEBUG"):  # full tracebacks instead of one-line errors
+        return args.func(args)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:

@@ -104,7 +104,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         """Inverse of to_dict (checkpoints store the dict); unknown keys are errors, missing ones take defaults."""
         kwargs = {}
         for f in dataclasses.fields(cls):
@@ -183,9 +183,8 @@ def parse_value(text: str, tp, key: str):
     """Parse a command-line string by the declared type (bool, int, float, str, tuples, Optional)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if text.lower() in ("none", "null", ""):
-            if type(None) in args:
-                return None
+        if text.lower() in ("none", "null", "") and type(None) in args:
+            return None
         inner = [a for a in args if a is not type(None)]
         return parse_value(text, inner[0], key)
     if origin is tuple:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -306,7 +306,7 @@ def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"shard {path} has an unknown extension; expected one of {SHARD_EXTENSIONS}")
     except ValueError:
         raise
-    except Exception as exc:  # noqa: BLE001 - numpy / safetensors raise many types for a broken file
+    except Exception as exc:  # numpy / safetensors raise many types for a broken file
         raise ValueError(f"cannot read latent shard {path}: {exc}") from exc
     missing = {"latents", "labels"} - set(arrays)
     if missing:

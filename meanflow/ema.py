@@ -7,10 +7,10 @@ are plain modules (eval mode, no grad) that the samplers can call directly.
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 def decay_key(decay: float) -> str:
@@ -56,7 +56,7 @@ class EMA:
         for k, m in self.models.items():
             m.load_state_dict(state[k])
 
-    def to(self, device) -> "EMA":
+    def to(self, device) -> EMA:
         for m in self.models.values():
             m.to(device)
         return self

@@ -15,12 +15,12 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from .data import TOYS, Dataset, dataset_from_config
 from .metrics import feature_statistics, frechet_distance, frechet_distance_of_features, sliced_wasserstein
@@ -52,7 +52,10 @@ def evaluate_toy(model, dataset: Dataset, eval_cfg, device, autocast=None) -> di
     n = eval_cfg.num_samples
     data = dataset.sample(n, torch.Generator().manual_seed(eval_cfg.seed + 1))[0]
     other = dataset.sample(n, torch.Generator().manual_seed(eval_cfg.seed + 2))[0]
-    sw = lambda a, b: sliced_wasserstein(a, b, num_projections=eval_cfg.sw_projections, seed=eval_cfg.seed)  # noqa
+
+    def sw(a, b):
+        return sliced_wasserstein(a, b, num_projections=eval_cfg.sw_projections, seed=eval_cfg.seed)
+
     out = {"metric": "sliced Wasserstein SW_2 to held-out data (lower is better)", "num_samples": n,
            "reference": {"sw_data_vs_data": sw(other, data)}}
     for steps in eval_cfg.steps:

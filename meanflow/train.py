@@ -27,17 +27,24 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
+from torch import nn
 
 from . import checkpoint as ckpt
-from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .config import ModelConfig, RunConfig, TrainConfig
 from .data import BatchIterator, Dataset, dataset_from_config
 from .ema import EMA
 from .loss import MeanFlowLoss
-from .model import DIT_MODELS, DiT, MLPNet, count_parameters
+from .model import DIT_MODELS, DiT, MLPNet
 
-__all__ = ["Trainer", "TrainConfig", "NonFiniteLossError", "build_model", "resolve_device", "set_threads",
-           "seed_everything"]
+__all__ = [
+    "NonFiniteLossError",
+    "TrainConfig",
+    "Trainer",
+    "build_model",
+    "resolve_device",
+    "seed_everything",
+    "set_threads",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -261,7 +268,7 @@ class Trainer:
 
             summary["loss_curve"] = str(save_loss_curve(self.metrics_path, self.out_dir / "loss_curve.png"))
             ckpt.export_weights(self.out_dir / "ema.safetensors", self.ema.default.state_dict(),
-                                self.config.to_dict())
+                                self.config.to_dict(), self.step)
             summary["weights"] = str(self.out_dir / "ema.safetensors")
             if self.config.eval.enabled:
                 summary["metrics"] = self.evaluate()
@@ -278,8 +285,7 @@ class Trainer:
         (self.out_dir / "config.json").write_text(self.config.to_json() + "\n")
         # On resume, drop metric lines past the checkpoint: the interrupted run logged steps that will be redone.
         if self.metrics_path.exists():
-            keep = [line for line in self.metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= self.step]
+            keep = [line for line in self.metrics_path.read_text().splitlines() if _logged_step(line) <= self.step]
             self.metrics_path.write_text("".join(line + "\n" for line in keep))
 
     @staticmethod
@@ -386,6 +392,14 @@ class Trainer:
         random.setstate(_to_tuples(rng["python"]))
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
         self.last_checkpoint = Path(where)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics line; a line cut short by a kill counts as past any checkpoint (so it is dropped)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _to_tuples(x):

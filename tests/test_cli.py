@@ -145,10 +145,10 @@ def test_non_finite_loss_via_cli(tmp_path, capsys):
 def test_python_dash_m_subprocess(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "meanflow", "train", *TOY, "--set", "eval.enabled=false",
-                           "--out", str(tmp_path / "sub")], capture_output=True, text=True, env=env, timeout=300,
+                           "--out", str(tmp_path / "sub")], capture_output=True, text=True, env=env, timeout=300, check=False,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "sample grid:" in proc.stdout and (tmp_path / "sub" / "checkpoints" / "latest").is_file()
     proc = subprocess.run([sys.executable, "-m", "meanflow", "train", "--preset", "nope"], capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=env, timeout=120, check=False)
     assert proc.returncode == 2 and "unknown preset 'nope'" in proc.stderr

@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from meanflow.config import DataConfig, EvalConfig
-from meanflow.evaluate import InceptionFeatures, evaluate_model, load_inception
-from meanflow.metrics import (feature_statistics, frechet_distance, frechet_distance_of_features, random_directions,
-                              sliced_wasserstein, wasserstein_1d)
+from meanflow.evaluate import evaluate_model, load_inception
+from meanflow.metrics import (
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_of_features,
+    random_directions,
+    sliced_wasserstein,
+    wasserstein_1d,
+)
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
 
@@ -134,7 +140,7 @@ def test_digit_classifier_caches_and_is_accurate(fresh_cache):
     from meanflow.classifier import accuracy, load_or_train
     from meanflow.data import build_dataset
 
-    model, meta = load_or_train("digits", verbose=False)
+    _, meta = load_or_train("digits", verbose=False)
     assert meta["trained"] and meta["test_accuracy"] > 0.9 and meta["path"].startswith(fresh_cache)
     again, meta2 = load_or_train("digits", verbose=False)
     assert not meta2["trained"] and meta2["test_accuracy"] == meta["test_accuracy"]

@@ -48,7 +48,7 @@ def test_run_outputs(tmp_path):
         assert (tmp_path / name).is_file(), name
     assert summary["metrics"]["1step"]["sw"] > 0 and summary["grids"][0].endswith("final_1step.png")
     state = load_checkpoint(tmp_path)
-    assert state["step"] == 6 and state["config"]["preset"] == "toy" and set(state["ema"]) == {"0.99"}
+    assert state["step"] == 6 and state["config"]["preset"] == "toy" and set(state["ema"]) == {"0.995"}
 
 
 @pytest.mark.parametrize("make_config", [toy_config, digits_config], ids=["toy-mlp", "digits-dit-guided"])
@@ -69,6 +69,8 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, make_config):
     with pytest.raises(KeyboardInterrupt):
         interrupted.train()
     assert [r["step"] for r in losses(tmp_path / "b")] == [1, 2, 3, 4]      # step 4 was logged, not checkpointed
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')                                           # a line cut short by the kill
     resumed = Trainer(cfg, tmp_path / "b", resume=tmp_path / "b")
     assert resumed.step == 3
     resumed.train()
@@ -161,4 +163,4 @@ def test_meanflow_one_step_beats_flow_matching_one_step(tmp_path):
     sw_floor = sliced_wasserstein(build_dataset("checkerboard").sample(4000, torch.Generator().manual_seed(3))[0],
                                   data, num_projections=256)
     print(f"SW_2 at 1 step: MeanFlow {sw_mf:.3f}, flow matching {sw_fm:.3f}, data vs data {sw_floor:.3f}")
-    assert sw_mf < 0.5 * sw_fm
+    assert sw_mf < 0.25 * sw_fm  # measured: 0.106 vs 0.900 (data vs data: 0.032)
