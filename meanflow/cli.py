@@ -186,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="change one config field, e.g. --set train.steps=100 --set loss.omega=0.5 (repeatable; "
                          "see --help-config for every key)")
     tr.add_argument("--out", help="run directory (default: runs/<preset>, or the resumed run's directory)")
-    tr.add_argument("--resume", metavar="PATH", help="run directory or checkpoint file to continue exactly")
+    tr.add_argument("--resume", metavar="PATH", help="run directory or checkpoint file to continue exactly (its saved "
+                                                     "config is used, --preset is ignored; --set still applies, e.g. "
+                                                     "train.steps to train longer)")
     tr.add_argument("--help-config", action="store_true",
                     help="print every config field of the preset (with --set applied), its value and help, then exit")
     tr.set_defaults(func=cmd_train)

@@ -195,7 +195,8 @@ class Trainer:
             value = loss.item()  # one host sync per micro-batch, needed to stop on NaN before it reaches the weights
             if not math.isfinite(value):
                 self._stop_non_finite(f"non-finite loss ({value})")
-            # the mean over micro-batches equals the full-batch mean: each micro-loss is itself a mean over its rows
+            # the mean over micro-batches equals the full-batch mean: each micro-loss is itself a mean over its rows.
+            # (Under DDP, all but the last micro-batch go inside model.no_sync() to skip redundant all-reduces.)
             (loss / tc.grad_accum).backward()
             for k in totals:
                 totals[k] += float(stats[k]) / tc.grad_accum
