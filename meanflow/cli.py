@@ -107,7 +107,14 @@ def cmd_train(args) -> int:
           f"{sum(p.numel() for p in trainer.net.parameters()) / 1e6:.2f}M parameters on {trainer.dataset!r}, "
           f"device {trainer.device}, {trainer.threads} CPU threads, "
           f"{'resuming at step ' + str(trainer.step) if args.resume else 'from scratch'} -> {out}", flush=True)
-    _print_summary(trainer.train())
+    try:
+        summary = trainer.train()
+    except KeyboardInterrupt:
+        last = trainer.last_checkpoint or "none yet"
+        print(f"\ninterrupted at step {trainer.step}; last checkpoint: {last}. Continue with: "
+              f"meanflow train --resume {out}", file=sys.stderr)
+        return 130
+    _print_summary(summary)
     return 0
 
 

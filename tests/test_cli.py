@@ -166,6 +166,18 @@ def test_non_finite_loss_via_cli(tmp_path, capsys):
     assert load_checkpoint(run)["step"] == 1
 
 
+def test_ctrl_c_tells_how_to_resume(tmp_path, capsys, monkeypatch):
+    from meanflow.train import Trainer
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert main(["train", *TOY, "--out", str(tmp_path / "run")]) == 130
+    assert f"interrupted at step 0; last checkpoint: none yet. Continue with: meanflow train --resume " \
+           f"{tmp_path / 'run'}" in capsys.readouterr().err
+
+
 def test_python_dash_m_subprocess(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "meanflow", "train", *TOY, "--set", "eval.enabled=false",
