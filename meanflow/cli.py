@@ -59,7 +59,16 @@ def _print_summary(summary: dict) -> None:
         print(f"throughput:    {summary['samples_per_s']:.1f} samples/s on {summary['device']} "
               f"({summary['threads']} threads), {summary['wall_s']:.0f} s")
     if "metrics" in summary:
-        print("metrics:", json.dumps(summary["metrics"], indent=2))
+        print("metrics:", json.dumps(_rounded(summary["metrics"]), indent=2, ensure_ascii=False))
+
+
+def _rounded(obj):
+    """Floats to 4 significant digits for the terminal (eval.json keeps full precision)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.4g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    return obj
 
 
 def _load_for_inference(path: str, which: str, device):
