@@ -128,27 +128,8 @@ def _section_types() -> dict[str, type]:
 
 
 # Help lines for the core's MeanFlowConfig fields (that dataclass documents them in comments only).
-LOSS_HELP = {
-    "time_sampler": "(t, r) sampler: logit_normal (paper v0), logit_normal_v1 or uniform",
-    "t_mean": "logit-normal mean of t (and of r in v0)",
-    "t_std": "logit-normal std of t (and of r in v0)",
-    "r_mean": "v1 only: logit-normal mean of r",
-    "r_std": "v1 only: logit-normal std of r",
-    "ratio": "fraction of rows with r != t (the rest have r = t and need no JVP)",
-    "p": "adaptive loss weight power: L_i / (L_i + eps)^p",
-    "eps": "adaptive loss weight offset",
-    "omega": "training-time guidance scale (1: none)",
-    "kappa": "weight of the conditional prediction in the guided target (sampling guidance = omega / (1 - kappa))",
-    "t_start": "guidance applies for t in [t_start, t_end]",
-    "t_end": "guidance applies for t in [t_start, t_end]",
-    "label_dropout": "fraction of labels replaced by the null class",
-    "loss_op": "target/loss implementation: auto | native | torch",
-    "flow_matching": "plain flow-matching baseline (r = t everywhere, unweighted loss)",
-}
-
-
 def field_help(section_cls: type, f: dataclasses.Field) -> str:
-    return f.metadata.get("help") or (LOSS_HELP.get(f.name, "") if section_cls is MeanFlowConfig else "")
+    return f.metadata.get("help", "")
 
 
 def _section_from_dict(cls: type, d: dict, where: str):

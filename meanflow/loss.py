@@ -25,25 +25,32 @@ from .time_sampling import TIME_SAMPLERS, num_jvp_rows, sample_t_r
 LOSS_OPS = ("auto", "native", "torch")
 
 
+def _knob(default, help: str):
+    """A config field with its help line (shown by `meanflow train --help-config` and `meanflow presets -v`)."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclass
 class MeanFlowConfig:
     """Every knob of the MeanFlow objective. Defaults follow the paper's ImageNet setting."""
 
-    time_sampler: str = "logit_normal"   # "logit_normal" (v0), "logit_normal_v1" or "uniform"
-    t_mean: float = -0.4                 # logit-normal mean of t (and of r in v0)
-    t_std: float = 1.0                   # logit-normal std of t (and of r in v0)
-    r_mean: float = -0.4                 # v1 only: logit-normal mean of r
-    r_std: float = 1.0                   # v1 only: logit-normal std of r
-    ratio: float = 0.25                  # fraction of rows with r != t (the rest have r = t and need no JVP)
-    p: float = 1.0                       # adaptive weight power: loss_i / (loss_i + eps)^p
-    eps: float = 0.01                    # adaptive weight offset
-    omega: float = 1.0                   # guidance scale (1 = no guidance)
-    kappa: float = 0.0                   # weight of the conditional prediction in the guided target
-    t_start: float = 0.0                 # guidance applies for t in [t_start, t_end]
-    t_end: float = 1.0
-    label_dropout: float = 0.1           # fraction of labels replaced by the null class
-    loss_op: str = "auto"                # target/loss implementation: "native" op, "torch" reference, or "auto"
-    flow_matching: bool = False          # plain flow-matching baseline: r = t everywhere and unweighted loss (p = 0)
+    time_sampler: str = _knob("logit_normal", "(t, r) sampler: logit_normal (paper v0), logit_normal_v1 or uniform")
+    t_mean: float = _knob(-0.4, "logit-normal mean of t (and of r in v0)")
+    t_std: float = _knob(1.0, "logit-normal std of t (and of r in v0)")
+    r_mean: float = _knob(-0.4, "v1 only: logit-normal mean of r")
+    r_std: float = _knob(1.0, "v1 only: logit-normal std of r")
+    ratio: float = _knob(0.25, "fraction of rows with r != t (the rest have r = t and need no JVP)")
+    p: float = _knob(1.0, "adaptive loss weight power: L_i / (L_i + eps)^p")
+    eps: float = _knob(0.01, "adaptive loss weight offset")
+    omega: float = _knob(1.0, "training-time guidance scale (1: none)")
+    kappa: float = _knob(0.0, "weight of the conditional prediction in the guided target "
+                              "(sampling guidance = omega / (1 - kappa))")
+    t_start: float = _knob(0.0, "guidance applies for t in [t_start, t_end]")
+    t_end: float = _knob(1.0, "guidance applies for t in [t_start, t_end]")
+    label_dropout: float = _knob(0.1, "fraction of labels replaced by the null class")
+    loss_op: str = _knob("auto", "target/loss implementation: auto (native op when built) | native | torch")
+    flow_matching: bool = _knob(False, "plain flow-matching baseline: r = t everywhere, unweighted loss "
+                                       "(overrides ratio and p while set)")
 
     def __post_init__(self):
         if self.time_sampler not in TIME_SAMPLERS:
@@ -61,8 +68,15 @@ class MeanFlowConfig:
             raise ValueError(f"loss_op must be one of {LOSS_OPS}; got {self.loss_op!r}")
         if self.kappa != 0.0 and not 0.0 <= self.kappa < 1.0:
             raise ValueError(f"kappa must lie in [0, 1) (the sampling guidance is omega / (1 - kappa)); got {self.kappa}")
-        if self.flow_matching:
-            self.ratio, self.p = 0.0, 0.0
+    @property
+    def jvp_ratio(self) -> float:
+        """The fraction of rows with r != t actually used: 0 for the flow-matching baseline."""
+        return 0.0 if self.flow_matching else self.ratio
+
+    @property
+    def weight_power(self) -> float:
+        """The adaptive-weight power actually used: 0 (plain mean squared error) for the flow-matching baseline."""
+        return 0.0 if self.flow_matching else self.p
 
     @property
     def guided(self) -> bool:
@@ -106,7 +120,7 @@ class MeanFlowLoss:
 
     def sample_times(self, batch: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
-        return sample_t_r(batch, sampler=c.time_sampler, ratio=c.ratio, t_mean=c.t_mean, t_std=c.t_std,
+        return sample_t_r(batch, sampler=c.time_sampler, ratio=c.jvp_ratio, t_mean=c.t_mean, t_std=c.t_std,
                           r_mean=c.r_mean, r_std=c.r_std, device=device, generator=generator)
 
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor | None = None, *, noise=None, t=None, r=None,
@@ -132,7 +146,7 @@ class MeanFlowLoss:
             raise ValueError("pass both t and r, or neither")
         if t is None:
             t, r = self.sample_times(batch, x.device, generator)       # already ordered: r != t rows first
-            k = num_jvp_rows(batch, c.ratio)
+            k = num_jvp_rows(batch, c.jvp_ratio)
         else:
             self._check_times(t, r, batch, x)
             needs_jvp = r != t
@@ -168,7 +182,7 @@ class MeanFlowLoss:
         # The loss is computed in fp32 (or fp64): under autocast u and du_dt come in bf16, v_g in the data's dtype.
         acc = torch.promote_types(torch.promote_types(u.dtype, v_g.dtype), torch.float32)
         loss, per_sample, weight = loss_op(c.loss_op)(u.to(acc), v_g.to(acc), du_dt.detach().to(acc), t.to(acc),
-                                                      r.to(acc), p=c.p, eps=c.eps)
+                                                      r.to(acc), p=c.weight_power, eps=c.eps)
         with torch.no_grad():
             acc = torch.promote_types(u.dtype, torch.float32)
             v_loss = (u.detach().to(acc) - v.to(acc)).pow(2).reshape(batch, -1).sum(1).mean()

@@ -56,7 +56,8 @@ def test_set_parses_by_type_and_rejects_unknown_keys():
     cfg = apply_overrides(get_preset("mnist"), ["train.steps=7", "train.betas=0.8,0.9", "loss.flow_matching=true",
                                                 "model.name=DiT-S/2", "train.ema_decays=0.9,0.99,0.999"])
     assert cfg.train.steps == 7 and cfg.train.betas == (0.8, 0.9) and cfg.model.name == "DiT-S/2"
-    assert cfg.loss.flow_matching and cfg.loss.ratio == 0.0 and cfg.train.ema_decays == (0.9, 0.99, 0.999)
+    assert cfg.loss.flow_matching and cfg.loss.jvp_ratio == 0.0 and cfg.loss.weight_power == 0.0
+    assert cfg.train.ema_decays == (0.9, 0.99, 0.999)
     with pytest.raises(ValueError, match="unknown config key 'train.stepz'; valid keys: .*train.steps"):
         apply_overrides(cfg, ["train.stepz=3"])
     with pytest.raises(ValueError, match="train.steps takes a int; got 'many'"):

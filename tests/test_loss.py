@@ -179,3 +179,10 @@ def test_loss_on_toy_mlp_and_generator_reproducibility():
     l1 = MeanFlowLoss(p=0.75, eps=1e-3)(model, x, generator=g1)[0]
     l2 = MeanFlowLoss(p=0.75, eps=1e-3)(model, x, generator=g2)[0]
     assert l1.item() == l2.item()
+
+
+def test_flow_matching_flag_is_reversible():
+    cfg = MeanFlowConfig(ratio=0.5, p=0.75, flow_matching=True)
+    assert (cfg.jvp_ratio, cfg.weight_power) == (0.0, 0.0)
+    back = cfg.replace(flow_matching=False)
+    assert (back.jvp_ratio, back.weight_power) == (0.5, 0.75)
