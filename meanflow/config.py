@@ -45,7 +45,10 @@ class DataConfig:
     name: str = _f("mnist", "dataset: checkerboard | moons | 8gaussians | digits | mnist | folder | latents")
     path: str = _f("", "folder of class sub-folders (folder) or of latent shards / a manifest (latents)")
     image_size: int = _f(32, "image side for 'folder' (resize the short side, then center-crop)")
-    latent_scale: float = _f(0.18215, "latents are multiplied by this (0.18215: SD-VAE)")
+    latent_scale: float = _f(0.18215, "latents are multiplied by this (0.18215: SD-VAE); shards written by "
+                                      "`meanflow prepare-latents` hold unscaled latents")
+    vae: str = _f("", "local diffusers AutoencoderKL folder that decodes 'latents' data to images (sample grids, "
+                      "`meanflow sample`); empty: grids show raw latent channels")
     split: str = _f("train", "which split to train on for mnist/digits: train | test | all (test = every 10th "
                              "example, held out for evaluation)")
     toy_scale: float = _f(1.0, "multiplies 2-D toy samples")
@@ -56,7 +59,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = _f(1000, "optimizer steps")
-    batch_size: int = _f(64, "samples per optimizer step (all micro-batches and, later, all ranks together)")
+    batch_size: int = _f(64, "samples per optimizer step: the GLOBAL batch (all micro-batches of all ranks together)")
     grad_accum: int = _f(1, "micro-batches per optimizer step (batch_size must divide by it)")
     lr: float = _f(1e-4, "AdamW learning rate (constant after warmup)")
     betas: tuple[float, float] = _f((0.9, 0.95), "AdamW betas, e.g. train.betas=0.9,0.95")
@@ -66,7 +69,10 @@ class TrainConfig:
     ema_decays: tuple[float, ...] = _f((0.9999,), "EMA decays; the first one samples grids and evaluates")
     seed: int = _f(0, "seed of the model init, data order, noise and times")
     precision: str = _f("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'")
-    device: str = _f("auto", "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ... (under torchrun: "
+                             "cuda:LOCAL_RANK or cpu)")
+    parallel: str = _f("ddp", "with several processes (torchrun): 'ddp' (replicated weights) or 'fsdp' (FSDP2, "
+                              "weights / optimizer / EMA sharded per DiT block); ignored in one process")
     threads: int = _f(0, "CPU threads (0: auto = cores not busy with other processes; bit-exact resume needs the "
                          "same count)")
     log_every: int = _f(50, "steps between metrics.jsonl lines")
