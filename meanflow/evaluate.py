@@ -121,8 +121,9 @@ def evaluate_model(model: nn.Module, data_cfg, eval_cfg, device: str | torch.dev
     if data_cfg.name in ("mnist", "digits"):
         return evaluate_digits(model, data_cfg.name, eval_cfg, device, autocast)
     if data_cfg.name == "latents":
-        reason = ("FID on latents needs the decoded images (the SD-VAE decoder, e.g. via the optional 'scale' extra "
-                  "with diffusers), which this evaluation does not run")
+        reason = ("FID on latents needs the decoded images: run `meanflow sample --ckpt RUN --vae VAE --num 50000 --out "
+                  "samples.npz` (torchrun spreads it over GPUs), then `meanflow eval --samples samples.npz --fid-ref "
+                  "REF.npz`")
         print(f"FID skipped: {reason}")
         return {"fid_skipped": reason}
     return evaluate_images(model, dataset_from_config(data_cfg), eval_cfg, device, autocast)
@@ -171,3 +172,73 @@ def load_inception(path: str | os.PathLike | None) -> tuple[InceptionFeatures | 
         return InceptionFeatures(path), ""
     except Exception as exc:  # noqa: BLE001 - report why instead of failing the whole run at the end
         return None, f"cannot load Inception weights file {path} as TorchScript ({type(exc).__name__}: {exc})"
+
+
+# ---------------------------------------------------------------------------------------- FID of sample batches
+def load_image_batch(path: str | os.PathLike) -> np.ndarray:
+    """uint8 images (N, H, W, C) from an .npz in the ADM convention (key arr_0) or an .npy."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"image batch {p} does not exist")
+    if p.suffix == ".npy":
+        arr = np.load(p, mmap_mode="r")
+    else:
+        with np.load(p) as z:
+            if "arr_0" not in z.files:
+                raise ValueError(f"{p} has no 'arr_0' (uint8 images N x H x W x C); it has {z.files}")
+            arr = z["arr_0"]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3) or arr.dtype != np.uint8:
+        raise ValueError(f"{p}: expected uint8 images (N, H, W, 1 or 3); got {arr.dtype} {tuple(arr.shape)}")
+    return arr
+
+
+def image_batch_statistics(extractor: InceptionFeatures, images: np.ndarray,
+                           batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the feature extractor over uint8 (N, H, W, C) images, streamed in batches."""
+    feats = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
+        feats.append(extractor.features(x, batch_size))
+    return feature_statistics(torch.cat(feats))
+
+
+def reference_statistics(ref: str | os.PathLike, extractor: InceptionFeatures,
+                         batch_size: int = 250) -> tuple[np.ndarray, np.ndarray, str]:
+    """(mu, sigma, what) from an .npz holding 'mu' and 'sigma' (precomputed statistics, e.g. ADM's reference batches,
+    which carry both), or else 'arr_0' reference images whose statistics are computed here."""
+    p = Path(ref)
+    if not p.is_file():
+        raise FileNotFoundError(f"FID reference {p} does not exist (an .npz with mu and sigma, or with arr_0 images)")
+    with np.load(p) as z:
+        if "mu" in z.files and "sigma" in z.files:
+            return z["mu"], z["sigma"], f"statistics in {p}"
+    images = load_image_batch(p)
+    mu, sigma = image_batch_statistics(extractor, images, batch_size)
+    return mu, sigma, f"{len(images)} reference images in {p}"
+
+
+def fid_of_samples(samples: str | os.PathLike, ref: str | os.PathLike | None, inception: str | os.PathLike | None,
+                   *, batch_size: int = 250, device: str | torch.device = "cpu",
+                   save_stats: str | os.PathLike | None = None) -> dict:
+    """FID of an image batch (.npz, arr_0 uint8 NHWC, as `meanflow sample --out X.npz` writes) against reference
+    statistics, with a LOCAL Inception file (`inception`, else $MEANFLOW_INCEPTION). Without one, FID is skipped and the
+    reason is printed and returned. `save_stats` writes the samples' (mu, sigma) as an .npz usable as a reference."""
+    path = inception or os.environ.get(INCEPTION_ENV, "")
+    extractor, reason = load_inception(path)
+    if extractor is None:
+        print(f"FID skipped: {reason}")
+        return {"fid_skipped": reason}
+    extractor = InceptionFeatures(path, device) if torch.device(device).type != "cpu" else extractor
+    images = load_image_batch(samples)
+    mu, sigma = image_batch_statistics(extractor, images, batch_size)
+    out = {"samples": str(samples), "num_samples": len(images), "inception": str(path)}
+    if save_stats:
+        np.savez(save_stats, mu=mu, sigma=sigma)
+        out["saved_stats"] = str(save_stats)
+    if ref:
+        mu_ref, sigma_ref, what = reference_statistics(ref, extractor, batch_size)
+        if mu_ref.shape != mu.shape:
+            raise ValueError(f"reference statistics have {mu_ref.shape[0]} features but {path} gives {mu.shape[0]}: "
+                             f"the reference was made with another feature network")
+        out.update(fid=frechet_distance(mu, sigma, mu_ref, sigma_ref), reference=what)
+    return out
