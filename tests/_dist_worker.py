@@ -1,0 +1,81 @@
+"""The rank side of tests/test_distributed.py: one torch.multiprocessing spawn of 2 gloo ranks runs every distributed
+scenario in turn (a spawn costs seconds on 2 CPU cores, a scenario a fraction of one); rank 0 saves what the parent
+test compares against single-process runs."""
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from meanflow.config import apply_overrides
+from meanflow.presets import get_preset
+
+QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1", "eval.enabled=false"]
+
+
+def dit_config(*extra):
+    """A class-conditional DiT on 8x8 digits with every random draw of the objective in use (guidance with kappa > 0,
+    label dropout), clipping that is active (a small max norm) and two EMAs."""
+    return apply_overrides(get_preset("digits"), QUIET + [
+        "train.steps=4", "train.batch_size=8", "model.hidden=16", "model.depth=2", "model.heads=2",
+        "model.backend=explicit", "loss.kappa=0.3", "loss.omega=1.5", "train.grad_clip=0.05", "train.warmup_steps=0",
+        "train.ema_decays=0.9,0.5", "train.grid_size=4", "train.keep_ckpts=0", *extra])
+
+
+def full_state(trainer) -> dict:
+    """Full (gathered) model and EMA weights of a trainer, on CPU; every rank must call it (FSDP gathers)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model = get_model_state_dict(trainer.model, options=opts)
+    emas = {}
+    for key in trainer.ema.models:
+        m = trainer.ema_model(float(key))
+        emas[key] = {k: v.detach().cpu().clone() for k, v in m.state_dict().items()} if m is not None else None
+    return {"model": {k: v.detach().cpu().clone() for k, v in model.items()}, "ema": emas, "step": trainer.step}
+
+
+# scenario name -> (config overrides, resume-from (relative to the output folder) or None)
+SCENARIOS = {
+    "ddp": (["train.parallel=ddp", "train.grad_accum=2", "train.ckpt_every=2"], None),
+    "fsdp": (["train.parallel=fsdp", "train.grad_accum=2", "train.ckpt_every=2"], None),
+    "ddp_autograd": (["train.parallel=ddp", "model.backend=autograd", "train.steps=2"], None),
+    "fsdp_autograd": (["train.parallel=fsdp", "model.backend=autograd", "train.steps=2"], None),
+    "ddp_resumed": (["train.parallel=ddp", "train.grad_accum=2"], "ddp/checkpoints/ckpt_00000002"),
+    "fsdp_resumed": (["train.parallel=fsdp", "train.grad_accum=2"], "fsdp/checkpoints/ckpt_00000002"),
+    # a one-process checkpoint (.pt, written by the parent test) continued by 2 FSDP ranks
+    "fsdp_from_single": (["train.parallel=fsdp"], "single/checkpoints/ckpt_00000002.pt"),
+}
+
+
+def run(rank: int, world: int, port: int, out: str) -> None:
+    from meanflow.train import Trainer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    out_dir = Path(out)
+    try:
+        for name, (overrides, resume) in SCENARIOS.items():
+            trainer = Trainer(dit_config(*overrides), out_dir / name,
+                              resume=out_dir / resume if resume else None)
+            trainer.train()
+            state = full_state(trainer)
+            if rank == 0:
+                torch.save(state, out_dir / f"{name}.result.pt")
+        # a global batch that the ranks x micro-batches cannot split is refused on every rank
+        try:
+            Trainer(dit_config("train.batch_size=6", "train.grad_accum=2"), out_dir / "bad")
+        except ValueError as exc:
+            if rank == 0:
+                (out_dir / "bad.txt").write_text(str(exc))
+        dist.barrier()
+    except BaseException:
+        (out_dir / f"rank{rank}.error.txt").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
