@@ -80,13 +80,13 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu", dtype:
     diffusers_logging.set_verbosity_error()  # e.g. the 'accelerate not installed' notice
     try:
         kwargs = {"subfolder": subfolder} if subfolder else {}
-        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype, **kwargs)
     except Exception as exc:  # diffusers raises OSError / EnvironmentError / ValueError for missing or bad weights
         raise VAEError(f"cannot load the AutoencoderKL in {p}: {type(exc).__name__}: "
                        f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
     finally:
         diffusers_logging.set_verbosity(verbosity)
-    return vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return vae.to(device).eval().requires_grad_(False)
 
 
 def vae_scale_factor(vae) -> float:
@@ -120,12 +120,14 @@ def encode_images(vae, images: torch.Tensor, *, posterior: str = "sample", eps=N
 @torch.no_grad()
 def decode_latents(vae, z: torch.Tensor, scale: float, batch_size: int = 64) -> torch.Tensor:
     """Latents in the model's (scaled) space -> images in [-1, 1] (N, 3, 8h, 8w), fp32, on z's device."""
+    if len(z) == 0:
+        f = vae_downsampling(vae)
+        return z.new_zeros((0, vae.config.out_channels, z.shape[2] * f, z.shape[3] * f))
     out = []
     for chunk in z.split(batch_size):
         x = vae.decode((chunk.float() / scale).to(vae.device, vae.dtype)).sample
         out.append(x.float().clamp(-1, 1).to(z.device))
-    f = vae_downsampling(vae)
-    return torch.cat(out) if out else z.new_zeros((0, 3, z.shape[2] * f, z.shape[3] * f))
+    return torch.cat(out)
 
 
 def _eps(shape: tuple[int, ...], seed: int, index: int, copy: int) -> torch.Tensor:

@@ -67,6 +67,13 @@ def run(rank: int, world: int, port: int, out: str) -> None:
             state = full_state(trainer)
             if rank == 0:
                 torch.save(state, out_dir / f"{name}.result.pt")
+        # prepare-latents over the 2 ranks (each encodes its shards, rank 0 writes the manifest)
+        src = out_dir / "latent_src"
+        if (src / "vae").is_dir():
+            from meanflow.latents import prepare_latents
+
+            prepare_latents(src / "images", src / "vae", out_dir / "latents_2ranks", image_size=16, flip=True,
+                            batch_size=2, shard_size=2, workers=0, device="cpu", log=lambda *a, **k: None)
         # a global batch that the ranks x micro-batches cannot split is refused on every rank
         try:
             Trainer(dit_config("train.batch_size=6", "train.grad_accum=2"), out_dir / "bad")

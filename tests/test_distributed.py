@@ -22,6 +22,7 @@ from meanflow import distributed
 from meanflow.checkpoint import is_dcp_checkpoint, list_checkpoints, load_checkpoint, load_weights
 from meanflow.train import Trainer
 from tests._dist_worker import SCENARIOS, dit_config, run
+from tests._latent_fixtures import make_image_folder, make_tiny_vae
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,6 +69,8 @@ def runs(tmp_path_factory):
     autograd = Trainer(dit_config("model.backend=autograd", "train.steps=2"), out / "single_autograd")
     autograd.train()
     refs["single_autograd"] = snapshot(autograd)
+    make_image_folder(out / "latent_src" / "images")   # for prepare-latents over 2 ranks
+    make_tiny_vae(out / "latent_src" / "vae")
     try:
         mp.spawn(run, args=(2, free_port(), str(out)), nprocs=2, join=True)
     except Exception:
@@ -171,6 +174,27 @@ def test_indivisible_global_batch_is_refused(runs):
     out, _, _ = runs
     assert (out / "bad.txt").read_text() == ("train.batch_size 6 (the global batch) must divide by world size 2 x "
                                              "train.grad_accum 2")
+
+
+def test_prepare_latents_over_two_ranks_equals_one_process(runs):
+    """Each rank encodes the shards s with s % 2 == rank, rank 0 writes the manifest; the posterior noise is seeded per
+    image, so the shards are those of a one-process run (made here with another batch size)."""
+    import numpy as np
+
+    from meanflow.latents import prepare_latents
+
+    out, _, _ = runs
+    src, two = out / "latent_src", out / "latents_2ranks"
+    one = prepare_latents(src / "images", src / "vae", out / "latents_1rank", image_size=16, flip=True, batch_size=3,
+                          shard_size=2, workers=0, device="cpu", log=lambda *a, **k: None)
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest == {**one, "source": manifest["source"]} and manifest["count"] == 12
+    assert manifest["shards"] == ["shard_00000.npy", "shard_00001.npy", "shard_00002.npy"]
+    for name in manifest["shards"]:
+        a, b = np.load(two / name), np.load(out / "latents_1rank" / name)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert (np.load(two / name.replace(".npy", ".labels.npy")) ==
+                np.load(out / "latents_1rank" / name.replace(".npy", ".labels.npy"))).all()
 
 
 # ------------------------------------------------------------------------------------------------- pieces
