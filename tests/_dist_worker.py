@@ -49,6 +49,10 @@ SCENARIOS = {
     "fsdp_resumed": (["train.parallel=fsdp", "train.grad_accum=2"], "fsdp/checkpoints/ckpt_00000002"),
     # a one-process checkpoint (.pt, written by the parent test) continued by 2 FSDP ranks
     "fsdp_from_single": (["train.parallel=fsdp"], "single/checkpoints/ckpt_00000002.pt"),
+    # a DDP checkpoint continued under FSDP (the same parameter names: DCP reshards)
+    "fsdp_from_ddp": (["train.parallel=fsdp", "train.grad_accum=2"], "ddp/checkpoints/ckpt_00000002"),
+    # bf16: FSDP's MixedPrecisionPolicy (bf16 compute copies, fp32 reduction) under CPU autocast
+    "fsdp_bf16": (["train.parallel=fsdp", "train.precision=bf16", "train.steps=2"], None),
 }
 
 

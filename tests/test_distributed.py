@@ -149,6 +149,25 @@ def test_one_process_checkpoint_continued_by_two_ranks(runs):
     assert_same(results["fsdp_from_single"]["ema"]["0.9"], refs["single"]["ema"]["0.9"])
 
 
+def test_ddp_checkpoint_continued_under_fsdp(runs):
+    _, _, results = runs
+    assert_same(results["fsdp_from_ddp"]["model"], results["ddp"]["model"])
+    assert_same(results["fsdp_from_ddp"]["ema"]["0.5"], results["ddp"]["ema"]["0.5"])
+
+
+def test_fsdp_bf16_mixed_precision(runs):
+    """train.precision=bf16 under FSDP: bf16 compute copies of the weights (MixedPrecisionPolicy) and autocast, fp32
+    master weights and gradient reduction; the times stay fp32 (no input casting)."""
+    out, _, results = runs
+    policy = distributed.mixed_precision_policy("bf16")
+    assert (policy.param_dtype, policy.reduce_dtype, policy.cast_forward_inputs) == (torch.bfloat16, torch.float32,
+                                                                                     False)
+    assert distributed.mixed_precision_policy("fp32") is None
+    assert all(v.dtype == torch.float32 and v.isfinite().all() for v in results["fsdp_bf16"]["model"].values())
+    for a, b in zip(losses(out / "fsdp_bf16"), losses(out / "single")[:2], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3) and a["v_loss"] == pytest.approx(b["v_loss"], rel=0.05)
+
+
 def test_distributed_checkpoint_layout_and_inference_weights(runs):
     out, _, results = runs
     ckpts = list_checkpoints(out / "fsdp")
