@@ -9,10 +9,8 @@
 
   At scale (torchrun spreads each over the GPUs; one process works too):
     meanflow prepare-latents --images /data/imagenet/train --vae /models/sd-vae-ft-mse --out /data/latents --flip
-    torchrun --nproc_per_node=8 -m meanflow train --preset imagenet-XL/2 --set data.path=/data/latents \
-        --set train.parallel=fsdp --out runs/xl2
-    torchrun --nproc_per_node=8 -m meanflow sample --ckpt runs/xl2 --vae /models/sd-vae-ft-mse --num 50000 \
-        --out samples.npz
+    torchrun --nproc_per_node=8 -m meanflow train --preset imagenet-XL/2 --set data.path=/data/latents --out runs/xl2
+    torchrun --nproc_per_node=8 -m meanflow sample --ckpt runs/xl2 --vae VAE --num-samples 50000 --out samples.npz
     meanflow eval --samples samples.npz --fid-ref VIRTUAL_imagenet256_labeled.npz --inception pt_inception.pt
 """
 from __future__ import annotations

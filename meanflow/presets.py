@@ -8,7 +8,10 @@
 | mnist (the demo)  | 5,000 MNIST digits, 32 px | DiT-Tiny/4 (96 wide, 4)    | 2500 steps, ~7-10 min         |
 | imagenet-B/2, -L/2, -XL/2 | SD-VAE latents 4x32x32 | DiT-B/2, L/2, XL/2 | 240 epochs (1,201,095 steps) |
 
-The ImageNet presets carry the official hyperparameters (DESIGN.md 1) and need `--set data.path=...`.
+The ImageNet presets carry the official hyperparameters (DESIGN.md 1) and need `--set data.path=...` (latent shards
+from `meanflow prepare-latents`). train.batch_size is the global batch (256): under
+`torchrun --nproc_per_node=8 -m meanflow train --preset imagenet-XL/2 ...` each GPU takes 32 rows; train.parallel picks
+DDP (default) or FSDP2, and train.grad_accum splits each GPU's rows further when memory is short.
 """
 from __future__ import annotations
 
