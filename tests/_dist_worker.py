@@ -14,7 +14,8 @@ import torch.distributed as dist
 from meanflow.config import apply_overrides
 from meanflow.presets import get_preset
 
-QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1", "eval.enabled=false"]
+# device=cpu: gloo ranks on CPU even where a GPU is visible (two ranks cannot share one GPU)
+QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1", "eval.enabled=false", "train.device=cpu"]
 
 
 def dit_config(*extra):

@@ -247,6 +247,7 @@ def test_torchrun_train_and_resume(tmp_path):
     args = ["--preset", "digits", "--set", "train.steps=2", "--set", "train.batch_size=4", "--set", "model.hidden=16",
             "--set", "model.depth=1", "--set", "model.heads=2", "--set", "train.progress=false",
             "--set", "eval.enabled=false", "--set", "train.grid_size=10", "--set", "train.parallel=fsdp",
+            "--set", "train.device=cpu",
             "--out", str(run_dir)]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", str(free_port()), "-m", "meanflow", "train", *args],

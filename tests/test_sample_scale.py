@@ -42,7 +42,7 @@ def run(tmp_path_factory):
     torch.set_num_threads(1)
     cfg = apply_overrides(get_preset("digits"), [
         "train.steps=1", "train.batch_size=8", "model.hidden=16", "model.depth=1", "model.heads=2",
-        "train.progress=false", "train.threads=1", "eval.enabled=false", "train.grid_size=10"])
+        "train.progress=false", "train.threads=1", "eval.enabled=false", "train.grid_size=10", "train.device=cpu"])
     Trainer(cfg, out).train()
     return out
 
@@ -71,7 +71,7 @@ def test_labels_noise_and_the_split_over_ranks():
 
 def test_npz_over_two_torchrun_processes_equals_one(run, tmp_path, capsys):
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
-    assert main(["sample", "--ckpt", str(run), "--num", "7", "--batch-size", "2", "--out", str(one)]) == 0
+    assert main(["sample", "--ckpt", str(run), "--device", "cpu", "--num", "7", "--batch-size", "2", "--out", str(one)]) == 0
     assert "wrote" in capsys.readouterr().out
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with socket.socket() as s:
@@ -79,7 +79,7 @@ def test_npz_over_two_torchrun_processes_equals_one(run, tmp_path, capsys):
         port = s.getsockname()[1]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(port), "-m", "meanflow", "sample", "--ckpt", str(run), "--num-samples", "7",
-                           "--batch-size", "2", "--out", str(two)],
+                           "--batch-size", "2", "--device", "cpu", "--out", str(two)],
                           capture_output=True, text=True, env=env, timeout=300, check=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote") == 1 and "2 ranks" in proc.stdout
@@ -90,8 +90,8 @@ def test_npz_over_two_torchrun_processes_equals_one(run, tmp_path, capsys):
         assert len({row.tobytes() for row in images}) == 7          # no sample written twice
     # deterministic by seed: the same file again, another seed another batch
     again, other = tmp_path / "again.npz", tmp_path / "other.npz"
-    assert main(["sample", "--ckpt", str(run), "--num", "7", "--batch-size", "2", "--out", str(again)]) == 0
-    assert main(["sample", "--ckpt", str(run), "--num", "7", "--batch-size", "2", "--seed", "1", "--out",
+    assert main(["sample", "--ckpt", str(run), "--device", "cpu", "--num", "7", "--batch-size", "2", "--out", str(again)]) == 0
+    assert main(["sample", "--ckpt", str(run), "--device", "cpu", "--num", "7", "--batch-size", "2", "--seed", "1", "--out",
                  str(other)]) == 0
     with np.load(one) as a, np.load(again) as b, np.load(other) as c:
         assert np.array_equal(a["arr_0"], b["arr_0"]) and not np.array_equal(a["arr_0"], c["arr_0"])
