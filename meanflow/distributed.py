@@ -248,15 +248,15 @@ def gradient_sync(model: nn.Module, enabled: bool):
     (DDP: no_sync(); FSDP2: set_requires_gradient_sync(False)); gradients then accumulate locally."""
     if enabled:
         yield
-    elif hasattr(model, "no_sync"):
-        with model.no_sync():
-            yield
     elif is_fsdp(model):
         model.set_requires_gradient_sync(False)
         try:
             yield
         finally:
             model.set_requires_gradient_sync(True)
+    elif hasattr(model, "no_sync"):  # DDP
+        with model.no_sync():
+            yield
     else:
         yield
 
