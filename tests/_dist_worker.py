@@ -29,7 +29,10 @@ def dit_config(*extra):
 
 def full_state(trainer) -> dict:
     """Full (gathered) model and EMA weights of a trainer, on CPU; every rank must call it (FSDP gathers)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+    )
 
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     model = get_model_state_dict(trainer.model, options=opts)

@@ -19,7 +19,12 @@ import pytest
 import torch
 
 from meanflow import distributed
-from meanflow.checkpoint import is_dcp_checkpoint, list_checkpoints, load_checkpoint, load_weights
+from meanflow.checkpoint import (
+    is_dcp_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+)
 from meanflow.train import Trainer
 from tests._dist_worker import SCENARIOS, dit_config, run
 from tests._latent_fixtures import make_image_folder, make_tiny_vae

@@ -9,7 +9,13 @@ import torch
 
 from meanflow.cli import main
 from meanflow.data import ImageFolder, LatentShards
-from meanflow.latents import VAEError, decode_latents, encode_images, load_vae, manifest_scale_factor
+from meanflow.latents import (
+    VAEError,
+    decode_latents,
+    encode_images,
+    load_vae,
+    manifest_scale_factor,
+)
 from tests._latent_fixtures import make_image_folder, make_tiny_vae
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
