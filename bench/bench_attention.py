@@ -41,6 +41,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
+from bench.common import is_oom, peak_memory_mb  # noqa: E402
 from mfkernels import reference  # noqa: E402
 from mfkernels.attention import attention_jvp  # noqa: E402
 
@@ -75,18 +76,7 @@ def _time(fn, grad_to_none=None):
 
 def _peak_mb(fn):
     """Peak memory a call adds on top of what is allocated before it (CUDA only)."""
-    if not CUDA:
-        return None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "out of memory" in str(e).lower()
+    return peak_memory_mb(fn, "cuda" if CUDA else "cpu")
 
 
 # --------------------------------------------------------------------------------------------------- providers
@@ -174,7 +164,7 @@ def run(quick: bool, causal_modes, only=None, log=print, dtypes=None, ns=None, d
                                        tflops=FLOPS_PER_HEAD[name] * flops_unit / (ms * 1e-3) / 1e12)
                         except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
                             row.update(ms=None, ms_p20=None, ms_p80=None, tflops=None,
-                                       error="OOM" if _is_oom(e) else f"{type(e).__name__}: {str(e)[:200]}")
+                                       error="OOM" if is_oom(e) else f"{type(e).__name__}: {str(e)[:200]}")
                             if CUDA:
                                 torch.cuda.empty_cache()
                         rows.append(row)
