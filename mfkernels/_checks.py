@@ -57,6 +57,15 @@ def check_tangent(name: str, tangent: torch.Tensor, primal_name: str, primal: to
     return kt
 
 
+def check_linear_args(x: torch.Tensor, weight: torch.Tensor, x_dot: torch.Tensor) -> int:
+    """Linear arguments: x (B, ..., in) float, x_dot its ragged tangent, weight (out, in). Returns kt."""
+    check_float("x", x)
+    kt = check_tangent("x_dot", x_dot, "x", x)
+    if x.shape[-1] != weight.shape[-1]:
+        raise ValueError(f"x has {x.shape[-1]} features but weight has shape {tuple(weight.shape)} (out, in)")
+    return kt
+
+
 def check_tangent_batches(**tangents: torch.Tensor) -> int:
     """All tangents of one op call must have the same batch kt."""
     sizes = {name: t.shape[0] for name, t in tangents.items()}

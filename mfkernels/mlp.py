@@ -23,21 +23,12 @@ import math
 import torch
 
 from . import _runtime
-from ._checks import check_float, check_tangent
+from ._checks import check_linear_args
 from ._tl_math import ACT_GELU_TANH
 from .activations import act_bwd, act_jvp_fwd
 from .reference import _LinearJVP, mlp_jvp_ref
 
 __all__ = ["linear_jvp", "mlp_jvp", "MLPJVPFunction"]
-
-
-def _check_linear_args(x: torch.Tensor, weight: torch.Tensor, x_dot: torch.Tensor) -> int:
-    """The checks of `reference.linear_jvp_ref`, same order and messages; returns kt."""
-    check_float("x", x)
-    kt = check_tangent("x_dot", x_dot, "x", x)
-    if x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"x has {x.shape[-1]} features but weight has shape {tuple(weight.shape)} (out, in)")
-    return kt
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -63,7 +54,7 @@ def linear_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     `reference._LinearJVP` itself (cuBLAS through torch, so it runs on any device: no fallback needed). Under autocast
     the inputs are cast to the autocast dtype first, so y and y_dot share one dtype.
     """
-    _check_linear_args(x, weight, x_dot)
+    check_linear_args(x, weight, x_dot)
     x, weight, bias, x_dot = _cast(_autocast_dtype(x), x, weight, bias, x_dot)
     return _LinearJVP.apply(x, x_dot, weight, bias)
 
@@ -144,7 +135,7 @@ def mlp_jvp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     parameters, y_dot detached). Same contract and checks as `reference.mlp_jvp_ref` (whose checks run in its first
     linear and its GELU); falls back to it (one warning) where Triton cannot run.
     """
-    _check_linear_args(x, w1, x_dot)
+    check_linear_args(x, w1, x_dot)
     if w2.shape[-1] != w1.shape[0]:
         raise ValueError(f"w2 has shape {tuple(w2.shape)} (out, hidden) but w1 has shape {tuple(w1.shape)} "
                          f"(hidden, in): the hidden sizes must match")

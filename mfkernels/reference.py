@@ -19,8 +19,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import (check_float, check_gated_residual_args, check_layernorm_modulate_args, check_like, check_ndim,
-                      check_tangent, check_tangent_batches)
+from ._checks import (check_float, check_gated_residual_args, check_layernorm_modulate_args, check_like,
+                      check_linear_args, check_ndim, check_tangent, check_tangent_batches)
 
 GELU_K = math.sqrt(2.0 / math.pi)
 GELU_C = 0.044715
@@ -65,10 +65,7 @@ class _LinearJVP(torch.autograd.Function):
 def linear_jvp_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x W^T + b;  y_dot = x_dot W^T  (x: (B, ..., in), x_dot: (kt, ..., in), W: (out, in))."""
-    check_float("x", x)
-    check_tangent("x_dot", x_dot, "x", x)
-    if x.shape[-1] != weight.shape[-1]:
-        raise ValueError(f"x has {x.shape[-1]} features but weight has shape {tuple(weight.shape)} (out, in)")
+    check_linear_args(x, weight, x_dot)
     return _LinearJVP.apply(x, x_dot, weight, bias)
 
 
