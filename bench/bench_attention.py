@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -41,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from bench.common import is_oom, peak_memory_mb  # noqa: E402
+from bench.common import is_oom, peak_memory_mb, time_fn  # noqa: E402
 from mfkernels import reference  # noqa: E402
 from mfkernels.attention import attention_jvp  # noqa: E402
 
@@ -55,23 +54,9 @@ FLOPS_PER_HEAD = {  # in units of N^2 D (non-causal; causal counts half)
 
 
 # ------------------------------------------------------------------------------------------------------ timing
-def _time_cpu(fn, reps: int = 3):
-    fn()  # warmup (compiles nothing in the interpreter, but fills caches)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else times * 4
-    return statistics.median(times), q[0], q[3]
-
-
 def _time(fn, grad_to_none=None):
-    if CUDA:
-        ms, p20, p80 = triton.testing.do_bench(fn, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
-        return ms, p20, p80
-    return _time_cpu(fn)
+    r = time_fn(fn, "cuda" if CUDA else "cpu", warmup=1, reps=3, grad_to_none=grad_to_none)
+    return r["ms"], r["ms_p20"], r["ms_p80"]
 
 
 def _peak_mb(fn):

@@ -29,9 +29,7 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -45,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
+from bench.common import time_fn  # noqa: E402
 from mfkernels import reference as ref  # noqa: E402
 from mfkernels.activations import gelu_tanh_jvp  # noqa: E402
 from mfkernels.mlp import mlp_jvp  # noqa: E402
@@ -55,26 +54,6 @@ EPS = 1e-6
 
 
 # ------------------------------------------------------------------------------------------------------------ timing
-def _time_cuda(fn, grad_to_none=None) -> tuple[float, float, float]:
-    ms, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
-    return ms, p20, p80
-
-
-def _time_cpu(fn, reps: int, grad_to_none=None) -> tuple[float, float, float]:
-    fn()  # warm up (interpreter: parse and cache the kernels)
-    times = []
-    for _ in range(reps):
-        for t in grad_to_none or ():
-            t.grad = None
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    if len(times) == 1:
-        return times[0], times[0], times[0]
-    q = statistics.quantiles(times, n=10, method="inclusive")  # deciles: q[1] = p20, q[7] = p80
-    return statistics.median(times), q[1], q[7]
-
-
 # ------------------------------------------------------------------------------------------------------------ cases
 def _padded(t: torch.Tensor, batch: int) -> torch.Tensor:
     """A ragged tangent zero-padded to the full batch (for torch.func.jvp, which needs the primal's shape)."""
@@ -194,14 +173,15 @@ def run(quick: bool) -> dict:
     if ON_CUDA:
         shapes = [("DiT-B/2", 64, 256, 768), ("DiT-XL/2", 64, 256, 1152)]
         kts = (lambda B: [B // 4]) if quick else (lambda B: [B // 4, B])
-        timer = _time_cuda
+        reps = None  # do_bench decides
     else:  # interpreter: a dry run on tiny shapes
         shapes = [("tiny", 4, 8, 48)] if quick else [("tiny", 4, 8, 48), ("tiny-odd", 4, 8, 72)]
         kts = (lambda B: [B // 4]) if quick else (lambda B: [B // 4, B])
         reps = 2 if quick else 5
 
-        def timer(fn, grad_to_none=None):
-            return _time_cpu(fn, reps, grad_to_none)
+    def timer(fn, grad_to_none=None):
+        r = time_fn(fn, device, warmup=1, reps=reps or 1, grad_to_none=grad_to_none)
+        return r["ms"], r["ms_p20"], r["ms_p80"]
 
     rows = []
     for name, B, N, C in shapes:

@@ -43,23 +43,31 @@ def env_info(device: str) -> dict:
     }
 
 
+def _summary(times: list[float]) -> dict:
+    """Median with 20th / 80th percentiles of a list of ms."""
+    q = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
+    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
+
+
 def time_fn(fn: Callable[[], object], device: str, *, warmup: int = 2, reps: int = 5,
-            cuda_warmup_ms: int = 25, cuda_rep_ms: int = 100) -> dict:
-    """Median time of fn() in ms, with p20/p80."""
+            cuda_warmup_ms: int = 25, cuda_rep_ms: int = 100, grad_to_none=None) -> dict:
+    """Median time of fn() in ms, with p20/p80. `grad_to_none`: tensors whose .grad is reset before every run."""
     if device.startswith("cuda"):
         from triton.testing import do_bench
 
-        med, p20, p80 = do_bench(fn, warmup=cuda_warmup_ms, rep=cuda_rep_ms, quantiles=[0.5, 0.2, 0.8])
+        med, p20, p80 = do_bench(fn, warmup=cuda_warmup_ms, rep=cuda_rep_ms, quantiles=[0.5, 0.2, 0.8],
+                                 grad_to_none=grad_to_none)
         return {"ms": med, "ms_p20": p20, "ms_p80": p80}
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(reps):
+        for t in grad_to_none or ():
+            t.grad = None
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"ms": statistics.median(times), "ms_p20": q[0], "ms_p80": q[3]}
+    return _summary(times)
 
 
 def time_interleaved(fns: list[Callable[[], object]], *, warmup: int = 2, reps: int = 5) -> list[dict]:
@@ -74,11 +82,7 @@ def time_interleaved(fns: list[Callable[[], object]], *, warmup: int = 2, reps: 
             t0 = time.perf_counter()
             fn()
             times[i].append((time.perf_counter() - t0) * 1e3)
-    out = []
-    for ts in times:
-        q = statistics.quantiles(ts, n=5) if len(ts) > 1 else [ts[0]] * 4
-        out.append({"ms": statistics.median(ts), "ms_p20": q[0], "ms_p80": q[3]})
-    return out
+    return [_summary(ts) for ts in times]
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
