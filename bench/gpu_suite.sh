@@ -11,9 +11,12 @@
 #   block_ops  LN-modulate, MLP, GELU, gated residual: fused vs eager vs JVP     -> OUTDIR/block_ops.json
 #   block      one DiT block forward + JVP + backward per backend               -> OUTDIR/block.json
 #   step       full training steps, DiT-B/2 and DiT-XL/2: FM vs MeanFlow x backend -> OUTDIR/step.json
+#   profile    host overhead per op, forward passes, torch.profiler tables (DiT-B/2) -> OUTDIR/{overhead,forward}.json,
+#              OUTDIR/profile_<backend>.txt
 # Every benchmark writes its JSON as it goes, so a stage cut short keeps what it measured.
 # Without CUDA the suite runs the same stages in Triton interpreter mode at tiny sizes: a dry run on CPU (CI does it).
-# Stage limits (seconds) can be changed with SUITE_LIMIT_<STAGE>=..., stages skipped with SUITE_SKIP="a b".
+# Stage limits (seconds) can be changed with SUITE_LIMIT_<STAGE>=..., stages skipped with SUITE_SKIP="a b", and the
+# arguments of some stages replaced with SUITE_ATTENTION_ARGS, SUITE_STEP_ARGS, SUITE_TEST_ARGS.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:?usage: bash bench/gpu_suite.sh OUTDIR [--quick]}"
@@ -92,7 +95,9 @@ stage attention 90 "$PY" bench/bench_attention.py --out "$out/attention.json" \
 stage target 40 "$PY" bench/bench_target.py --device "$device" --out "$out/target.json" $quick
 stage block_ops 50 "$PY" bench/bench_block_ops.py --out "$out/block_ops.json" $quick
 stage block 45 "$PY" bench/bench_block.py --out "$out/block.json" $quick
-stage step 130 "$PY" bench/bench_step.py --out "$out/step.json" --batch 64 $quick
+# shellcheck disable=SC2086
+stage step 130 "$PY" bench/bench_step.py --out "$out/step.json" ${SUITE_STEP_ARGS:---batch 64} $quick
+stage profile 90 "$PY" bench/profile_step.py --out "$out" $quick
 
 echo "suite finished in $(( $(date +%s) - suite_start ))s on $device; results in $out"
 if [ "${#failed[@]}" -gt 0 ]; then
