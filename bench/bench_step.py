@@ -3,6 +3,8 @@
 A step is forward + loss + backward + AdamW update. Flow matching (ratio 0, no guidance, plain forward with torch's
 default SDPA) is the baseline; MeanFlow runs at ratio 0.25 with guidance off and on (kappa > 0 needs the no-grad
 guidance forwards). Rows report ms, samples/s, the ratio to flow matching and, on CUDA, peak memory.
+On CUDA, rows with cuda_graph = true run the training call through meanflow.CUDAGraphModel (flow matching too, so
+the baseline gets the same help); their peak memory includes the graph's memory pool.
 
     python bench/bench_step.py --out bench/results/step_cpu.json            # CPU-sized DiT
     python bench/bench_step.py --device cuda --out step_h100.json            # DiT-B/2 and DiT-XL/2, bf16
@@ -20,18 +22,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import is_oom, peak_memory_mb, time_fn, time_interleaved, write_results  # noqa: E402
 from meanflow import MeanFlowLoss, build_dit  # noqa: E402
+from meanflow.cuda_graphs import CUDAGraphModel  # noqa: E402
 
 GUIDANCE = {"off": {}, "on": {"omega": 1.0, "kappa": 0.5}}  # the official DiT-B/2 guidance setting
 
 
-def make_step(model, loss_fn, x, y, opt, device, backend):
+def make_step(model, loss_fn, x, y, opt, device, backend, call_model=None):
+    """One training step; `call_model` (e.g. a CUDAGraphModel around model) is what the loss calls."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    call_model = call_model if call_model is not None else model
 
     def step():
         model.backend = backend
         opt.zero_grad(set_to_none=True)
         with autocast:
-            loss, _ = loss_fn(model, x, y)
+            loss, _ = loss_fn(call_model, x, y)
         loss.backward()
         opt.step()
 
@@ -52,33 +57,52 @@ def bench_model(name: str, args, device: str) -> list[dict]:
     x = torch.randn(batch, channels, size, size, device=device)
     y = torch.randint(0, args.num_classes, (batch,), device=device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
-    cases = [("flow_matching", "explicit", "off", MeanFlowLoss(flow_matching=True, label_dropout=0.1))]
+    fm = MeanFlowLoss(flow_matching=True, label_dropout=0.1)
+    cases = [("flow_matching", "explicit", "off", fm, False)]
     for guidance in args.guidance:
         for backend in args.backends:
             cases.append(("meanflow", backend, guidance,
-                          MeanFlowLoss(ratio=args.ratio, label_dropout=0.1, **GUIDANCE[guidance])))
+                          MeanFlowLoss(ratio=args.ratio, label_dropout=0.1, **GUIDANCE[guidance]), False))
+    if device.startswith("cuda") and args.graph_backends:
+        cases.append(("flow_matching", "explicit", "off", fm, True))
+        for guidance in args.guidance:
+            for backend in args.graph_backends:
+                cases.append(("meanflow", backend, guidance,
+                              MeanFlowLoss(ratio=args.ratio, label_dropout=0.1, **GUIDANCE[guidance]), True))
     rows, steps = [], []
-    for objective, backend, guidance, loss_fn in cases:
+    for objective, backend, guidance, loss_fn, graphed in cases:
         model.backend = backend
         row = {"bench": "step", "model": name, "objective": objective, "backend": backend, "guidance": guidance,
-               "batch": batch, "input": [channels, size, size], "ratio": 0.0 if objective == "flow_matching" else
-               args.ratio, "dtype": "bf16-autocast" if device.startswith("cuda") else "fp32"}
-        step = make_step(model, loss_fn, x, y, opt, device, backend)
+               "cuda_graph": graphed, "batch": batch, "input": [channels, size, size],
+               "ratio": 0.0 if objective == "flow_matching" else args.ratio,
+               "dtype": "bf16-autocast" if device.startswith("cuda") else "fp32"}
+        call_model = CUDAGraphModel(model) if graphed else None
+        step = make_step(model, loss_fn, x, y, opt, device, backend, call_model)
         if not device.startswith("cuda"):  # CPU: timed below, interleaved
             rows.append(row)
             steps.append(step)
             continue
         try:
+            base = None
+            if graphed:  # capture first; the graph's pool stays allocated, so count it in the peak
+                torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated()
+                step()
             # A step takes 40-500 ms: give do_bench seconds, not its default 100 ms, so the median is over many runs.
             row.update(time_fn(step, device, warmup=args.warmup, reps=args.reps, cuda_warmup_ms=500,
                                cuda_rep_ms=2000))
             row["samples_per_s"] = batch / row["ms"] * 1e3
             row["peak_mem_mb"] = peak_memory_mb(step, device)
+            if base is not None:
+                row["peak_mem_mb"] += (torch.cuda.memory_allocated() - base) / 2**20
+                row["graphs_captured"] = call_model.captures_made
         except Exception as exc:  # noqa: BLE001 - a provider failing must not lose the other rows
-            if not (is_oom(exc) or isinstance(exc, ImportError)):
+            if not (is_oom(exc) or isinstance(exc, ImportError) or graphed):
                 raise
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
             torch.cuda.empty_cache()
+        del call_model, step
+        torch.cuda.empty_cache()
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     if steps:
@@ -86,12 +110,17 @@ def bench_model(name: str, args, device: str) -> list[dict]:
         for row, result in zip(rows, time_interleaved(steps, warmup=args.warmup, reps=args.reps)):
             row.update(result, samples_per_s=batch / result["ms"] * 1e3, peak_mem_mb=None)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
-    base = next(r for r in rows if r["objective"] == "flow_matching")
+    # Ratios against the eager flow-matching step (the baseline a user has today); graphed rows also get the ratio
+    # to the graphed flow-matching step.
+    base = next(r for r in rows if r["objective"] == "flow_matching" and not r["cuda_graph"])
+    base_graph = next((r for r in rows if r["objective"] == "flow_matching" and r["cuda_graph"] and "ms" in r), None)
     for r in rows:
         if "ms" in r and "ms" in base:
             r["ratio_to_fm"] = r["ms"] / base["ms"]
             if r.get("peak_mem_mb") and base.get("peak_mem_mb"):
                 r["mem_ratio_to_fm"] = r["peak_mem_mb"] / base["peak_mem_mb"]
+        if r["cuda_graph"] and "ms" in r and base_graph is not None:
+            r["ratio_to_fm_graph"] = r["ms"] / base_graph["ms"]
     return rows
 
 
@@ -101,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=None, help="DiT registry names (default: by device)")
     ap.add_argument("--backends", nargs="+", default=["autograd", "explicit", "fused"])
     ap.add_argument("--guidance", nargs="+", default=["off", "on"], choices=list(GUIDANCE))
+    ap.add_argument("--graph-backends", nargs="*", default=["fused"],
+                    help="backends also timed through CUDAGraphModel on CUDA (none: --graph-backends)")
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--ratio", type=float, default=0.25, help="fraction of rows with r != t")
     ap.add_argument("--num-classes", type=int, default=1000)

@@ -12,7 +12,11 @@ bandwidth of the op's minimal traffic (the same byte count for both providers):
 A "copy" row times torch's clone of a buffer of half that byte count (it reads and writes it: the same bytes moved),
 the bandwidth any memory-bound op can hope for on that device; native rows carry frac_of_copy = their GB/s over it.
 
-Timing: CUDA uses triton.testing.do_bench (median; its warm-up excluded); CPU repeats time.perf_counter around one
+Timing: CUDA uses triton.testing.do_bench (median; its warm-up excluded), which times call by call and so includes
+the host's launch cost whenever that exceeds the kernel (it does at these sizes: an op of ~5 us of GPU work). CUDA
+rows therefore also carry device_ms: the op replayed from a CUDA graph over a rotating set of input copies (together
+> 256 MB, several times the L2, so every call streams from HBM), the same for the copy; device_gbps and
+device_frac_of_copy are computed from those. CPU repeats time.perf_counter around one
 call (median of `reps`, after `warmup` untimed calls), with the providers interleaved call by call so that load
 from other processes on a shared machine hits both alike; CPU rows also carry ms_min (the fastest call), which
 other processes disturb least. On a loaded 2-core host, 2 OpenMP threads stall whenever the other core is taken:
@@ -122,6 +126,47 @@ def time_cuda(fns: dict, mode, u, warmup, reps):
     return out
 
 
+def device_ms(shape, dtype, mode, provider: str, nbytes: int, reps: int = 20) -> float | None:
+    """Per-call ms of `provider` ('native', 'torch' or 'copy') replayed from one CUDA graph that cycles through
+    input sets (or copy buffers) totalling > 256 MB, so no call finds its inputs in L2. None if capture fails."""
+    sets = max(2, min(64, -(-(256 << 20) // max(1, nbytes))))
+    if provider == "copy":
+        srcs = [torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device="cuda") for _ in range(sets)]
+        dsts = [torch.empty_like(x) for x in srcs]
+        calls = [lambda i=i: dsts[i].copy_(srcs[i]) for i in range(sets)]
+    else:
+        inputs = [make_inputs(shape, dtype, "cuda") for _ in range(sets)]
+        calls = [lambda i=i: run_fn(providers(*inputs[i], mode)[provider], mode, inputs[i][0]) for i in range(sets)]
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for call in calls:  # warm-up outside the graph (allocator pools, lazy loads)
+                call()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(reps):
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / sets)
+        return statistics.median(times)
+    except RuntimeError as exc:  # e.g. an op that syncs with the host cannot be captured
+        print(f"device_ms: {provider} {mode} not captured: {str(exc).splitlines()[0][:120]}", flush=True)
+        return None
+    finally:
+        torch.cuda.empty_cache()
+
+
 def time_copy(nbytes, device, warmup, reps):
     """ms of torch clone of nbytes / 2 bytes (reads and writes them: nbytes moved)."""
     buf = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device)
@@ -194,9 +239,15 @@ def main(argv=None):
                           "mode": mode, "bytes": nbytes, "device": device}
                 if device == "cpu":
                     common["threads"] = torch.get_num_threads()
+                dev = {}
+                if device == "cuda":
+                    dev = {name: device_ms(shape, dtype, mode, name, nbytes) for name in ("native", "torch", "copy")}
                 for provider in ("native", "torch"):
                     ms = times[provider]
                     row = {**common, "provider": provider, "ms": round(ms, 4), "gbps": round(nbytes / ms / 1e6, 2)}
+                    if dev.get(provider):
+                        row["device_ms"] = round(dev[provider], 5)
+                        row["device_gbps"] = round(nbytes / dev[provider] / 1e6, 2)
                     if device == "cpu":
                         row["ms_min"] = round(_minimum[provider], 4)
                     if provider == "native":
@@ -204,12 +255,22 @@ def main(argv=None):
                         if device == "cpu":
                             row["speedup_vs_torch_min"] = round(_minimum["torch"] / _minimum["native"], 2)
                         row["frac_of_copy"] = round(row["gbps"] / copy_gbps, 3)
+                        if dev.get("native") and dev.get("copy"):
+                            row["device_frac_of_copy"] = round(dev["copy"] / dev["native"], 3)
+                            if dev.get("torch"):
+                                row["device_speedup_vs_torch"] = round(dev["torch"] / dev["native"], 2)
                     rows.append(row)
-                rows.append({**common, "provider": "copy", "ms": round(copy_ms, 4), "gbps": round(copy_gbps, 2)})
+                copy_row = {**common, "provider": "copy", "ms": round(copy_ms, 4), "gbps": round(copy_gbps, 2)}
+                if dev.get("copy"):
+                    copy_row.update(device_ms=round(dev["copy"], 5), device_gbps=round(nbytes / dev["copy"] / 1e6, 2))
+                rows.append(copy_row)
                 for row in rows[-3:]:
                     notes = ""
                     if row["provider"] == "native":
                         notes = f"{row['speedup_vs_torch']}x vs torch, {row['frac_of_copy']:.0%} of copy"
+                        if "device_frac_of_copy" in row:
+                            notes += (f"; device (graph): {row['device_ms'] * 1e3:.1f} us, "
+                                      f"{row['device_frac_of_copy']:.0%} of copy")
                         if "speedup_vs_torch_min" in row:
                             notes += f" (fastest runs: {row['speedup_vs_torch_min']}x)"
                     print(f"{str(tuple(shape)):>18} {dtype_name:>5} {mode:>8} {row['provider']:>8} "

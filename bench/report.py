@@ -74,17 +74,24 @@ def step_section(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         if "ms" not in r:
-            lines.append([r["model"], r["objective"], r["backend"], r["guidance"], "-", "-", "-", "-", r.get("error", "")])
+            lines.append([r["model"], r["objective"], r["backend"] + (" + CUDA graph" if r.get("cuda_graph") else ""),
+                          r["guidance"], "-", "-", "-", "-", "-", r.get("error", "")])
             continue
-        lines.append([r["model"], r["objective"].replace("_", " "), "-" if r["objective"] == "flow_matching" else
-                      r["backend"], r["guidance"], fmt(r["ms"], 1), fmt(r["samples_per_s"], 0),
-                      fmt(r.get("ratio_to_fm")) + "x", fmt(r.get("peak_mem_mb"), 0),
+        backend = "-" if r["objective"] == "flow_matching" else r["backend"]
+        if r.get("cuda_graph"):
+            backend += " + CUDA graph" if backend != "-" else "CUDA graph"
+        lines.append([r["model"], r["objective"].replace("_", " "), backend, r["guidance"], fmt(r["ms"], 1),
+                      fmt(r["samples_per_s"], 0), fmt(r.get("ratio_to_fm")) + "x",
+                      fmt(r.get("ratio_to_fm_graph")) + "x" if r.get("ratio_to_fm_graph") else "-",
+                      fmt(r.get("peak_mem_mb"), 0),
                       fmt(r.get("mem_ratio_to_fm")) + "x" if r.get("mem_ratio_to_fm") else "-"])
     batch = rows[0].get("batch") if rows else "?"
     return (f"Batch {batch}, ratio {rows[0].get('ratio', 0.25) if len(rows) < 2 else rows[1].get('ratio')}"
             f" (rows with r != t), dtype {rows[0].get('dtype') if rows else '?'}; guidance on = kappa 0.5, omega 1.0.\n\n"
+            + "'vs flow matching' divides by the eager flow-matching step; 'vs FM + graph' by the flow-matching step "
+              "run through the same CUDA-graph wrapper.\n\n"
             + table(["model", "objective", "backend", "guidance", "ms / step", "samples/s", "vs flow matching",
-                     "peak MB", "memory vs FM"], lines))
+                     "vs FM + graph", "peak MB", "memory vs FM"], lines))
 
 
 def block_section(rows: list[dict]) -> str:
@@ -116,10 +123,18 @@ def target_section(rows: list[dict]) -> str:
         if provider != "native":
             continue
         torch_row, copy = by.get((shape, dtype, mode, "torch"), {}), by.get((shape, dtype, mode, "copy"), {})
+        dev = r.get("device_ms")
         lines.append(["x".join(map(str, shape)), dtype, mode, fmt(r["ms"], 4), fmt(torch_row.get("ms"), 4),
                       fmt(torch_row["ms"] / r["ms"]) + "x" if torch_row.get("ms") else "-", fmt(r.get("gbps"), 0),
-                      f"{100 * r['gbps'] / copy['gbps']:.0f}%" if copy.get("gbps") and r.get("gbps") else "-"])
-    return table(["shape", "dtype", "pass", "native ms", "eager ms", "speedup", "native GB/s", "of D2D copy"], lines)
+                      f"{100 * r['gbps'] / copy['gbps']:.0f}%" if copy.get("gbps") and r.get("gbps") else "-",
+                      fmt(dev * 1e3, 1) if dev else "-",
+                      fmt(torch_row["device_ms"] / dev) + "x" if dev and torch_row.get("device_ms") else "-",
+                      fmt(r.get("device_gbps"), 0),
+                      f"{100 * r['device_frac_of_copy']:.0f}%" if r.get("device_frac_of_copy") else "-"])
+    return ("Call by call (do_bench: host launch cost included) and on the device alone (replayed from a CUDA graph "
+            "over input copies larger than L2: HBM-bound, no host cost).\n\n"
+            + table(["shape", "dtype", "pass", "native ms", "eager ms", "speedup", "native GB/s", "of D2D copy",
+                     "device us", "device speedup", "device GB/s", "device: of copy"], lines))
 
 
 # -------------------------------------------------------------------------------------------------------- plots
@@ -156,9 +171,12 @@ def plot_step(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         sel = [r for r in rows if r["model"] == model and r.get("ms")]
-        labels = ["FM" if r["objective"] == "flow_matching" else f"{r['backend']}\ncfg {r['guidance']}" for r in sel]
+        labels = [("FM" if r["objective"] == "flow_matching" else f"{r['backend']}\ncfg {r['guidance']}")
+                  + ("\n+graph" if r.get("cuda_graph") else "") for r in sel]
         colors = ["gray" if r["objective"] == "flow_matching" else
                   {"autograd": "tab:red", "explicit": "tab:blue", "fused": "tab:green"}[r["backend"]] for r in sel]
+        colors = ["black" if r.get("cuda_graph") and r["objective"] != "flow_matching" else c
+                  for r, c in zip(sel, colors)]
         ax.bar(range(len(sel)), [r["ms"] for r in sel], color=colors)
         ax.set_xticks(range(len(sel)), labels, fontsize=7)
         ax.set(ylabel="ms per training step", title=f"{model}: MeanFlow step per backend")

@@ -414,7 +414,8 @@ Outputs meanflow_loss_cuda(const at::Tensor& u_in, const at::Tensor& v_in, const
   at::Tensor loss = at::empty({}, acc_opts), per_sample = at::empty({batch}, acc_opts),
              weight = at::empty({batch}, acc_opts);
   at::Tensor residual = save_residual ? at::empty(u.sizes(), u.options()) : at::empty({0}, u.options());
-  at::Tensor partials = at::empty({batch * cuda_impl::forward_chunks(n, u.scalar_type())}, acc_opts);
+  // + 1 slot: the CUDA forward's ticket counter (see csrc/cuda/target.cu)
+  at::Tensor partials = at::empty({batch * cuda_impl::forward_chunks(n, u.scalar_type()) + 1}, acc_opts);
   cuda_impl::meanflow_loss_forward(u, v, du, t, r, p, eps, partials, loss, per_sample, weight,
                                    save_residual ? residual : at::Tensor());
   return {loss, per_sample, weight, residual};

@@ -47,8 +47,9 @@ class JVPNetwork(nn.Module):
         backend = check_backend(backend or self.backend)
         kt = check_network_inputs(self, z, t, h, y, tangents, check_values=self.check_inputs)
         if tangents is None:
-            if backend == "fused":  # the primal alone still runs on the fused kernels (kt = 0)
-                return self._forward_jvp(z, t, h, y, z[:0], t[:0], h[:0], ops_for("fused"))[0]
+            # The primal alone (guidance forwards, sampling, flow matching) is the plain forward on every backend:
+            # cuBLAS + torch's flash SDPA + eager glue. On an H200 the fused kernels at kt = 0 were host-bound here
+            # (DiT-B/2, 80 rows, bf16: 19-21 ms a call against 15.7 ms; bench/results/h200-2026-11-26-b).
             return self._forward_plain(z, t, h, y)
         z_dot, t_dot, h_dot = tangents
         if backend == "autograd":

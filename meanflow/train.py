@@ -30,6 +30,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +40,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from . import distributed
 from .config import ModelConfig, RunConfig, TrainConfig
+from .cuda_graphs import CUDAGraphModel
 from .data import BatchIterator, Dataset, dataset_from_config
 from .ema import EMA, decay_key
 from .loss import MeanFlowLoss
@@ -161,6 +163,8 @@ class Trainer:
         else:
             self.ema = EMA(self.net, tc.ema_decays)  # DDP: on the unwrapped module (identical on every rank)
         self.model = self._wrap_model(self.net)
+        # What the loss calls: the (wrapped) model, or a CUDA-graph replayer around it (one process on CUDA).
+        self.loss_model = self._graph_model(self.model)
         # after wrapping: under FSDP the parameters are this rank's shards (DTensors)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                            weight_decay=tc.weight_decay)
@@ -181,6 +185,18 @@ class Trainer:
         `model(..., tangents=...)` through the wrapper, so DDP's gradient hooks / FSDP's all-gathers see the real
         forward, for every JVP backend."""
         return distributed.wrap_model(net, self.parallel, self.dist, precision=self._precision(), mesh=self.mesh)
+
+    def _graph_model(self, model: nn.Module) -> nn.Module:
+        if not self.config.train.cuda_graphs:
+            return model
+        if self.world_size > 1:
+            raise ValueError("train.cuda_graphs works in one process only (DDP / FSDP hook into the forward and "
+                             "backward from Python, which a graph replay would skip); turn it off under torchrun")
+        if self.device.type != "cuda":
+            warnings.warn(f"train.cuda_graphs is on but the device is {self.device}: CUDA graphs need a GPU, the "
+                          f"training call runs eagerly", RuntimeWarning, stacklevel=3)
+            return model
+        return CUDAGraphModel(model)
 
     def _build_plain_model(self) -> nn.Module:
         """A fresh, unwrapped network of this run's architecture (on this rank's device)."""
@@ -233,7 +249,7 @@ class Trainer:
             # all but the last micro-batch skip the gradient all-reduce (DDP no_sync / FSDP requires_gradient_sync)
             with distributed.gradient_sync(self.model, i == n - 1):
                 with self._autocast():
-                    loss, stats = self.loss_fn(self.model, xs[i], ys[i], **kwargs)
+                    loss, stats = self.loss_fn(self.loss_model, xs[i], ys[i], **kwargs)
                 if self.world_size == 1:
                     value = loss.item()  # one host sync per micro-batch: stop on NaN before it reaches the weights
                     if not math.isfinite(value):

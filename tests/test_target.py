@@ -198,16 +198,25 @@ def test_time_dtypes_round_like_torch():
         close(a, b, torch.float32, name)
 
 
-def test_empty_and_deterministic():
-    u, v_g, du_dt, t, r = inputs(0, (3,), 0)
+@pytest.mark.gpu
+def test_empty_and_deterministic(device):
+    """B = 0 and empty samples (the CUDA forward's finalize-only path), and bit-identical repeated calls: several
+    chunks per sample (CPU: tasks over both threads; CUDA: the last block to finish, whichever it is, finalizes in a
+    fixed order), and more samples than the CUDA finalizing block has threads."""
+    u, v_g, du_dt, t, r = inputs(0, (3,), 0, device=device)
     loss, per_sample, weight = mt.meanflow_loss(u, v_g, du_dt, t, r, backend="native")
     assert per_sample.shape == (0,) and torch.isnan(loss)  # the mean over no rows (the reference cannot do B = 0)
-    u, v_g, du_dt, t, r = inputs(3, (0, 4), 2)  # empty samples: L = 0, w = eps^-p, loss = 0
+    u, v_g, du_dt, t, r = inputs(3, (0, 4), 2, device=device)  # empty samples: L = 0, w = eps^-p, loss = 0
     loss, per_sample, weight = mt.meanflow_loss(u, v_g, du_dt, t, r, backend="native")
-    assert float(loss.detach()) == 0.0 and torch.equal(per_sample, torch.zeros(3)) and torch.allclose(weight, torch.full((3,), 100.0))
-    args = inputs(16, (2, 130, 130), 4)  # several chunks per sample and tasks over both threads
-    first, second = run(*args), run(*args)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert float(loss.detach()) == 0.0 and torch.equal(per_sample.cpu(), torch.zeros(3))
+    assert torch.allclose(weight.cpu(), torch.full((3,), 100.0))
+    for batch, shape, kt in ((16, (2, 130, 130), 4), (300, (4, 8, 8), 75)):
+        args = inputs(batch, shape, kt, device=device)
+        first, second = run(*args), run(*args)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
+        f_loss, f_L, _, _ = formula_f64(*(a.detach().cpu() for a in args), 1.0, 0.01)
+        close(first[0].cpu(), f_loss, torch.float32, "loss")
+        close(first[1].cpu(), f_L, torch.float32, "per_sample")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

@@ -1,11 +1,14 @@
 // CUDA kernels of the MeanFlow target/loss op (schema, design notes and the CPU kernel: csrc/target.cpp).
 //
-// forward  = 2 launches on the current stream:
-//   1. fwd_kernel, one block per (sample b, chunk c of kChunk elements): reads u, v_g (and du_dt for b < kt) with
-//      16-byte loads (kUnroll loads of each in flight per thread), writes the residual d = u - u_tgt in u's dtype,
-//      and reduces sum d^2 of its chunk into partials[b * chunks + c] (fp32; fp64 for fp64 inputs).
-//   2. finalize_kernel, one block: per sample L_b = sum_c partials (one warp per sample, fixed order),
-//      w_b = (L_b + eps)^-p, and loss = mean_b w_b L_b (fixed tree). Deterministic: no atomics anywhere.
+// forward  = 1 launch (plus a 4-byte memset) on the current stream:
+//   fwd_kernel, one block per (sample b, chunk c of kChunk elements): reads u, v_g (and du_dt for b < kt) with
+//   16-byte loads (kUnroll loads of each in flight per thread), writes the residual d = u - u_tgt in u's dtype,
+//   and reduces sum d^2 of its chunk into partials[b * chunks + c] (fp32; fp64 for fp64 inputs). Each block then
+//   takes a ticket from a counter (zeroed by the memset); the block that takes the last one finalizes: per sample
+//   L_b = sum_c partials (fixed order), w_b = (L_b + eps)^-p, and loss = mean_b w_b L_b (fixed tree). The atomic
+//   only elects the finalizing block; every sum has a fixed order, so results are deterministic. (Before: a second
+//   finalize launch, which at latent sizes cost as much as the main pass.)
+//   finalize_kernel (a launch of its own) remains for the degenerate shapes with no main blocks (B = 0 or n = 0).
 // backward = 1 launch: grad_u = (grad_loss / B) * w_b * 2 d, grad_loss read from device memory (no host sync).
 //
 // Includes are kept minimal (no ATen/cuda/*): this file also compiles against the CPU wheel's headers for the nvcc
@@ -16,6 +19,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <limits>
@@ -56,7 +61,8 @@ __device__ __forceinline__ A warp_sum(A x) {
   return x;
 }
 
-// Sum over the block; the result is valid in thread 0. Called once per kernel (its shared buffer is not reused).
+// Sum over the block; the result is valid in thread 0. Its shared buffer is reused by a later call in the same
+// kernel only after a __syncthreads() between the two.
 template <typename A>
 __device__ __forceinline__ A block_sum(A x) {
   __shared__ A warp_totals[32];
@@ -152,12 +158,43 @@ __device__ __forceinline__ acc_t<T> chunk_sum(const T* __restrict__ u, const T* 
   return acc;
 }
 
-// grid: B * chunks blocks of kThreads. VEC = 1 is the path for unaligned data or n % vec_size != 0.
+// One block, any size: thread i sums the chunks of samples i, i + blockDim, ... (fixed order), writes L_b and
+// w_b = (L_b + eps)^-p, and the block sums w_b L_b (fixed tree): loss = mean_b w_b L_b. partials were written by
+// other blocks of the same launch: read them from L2 (__ldcg) after the caller's fence.
+template <typename A>
+__device__ __forceinline__ void finalize(const A* partials, int64_t batch, int64_t chunks, double p, double eps,
+                                         A* __restrict__ per_sample, A* __restrict__ weight, A* __restrict__ loss) {
+  A local = A(0);
+  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
+    A L = A(0);
+    for (int64_t c = 0; c < chunks; ++c) L += __ldcg(partials + b * chunks + c);  // L2, never a stale L1 line
+    const A x = L + static_cast<A>(eps);
+    const A w = p == 1.0 ? A(1) / x : pow(x, static_cast<A>(-p));
+    per_sample[b] = L;
+    weight[b] = w;
+    local += w * L;
+  }
+  const A total = block_sum(local);
+  if (threadIdx.x == 0) *loss = total / static_cast<A>(batch);  // B = 0: NaN, as torch's mean
+}
+
+// The finalize on its own, for shapes without main blocks (B = 0, or samples with no elements: L_b = 0).
+template <typename A>
+__global__ void __launch_bounds__(kFinalThreads)
+    finalize_kernel(const A* __restrict__ partials, int64_t batch, int64_t chunks, double p, double eps,
+                    A* __restrict__ per_sample, A* __restrict__ weight, A* __restrict__ loss) {
+  finalize<A>(partials, batch, chunks, p, eps, per_sample, weight, loss);
+}
+
+// grid: B * chunks blocks of kThreads. VEC = 1 is the path for unaligned data or n % vec_size != 0. The block that
+// finishes last (ticket gridDim.x - 1 from `counter`, zeroed before the launch) also runs the finalize.
 template <typename T, int VEC, bool WRITE>
 __global__ void __launch_bounds__(kThreads)
     fwd_kernel(const T* __restrict__ u, const T* __restrict__ v, const T* __restrict__ du, T* __restrict__ res,
                const void* __restrict__ t, const void* __restrict__ r, int time_kind, int64_t n, int64_t kt,
-               int64_t chunks, acc_t<T>* __restrict__ partials) {
+               int64_t chunks, acc_t<T>* __restrict__ partials, unsigned int* __restrict__ counter, int64_t batch,
+               double p, double eps, acc_t<T>* __restrict__ per_sample, acc_t<T>* __restrict__ weight,
+               acc_t<T>* __restrict__ loss) {
   using A = acc_t<T>;
   constexpr int64_t kChunk = chunk_elems<T>();
   const int64_t block = blockIdx.x;
@@ -173,30 +210,17 @@ __global__ void __launch_bounds__(kThreads)
     acc = chunk_sum<T, VEC, false, WRITE>(u + base, v + base, nullptr, res_b, A(0), begin, end);
   }
   acc = block_sum(acc);
-  if (threadIdx.x == 0) partials[block] = acc;
-}
-
-// One block: warp w reduces the chunks of samples w, w + nwarps, ...; then the block sums w_b L_b.
-template <typename A>
-__global__ void __launch_bounds__(kFinalThreads)
-    finalize_kernel(const A* __restrict__ partials, int64_t batch, int64_t chunks, double p, double eps,
-                    A* __restrict__ per_sample, A* __restrict__ weight, A* __restrict__ loss) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  A local = A(0);  // meaningful in lane 0 of each warp
-  for (int64_t b = warp; b < batch; b += warps) {
-    A L = A(0);
-    for (int64_t c = lane; c < chunks; c += 32) L += partials[b * chunks + c];
-    L = warp_sum(L);
-    if (lane == 0) {
-      const A x = L + static_cast<A>(eps);
-      const A w = p == 1.0 ? A(1) / x : pow(x, static_cast<A>(-p));
-      per_sample[b] = L;
-      weight[b] = w;
-      local += w * L;
-    }
+  __shared__ bool finalizer;
+  if (threadIdx.x == 0) {
+    partials[block] = acc;
+    __threadfence();  // the partial is visible device-wide before this block's ticket is
+    finalizer = atomicAdd(counter, 1u) == gridDim.x - 1;
   }
-  const A total = block_sum(local);
-  if (threadIdx.x == 0) *loss = total / static_cast<A>(batch);  // B = 0: NaN, as torch's mean
+  __syncthreads();  // also orders block_sum's shared buffer before finalize reuses it
+  if (finalizer) {
+    __threadfence();  // every other block's partial was fenced before its ticket: read them now
+    finalize<A>(partials, batch, chunks, p, eps, per_sample, weight, loss);
+  }
 }
 
 // grad_u = (grad_loss / B) * w_b * 2 d, one block per (sample, chunk) as the forward.
@@ -287,30 +311,39 @@ void launch_forward(const at::Tensor& u, const at::Tensor& v_g, const at::Tensor
   const int kind = time_kind(t.scalar_type());
   const bool vec = use_vectors<T>(n, {up, vp, dp, rp});
   const int64_t chunks = chunks_for<T>(n);
-  TORCH_CHECK(partials.numel() >= batch * chunks, "meanflow_loss (CUDA): partials workspace too small");
+  // partials: batch * chunks sums, then one slot whose first 4 bytes are the finalize ticket counter
+  TORCH_CHECK(partials.numel() >= batch * chunks + 1, "meanflow_loss (CUDA): partials workspace too small");
+  A* per_sample_p = static_cast<A*>(per_sample.data_ptr());
+  A* weight_p = static_cast<A*>(weight.data_ptr());
+  A* loss_p = static_cast<A*>(loss.data_ptr());
   const int64_t blocks = batch * chunks;
-  if (blocks > 0) {
-    const unsigned int grid = grid_size(blocks);
-    constexpr int V = vec_size<T>();
-    if (vec && write) {
-      fwd_kernel<T, V, true><<<grid, kThreads, 0, stream>>>(up, vp, dp, rp, t.data_ptr(), r.data_ptr(), kind, n, kt,
-                                                            chunks, partial_p);
-    } else if (vec) {
-      fwd_kernel<T, V, false><<<grid, kThreads, 0, stream>>>(up, vp, dp, rp, t.data_ptr(), r.data_ptr(), kind, n,
-                                                             kt, chunks, partial_p);
-    } else if (write) {
-      fwd_kernel<T, 1, true><<<grid, kThreads, 0, stream>>>(up, vp, dp, rp, t.data_ptr(), r.data_ptr(), kind, n, kt,
-                                                            chunks, partial_p);
-    } else {
-      fwd_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(up, vp, dp, rp, t.data_ptr(), r.data_ptr(), kind, n,
-                                                             kt, chunks, partial_p);
-    }
+  if (blocks == 0) {  // nothing to stream: the finalize alone (L_b = 0 for every sample, or B = 0)
+    finalize_kernel<A><<<1, kFinalThreads, 0, stream>>>(partial_p, batch, chunks, p, eps, per_sample_p, weight_p,
+                                                        loss_p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
   }
-  finalize_kernel<A><<<1, kFinalThreads, 0, stream>>>(partial_p, batch, chunks, p, eps,
-                                                      static_cast<A*>(per_sample.data_ptr()),
-                                                      static_cast<A*>(weight.data_ptr()),
-                                                      static_cast<A*>(loss.data_ptr()));
+  unsigned int* counter = reinterpret_cast<unsigned int*>(partial_p + blocks);
+  C10_CUDA_CHECK(cudaMemsetAsync(counter, 0, sizeof(unsigned int), stream));
+  const unsigned int grid = grid_size(blocks);
+  constexpr int V = vec_size<T>();
+  const void* tp = t.data_ptr();
+  const void* rp_time = r.data_ptr();
+  if (vec && write) {
+    fwd_kernel<T, V, true><<<grid, kThreads, 0, stream>>>(up, vp, dp, rp, tp, rp_time, kind, n, kt, chunks, partial_p,
+                                                          counter, batch, p, eps, per_sample_p, weight_p, loss_p);
+  } else if (vec) {
+    fwd_kernel<T, V, false><<<grid, kThreads, 0, stream>>>(up, vp, dp, rp, tp, rp_time, kind, n, kt, chunks,
+                                                           partial_p, counter, batch, p, eps, per_sample_p, weight_p,
+                                                           loss_p);
+  } else if (write) {
+    fwd_kernel<T, 1, true><<<grid, kThreads, 0, stream>>>(up, vp, dp, rp, tp, rp_time, kind, n, kt, chunks, partial_p,
+                                                          counter, batch, p, eps, per_sample_p, weight_p, loss_p);
+  } else {
+    fwd_kernel<T, 1, false><<<grid, kThreads, 0, stream>>>(up, vp, dp, rp, tp, rp_time, kind, n, kt, chunks,
+                                                           partial_p, counter, batch, p, eps, per_sample_p, weight_p,
+                                                           loss_p);
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,156 @@
+"""CUDAGraphModel: graph replays give the eager step's losses and weights; the rules it promises are enforced.
+
+On CPU the wrapper must run the model eagerly (same results, same state_dict); the graph tests need CUDA.
+"""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+from meanflow import CUDAGraphModel, MeanFlowLoss, build_dit, unwrap
+from tests.utils import max_rel_err, randomize_
+
+NUM_CLASSES = 3
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+def _model(device, backend="explicit"):
+    torch.manual_seed(0)
+    model = build_dit("DiT-Micro/2", input_size=(6, 10), in_channels=2, num_classes=NUM_CLASSES, backend=backend)
+    model.check_inputs = False
+    return randomize_(model, 0.1).to(device)
+
+
+def _batches(device, steps, batch=8):
+    g = torch.Generator().manual_seed(7)
+    return [(torch.randn(batch, 2, 6, 10, generator=g).to(device),
+             torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)) for _ in range(steps)]
+
+
+def _train(model, call_model, batches, loss_fn, autocast, accum=1):
+    """AdamW steps with the objective's random draws seeded per step (identical for every run)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for i, (x, y) in enumerate(batches):
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for xs, ys in zip(x.chunk(accum), y.chunk(accum)):
+            gen = torch.Generator(x.device).manual_seed(100 + i)
+            with autocast:
+                loss, _ = loss_fn(call_model, xs, ys, generator=gen)
+            (loss / accum).backward()
+            total += float(loss) / accum
+        opt.step()
+        losses.append(total)
+    return losses
+
+
+def test_cpu_runs_eagerly_and_keeps_the_network_state():
+    model = _model("cpu")
+    graphed = CUDAGraphModel(model)
+    assert unwrap(graphed) is model
+    assert graphed.state_dict().keys() == model.state_dict().keys()
+    loss_fn = MeanFlowLoss(ratio=0.5, omega=0.8, kappa=0.3, loss_op="torch")
+    batches = _batches("cpu", 2)
+    twin = copy.deepcopy(model)
+    eager = _train(twin, twin, batches, loss_fn, torch.autocast("cpu", enabled=False))
+    wrapped = _train(model, graphed, batches, loss_fn, torch.autocast("cpu", enabled=False))
+    assert eager == wrapped
+    assert graphed.captures_made == 0
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_refuses_what_it_cannot_graph():
+    with pytest.raises(TypeError, match="JVPNetwork"):
+        CUDAGraphModel(nn.Linear(3, 3))
+
+    class FSDPDiT(nn.Module):  # the class name FSDP2's fully_shard gives a sharded DiT
+        _forward_jvp = None
+
+    with pytest.raises(ValueError, match="DDP / FSDP"):
+        CUDAGraphModel(FSDPDiT())
+
+
+@pytest.mark.gpu
+@cuda_only
+@pytest.mark.parametrize("backend", ["fused", "explicit"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_graphed_training_equals_eager(backend, precision):
+    model = _model("cuda", backend)
+    twin = copy.deepcopy(model)
+    graphed = CUDAGraphModel(model)
+    loss_fn = MeanFlowLoss(ratio=0.5, omega=0.8, kappa=0.3, t_start=0.1, t_end=0.9, loss_op="torch")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
+    batches = _batches("cuda", 4)
+    eager = _train(twin, twin, batches, loss_fn, autocast)
+    replayed = _train(model, graphed, batches, loss_fn, autocast)
+    assert graphed.captures_made == 1  # one key: the main call (the guidance call is no-grad, eager)
+    tol = 1e-4 if precision == "fp32" else 2e-2
+    for a, b in zip(eager, replayed):
+        assert abs(a - b) <= tol * max(1.0, abs(a)), (eager, replayed)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert max_rel_err(p, q) < tol
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_gradient_accumulation_and_flow_matching():
+    """Two micro-batches per step: the parameter gradients handed out are copies, so they accumulate."""
+    for loss_fn in (MeanFlowLoss(ratio=0.25, loss_op="torch"), MeanFlowLoss(flow_matching=True, loss_op="torch")):
+        model = _model("cuda", "fused")
+        twin = copy.deepcopy(model)
+        graphed = CUDAGraphModel(model)
+        batches = _batches("cuda", 3)
+        off = torch.autocast("cuda", enabled=False)
+        eager = _train(twin, twin, batches, loss_fn, off, accum=2)
+        replayed = _train(model, graphed, batches, loss_fn, off, accum=2)
+        assert graphed.captures_made == 1
+        assert max(abs(a - b) for a, b in zip(eager, replayed)) < 1e-4
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert max_rel_err(p, q) < 1e-4
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_backward_after_a_later_call_raises_and_new_shapes_recapture():
+    model = _model("cuda", "fused")
+    graphed = CUDAGraphModel(model, warmup=1)
+    z = torch.randn(4, 2, 6, 10, device="cuda")
+    t = torch.rand(4, device="cuda")
+    y = torch.randint(0, NUM_CLASSES, (4,), device="cuda")
+    ones = torch.ones(2, device="cuda")
+    tangents = (torch.randn(2, 2, 6, 10, device="cuda"), ones, ones)
+    u1, _ = graphed(z, t, t * 0, y, tangents=tangents)
+    u2, du2 = graphed(z + 1, t, t * 0, y, tangents=tangents)
+    assert not du2.requires_grad and u2.requires_grad
+    with pytest.raises(RuntimeError, match="before the next call"):
+        u1.sum().backward()
+    u2.sum().backward()  # the latest call is fine
+    eager_u, eager_du = model(z + 1, t, t * 0, y, tangents=tangents)
+    assert max_rel_err(u2, eager_u) < 1e-4 and max_rel_err(du2, eager_du) < 1e-4
+    graphed(z[:3], t[:3], t[:3] * 0, y[:3], tangents=tangents)  # a new batch size: a second graph
+    assert graphed.captures_made == 2
+    with torch.no_grad():  # no-grad calls never capture
+        graphed(z, t, t * 0, y)
+    assert graphed.captures_made == 2
+
+
+def test_trainer_option(tmp_path):
+    from meanflow.train import Trainer
+    from tests.test_train import digits_config
+
+    cfg = digits_config("train.steps=2", "train.cuda_graphs=true")
+    if torch.cuda.is_available():  # the real thing: same losses as the eager run
+        graphed = Trainer(cfg, tmp_path / "graphed")
+        assert isinstance(graphed.loss_model, CUDAGraphModel)
+        eager = Trainer(digits_config("train.steps=2"), tmp_path / "eager")
+        for _ in range(2):
+            a, b = graphed.train_step(), eager.train_step()
+            assert abs(a["loss"] - b["loss"]) < 2e-2 * max(1.0, abs(b["loss"]))
+    else:
+        with pytest.warns(RuntimeWarning, match="CUDA graphs need a GPU"):
+            trainer = Trainer(cfg, tmp_path / "cpu")
+        assert trainer.loss_model is trainer.model
+        trainer.train_step()
