@@ -43,7 +43,9 @@ def make_step(model, loss_fn, x, y, opt, device, backend, call_model=None):
     return step
 
 
-def bench_model(name: str, args, device: str) -> list[dict]:
+def bench_model(name: str, args, device: str, on_row=lambda rows: None) -> list[dict]:
+    """The rows of one model; `on_row(rows)` after each timed row (the caller writes them: a run cut short keeps
+    what it measured)."""
     torch.manual_seed(0)
     size, channels = (32, 4)
     if not device.startswith("cuda"):
@@ -104,6 +106,7 @@ def bench_model(name: str, args, device: str) -> list[dict]:
         del call_model, step
         torch.cuda.empty_cache()
         rows.append(row)
+        on_row(rows)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     if steps:
         # On a shared CPU the load drifts over minutes: time the cases round-robin so every case sees the same drift.
@@ -156,8 +159,10 @@ def main(argv=None):
             args.models, args.cpu_size, args.batch, args.num_classes = ["DiT-Micro/4"], 16, 4, 10
     rows = []
     for name in args.models:
-        rows += bench_model(name, args, args.device)
-        write_results(args.out, "step", args.device, rows, args=vars(args))  # keep what we have if a later model dies
+        save = lambda model_rows: write_results(args.out, "step", args.device, rows + model_rows,  # noqa: E731
+                                                args=vars(args))
+        rows += bench_model(name, args, args.device, save)
+        write_results(args.out, "step", args.device, rows, args=vars(args))  # with the ratios
     print(f"wrote {args.out}")
 
 

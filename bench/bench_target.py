@@ -43,7 +43,7 @@ from mfkernels.reference import meanflow_loss_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (B, C, H, W), tangent rows kt = B / 4 (DESIGN.md: 75% of the rows have r = t)
-SHAPES = {"latent32": (256, 4, 32, 32), "latent64": (128, 4, 64, 64)}
+SHAPES = {"latent32": (256, 4, 32, 32), "latent64": (128, 4, 64, 64), "latent64x256": (256, 4, 64, 64)}
 
 
 def make_inputs(shape, dtype, device):

@@ -186,6 +186,12 @@ class CUDAGraphModel(nn.Module):
         self.module.check_inputs = False  # value checks sync with the host: not allowed while capturing
         try:
             capture = _Capture(call, args, params, self.warmup)
+        except RuntimeError as exc:
+            raise RuntimeError(f"CUDAGraphModel: recording the {backend!r} training call in a CUDA graph failed: "
+                               f"{str(exc).splitlines()[0]}. Something in the call cannot be captured (a host "
+                               f"synchronisation such as .item() or a data-dependent shape, or a kernel compiled for "
+                               f"the first time); run it without CUDAGraphModel (train.cuda_graphs=false). The CUDA "
+                               f"context of this process may be unusable after a failed capture.") from exc
         finally:
             self.module.check_inputs = checks
         self._captures[key] = capture

@@ -154,3 +154,26 @@ def test_trainer_option(tmp_path):
             trainer = Trainer(cfg, tmp_path / "cpu")
         assert trainer.loss_model is trainer.model
         trainer.train_step()
+
+
+@pytest.mark.parametrize("backend", ["explicit", "fused"])
+@pytest.mark.parametrize("tangent_rows", [0, 2])
+def test_training_call_has_no_host_sync(monkeypatch, backend, tangent_rows):
+    """What a CUDA graph needs, checked on CPU: with the value checks off, the network call (forward, and backward
+    of the main call) never reads a tensor's value on the host (no bool(), .item(), .tolist(), .nonzero())."""
+    model = _model("cpu", backend)
+    z, t = torch.randn(4, 2, 6, 10), torch.rand(4)
+    y = torch.tensor([0, 1, 2, NUM_CLASSES])
+    ones = torch.ones(tangent_rows)
+    tangents = (torch.randn(tangent_rows, 2, 6, 10), ones, ones) if tangent_rows else None
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("host sync in the training call")
+
+    for name in ("__bool__", "item", "tolist", "nonzero", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    out = model(z, t, t * 0.5, y, tangents=tangents)
+    u = out[0] if tangents is not None else out
+    u.float().square().sum().backward()
+    monkeypatch.undo()
+    assert all(p.grad is not None for p in model.parameters())
