@@ -4,7 +4,7 @@ A step is forward + loss + backward + AdamW update. Flow matching (ratio 0, no g
 default SDPA) is the baseline; MeanFlow runs at ratio 0.25 with guidance off and on (kappa > 0 needs the no-grad
 guidance forwards). Rows report ms, samples/s, the ratio to flow matching and, on CUDA, peak memory.
 On CUDA, rows with cuda_graph = true run the training call through meanflow.CUDAGraphModel (flow matching too, so
-the baseline gets the same help); their peak memory includes the graph's memory pool.
+the baseline gets the same help); their peak memory counts the graph's private memory pool (reserved memory).
 
     python bench/bench_step.py --out bench/results/step_cpu.json            # CPU-sized DiT
     python bench/bench_step.py --device cuda --out step_h100.json            # DiT-B/2 and DiT-XL/2, bf16
@@ -86,17 +86,24 @@ def bench_model(name: str, args, device: str, on_row=lambda rows: None) -> list[
             continue
         try:
             base = None
-            if graphed:  # capture first; the graph's pool stays allocated, so count it in the peak
+            if graphed:
+                # Capture first. The graph keeps its activations in a private pool that stays RESERVED between
+                # replays (its blocks count as free, not allocated, once the captured backward has run), so the
+                # footprint is the pool's reserved growth plus the allocated peak of a replayed step.
                 torch.cuda.synchronize()
-                base = torch.cuda.memory_allocated()
+                torch.cuda.empty_cache()
+                base = torch.cuda.memory_reserved()
                 step()
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()  # drops the warm-up's cached blocks; the graph's pool is kept
+                row["peak_mem_method"] = "graph pool (reserved) + allocated peak of a replay"
             # A step takes 40-500 ms: give do_bench seconds, not its default 100 ms, so the median is over many runs.
             row.update(time_fn(step, device, warmup=args.warmup, reps=args.reps, cuda_warmup_ms=500,
                                cuda_rep_ms=2000))
             row["samples_per_s"] = batch / row["ms"] * 1e3
             row["peak_mem_mb"] = peak_memory_mb(step, device)
             if base is not None:
-                row["peak_mem_mb"] += (torch.cuda.memory_allocated() - base) / 2**20
+                row["peak_mem_mb"] += (torch.cuda.memory_reserved() - base) / 2**20
                 row["graphs_captured"] = call_model.captures_made
         except Exception as exc:  # noqa: BLE001 - a provider failing must not lose the other rows
             if not (is_oom(exc) or isinstance(exc, ImportError) or graphed):

@@ -77,14 +77,15 @@ def step_section(rows: list[dict]) -> str:
             lines.append([r["model"], r["objective"], r["backend"] + (" + CUDA graph" if r.get("cuda_graph") else ""),
                           r["guidance"], "-", "-", "-", "-", "-", r.get("error", "")])
             continue
+        mem_ok = not r.get("cuda_graph") or r.get("peak_mem_method")  # early graph rows missed the pool's memory
         backend = "-" if r["objective"] == "flow_matching" else r["backend"]
         if r.get("cuda_graph"):
-            backend += " + CUDA graph" if backend != "-" else "CUDA graph"
+            backend = "CUDA graph" if backend == "-" else backend + " + CUDA graph"
         lines.append([r["model"], r["objective"].replace("_", " "), backend, r["guidance"], fmt(r["ms"], 1),
                       fmt(r["samples_per_s"], 0), fmt(r.get("ratio_to_fm")) + "x",
                       fmt(r.get("ratio_to_fm_graph")) + "x" if r.get("ratio_to_fm_graph") else "-",
-                      fmt(r.get("peak_mem_mb"), 0),
-                      fmt(r.get("mem_ratio_to_fm")) + "x" if r.get("mem_ratio_to_fm") else "-"])
+                      fmt(r.get("peak_mem_mb"), 0) if mem_ok else "not measured",
+                      fmt(r.get("mem_ratio_to_fm")) + "x" if r.get("mem_ratio_to_fm") and mem_ok else "-"])
     batch = rows[0].get("batch") if rows else "?"
     return (f"Batch {batch}, ratio {rows[0].get('ratio', 0.25) if len(rows) < 2 else rows[1].get('ratio')}"
             f" (rows with r != t), dtype {rows[0].get('dtype') if rows else '?'}; guidance on = kappa 0.5, omega 1.0.\n\n"
@@ -221,6 +222,10 @@ def readme_section(folder: Path) -> str:
     if att:
         out.append("**Attention** forward + JVP (bf16, non-causal, 16k tokens per batch):\n")
         out.append(attention_section([r for r in att if r["dtype"] == "bf16"]) + "\n")
+    tgt, _ = load_rows(folder, "target")
+    if tgt:
+        out.append("**MeanFlow target/loss op** (`torch.ops.mfkernels.meanflow_loss`) against the eager chain and a "
+                   "device-to-device copy of the same bytes. " + target_section(tgt) + "\n")
     return "\n".join(out)
 
 
