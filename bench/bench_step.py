@@ -103,6 +103,7 @@ def bench_model(name: str, args, device: str, on_row=lambda rows: None) -> list[
             row["samples_per_s"] = batch / row["ms"] * 1e3
             row["peak_mem_mb"] = peak_memory_mb(step, device)
             if base is not None:
+                torch.cuda.empty_cache()  # only the graph's pool stays reserved, not the eager optimizer's cache
                 row["peak_mem_mb"] += (torch.cuda.memory_reserved() - base) / 2**20
                 row["graphs_captured"] = call_model.captures_made
         except Exception as exc:  # noqa: BLE001 - a provider failing must not lose the other rows

@@ -2,6 +2,8 @@
 
     python bench/report.py bench/results/h200-2026-11-26                     # -> REPORT.md, attention.png, step.png
     python bench/report.py bench/results/h200-2026-11-26 --readme README.md  # also rewrites the README section
+    python bench/report.py bench/results/h100-a bench/results/h200-b --readme README.md  # several cards: each
+        # benchmark is shown from the first folder that has it, under that folder's card
 
 Every number in the README's performance section comes from here, i.e. from committed JSON files, with the card named.
 The README section sits between the markers `<!-- perf:start -->` and `<!-- perf:end -->`.
@@ -70,23 +72,30 @@ def attention_section(rows: list[dict]) -> str:
                   "fused / flash fwd", "math JVP / fused", "fused bwd / flash bwd", "peak MB fused / math"], lines)
 
 
+def short_error(error: str) -> str:
+    return "out of memory" if "out of memory" in error.lower() else error
+
+
 def step_section(rows: list[dict]) -> str:
     lines = []
+    mixed_batch = len({r.get("batch") for r in rows}) > 1
     for r in rows:
+        model = f"{r['model']}, batch {r.get('batch')}" if mixed_batch else r["model"]
         if "ms" not in r:
-            lines.append([r["model"], r["objective"], r["backend"] + (" + CUDA graph" if r.get("cuda_graph") else ""),
-                          r["guidance"], "-", "-", "-", "-", "-", r.get("error", "")])
+            lines.append([model, r["objective"].replace("_", " "),
+                          r["backend"] + (" + CUDA graph" if r.get("cuda_graph") else ""),
+                          r["guidance"], short_error(r.get("error", "no time")), "-", "-", "-", "-", "-"])
             continue
         mem_ok = not r.get("cuda_graph") or r.get("peak_mem_method")  # early graph rows missed the pool's memory
         backend = "-" if r["objective"] == "flow_matching" else r["backend"]
         if r.get("cuda_graph"):
             backend = "CUDA graph" if backend == "-" else backend + " + CUDA graph"
-        lines.append([r["model"], r["objective"].replace("_", " "), backend, r["guidance"], fmt(r["ms"], 1),
+        lines.append([model, r["objective"].replace("_", " "), backend, r["guidance"], fmt(r["ms"], 1),
                       fmt(r["samples_per_s"], 0), fmt(r.get("ratio_to_fm")) + "x",
                       fmt(r.get("ratio_to_fm_graph")) + "x" if r.get("ratio_to_fm_graph") else "-",
                       fmt(r.get("peak_mem_mb"), 0) if mem_ok else "not measured",
                       fmt(r.get("mem_ratio_to_fm")) + "x" if r.get("mem_ratio_to_fm") and mem_ok else "-"])
-    batch = rows[0].get("batch") if rows else "?"
+    batch = "per row" if mixed_batch else (rows[0].get("batch") if rows else "?")
     return (f"Batch {batch}, ratio {rows[0].get('ratio', 0.25) if len(rows) < 2 else rows[1].get('ratio')}"
             f" (rows with r != t), dtype {rows[0].get('dtype') if rows else '?'}; guidance on = kappa 0.5, omega 1.0.\n\n"
             + "'vs flow matching' divides by the eager flow-matching step; 'vs FM + graph' by the flow-matching step "
@@ -168,10 +177,10 @@ def plot_step(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
-    for ax, model in zip(axes[0], models):
-        sel = [r for r in rows if r["model"] == model and r.get("ms")]
+    panels = list(dict.fromkeys((r["model"], r.get("batch")) for r in rows))  # one panel per model and batch
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, (model, batch) in zip(axes[0], panels):
+        sel = [r for r in rows if r["model"] == model and r.get("batch") == batch and r.get("ms")]
         labels = [("FM" if r["objective"] == "flow_matching" else f"{r['backend']}\ncfg {r['guidance']}")
                   + ("\n+graph" if r.get("cuda_graph") else "") for r in sel]
         colors = ["gray" if r["objective"] == "flow_matching" else
@@ -180,7 +189,7 @@ def plot_step(rows: list[dict], path: Path) -> None:
                   for r, c in zip(sel, colors)]
         ax.bar(range(len(sel)), [r["ms"] for r in sel], color=colors)
         ax.set_xticks(range(len(sel)), labels, fontsize=7)
-        ax.set(ylabel="ms per training step", title=f"{model}: MeanFlow step per backend")
+        ax.set(ylabel="ms per training step", title=f"{model}, batch {batch}: MeanFlow step per backend")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -210,38 +219,50 @@ def build_report(folder: Path) -> str:
     return "\n".join(parts)
 
 
-def readme_section(folder: Path) -> str:
-    """The short README version: headline step and attention numbers."""
-    out = [f"Measured on **{device_of(folder)}**; all rows from [`{folder}`]({folder}/REPORT.md) "
-           "(regenerate with `python bench/report.py " + str(folder) + " --readme README.md`).\n"]
-    step, _ = load_rows(folder, "step")
-    if step:
-        out.append("**Training step** (forward + loss + backward + AdamW), MeanFlow vs flow matching of the same model. "
-                   + step_section(step) + "\n")
-    att, _ = load_rows(folder, "attention")
-    if att:
-        out.append("**Attention** forward + JVP (bf16, non-causal, 16k tokens per batch):\n")
-        out.append(attention_section([r for r in att if r["dtype"] == "bf16"]) + "\n")
-    tgt, _ = load_rows(folder, "target")
-    if tgt:
-        out.append("**MeanFlow target/loss op** (`torch.ops.mfkernels.meanflow_loss`) against the eager chain and a "
-                   "device-to-device copy of the same bytes. " + target_section(tgt) + "\n")
+def readme_section(folders: list[Path]) -> str:
+    """The short README version: headline step, attention and target-op numbers. With several folders (one per card),
+    each benchmark comes from the first folder that has it, under that folder's card."""
+    shown: set[str] = set()
+    regen = "python bench/report.py " + " ".join(map(str, folders)) + " --readme README.md"
+    out = [f"Every row comes from the committed result files named with it (regenerate with `{regen}`).\n"]
+    for folder in folders:
+        part = []
+        step, _ = load_rows(folder, "step")
+        if step and "step" not in shown:
+            part.append("**Training step** (forward + loss + backward + AdamW), MeanFlow vs flow matching of the same "
+                        "model. " + step_section(step) + "\n")
+            shown.add("step")
+        att, _ = load_rows(folder, "attention")
+        if att and "attention" not in shown:
+            part.append("**Attention** forward + JVP (bf16, non-causal, 16k tokens per batch):\n")
+            part.append(attention_section([r for r in att if r["dtype"] == "bf16"]) + "\n")
+            shown.add("attention")
+        tgt, _ = load_rows(folder, "target")
+        if tgt and "target" not in shown:
+            part.append("**MeanFlow target/loss op** (`torch.ops.mfkernels.meanflow_loss`) against the eager chain and "
+                        "a device-to-device copy of the same bytes. " + target_section(tgt) + "\n")
+            shown.add("target")
+        if part:
+            out.append(f"### {device_of(folder).split(' (')[0]}\n\nMeasured on **{device_of(folder)}**; rows from "
+                       f"[`{folder}`]({folder}/REPORT.md).\n")
+            out += part
     return "\n".join(out)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folder", type=Path)
+    ap.add_argument("folders", type=Path, nargs="+", help="result folders, one per card (the first wins in the README)")
     ap.add_argument("--readme", type=Path, default=None, help="rewrite this README's performance section")
     args = ap.parse_args(argv)
-    (args.folder / "REPORT.md").write_text(build_report(args.folder))
-    print(f"wrote {args.folder / 'REPORT.md'}")
+    for folder in args.folders:
+        (folder / "REPORT.md").write_text(build_report(folder))
+        print(f"wrote {folder / 'REPORT.md'}")
     if args.readme:
         text = args.readme.read_text()
         start, end = "<!-- perf:start -->", "<!-- perf:end -->"
         if start not in text or end not in text:
             raise SystemExit(f"{args.readme} has no {start} ... {end} markers")
-        new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{readme_section(args.folder)}\n{end}",
+        new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{readme_section(args.folders)}\n{end}",
                      text, flags=re.S)
         args.readme.write_text(new)
         print(f"updated the performance section of {args.readme}")
