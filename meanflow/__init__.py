@@ -9,7 +9,7 @@ Training: `Trainer(get_preset("mnist"), "runs/mnist").train()`, or the `meanflow
 """
 from .backends import BACKENDS
 from .config import RunConfig, apply_overrides
-from .cuda_graphs import CUDAGraphModel
+from .cuda_graphs import CUDAGraphModel, graphed_ddp
 from .data import BatchIterator, build_dataset
 from .loss import MeanFlowConfig, MeanFlowLoss
 from .model import DIT_MODELS, DiT, MLPNet, build_dit, count_parameters, unwrap
@@ -18,7 +18,8 @@ from .sample import draw_noise, euler_sample, make_schedule, sample
 from .time_sampling import sample_t_r
 from .train import TrainConfig, Trainer
 
-__all__ = ["BACKENDS", "CUDAGraphModel", "MeanFlowConfig", "MeanFlowLoss", "DIT_MODELS", "DiT", "MLPNet", "build_dit",
+__all__ = ["BACKENDS", "CUDAGraphModel", "graphed_ddp", "MeanFlowConfig", "MeanFlowLoss", "DIT_MODELS", "DiT",
+           "MLPNet", "build_dit",
            "count_parameters", "unwrap", "draw_noise", "euler_sample", "make_schedule", "sample", "sample_t_r",
            "RunConfig", "TrainConfig", "Trainer", "apply_overrides", "get_preset", "PRESETS", "build_dataset",
            "BatchIterator"]

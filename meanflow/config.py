@@ -73,8 +73,9 @@ class TrainConfig:
                              "cuda:LOCAL_RANK or cpu)")
     parallel: str = _f("ddp", "with several processes (torchrun): 'ddp' (replicated weights) or 'fsdp' (FSDP2, "
                               "weights / optimizer / EMA sharded per DiT block); ignored in one process")
-    cuda_graphs: bool = _f(False, "replay the training call (forward + JVP + backward) from CUDA graphs: one process "
-                                  "on CUDA only; removes the host overhead of small models (meanflow/cuda_graphs.py)")
+    cuda_graphs: bool = _f(False, "replay the training call (forward + JVP + backward) from CUDA graphs: CUDA, one "
+                                  "process or DDP (not FSDP); removes the host overhead of small models "
+                                  "(meanflow/cuda_graphs.py)")
     threads: int = _f(0, "CPU threads (0: auto = cores not busy with other processes; bit-exact resume needs the "
                          "same count)")
     log_every: int = _f(50, "steps between metrics.jsonl lines")

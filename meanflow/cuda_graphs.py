@@ -7,6 +7,7 @@ time for ~12 ms of GPU work). A CUDA graph records the forward and the backward 
 them with a single launch each.
 
     graphed = CUDAGraphModel(model)                  # model: a JVPNetwork on CUDA, not DDP / FSDP wrapped
+    ddp = graphed_ddp(model, device_ids=[i])          # several processes: DDP(CUDAGraphModel(model))
     loss, stats = MeanFlowLoss(...)(graphed, x, y)   # the main call (with grad) is captured on first use
 
 What is graphed: calls made with grad enabled on CUDA tensors (the MeanFlow main call with its tangents, or a
@@ -20,7 +21,11 @@ Rules, checked where they can be:
 - Parameters are read in place at replay, so optimizer steps and `load_state_dict` (in-place copies) are seen;
   replacing parameter tensors (`module.to(...)`, `assign=True`) is detected and the graphs are captured again.
 - The call must be free of host synchronisation: the network's value checks are done here, outside the graph.
-- Single process only: DDP / FSDP hook into the forward and backward from Python, which a replay skips.
+- DDP: wrap the graphed network, DDP(CUDAGraphModel(net)), built by `graphed_ddp(net, ...)` (which constructs DDP
+  on the capture stream: see `capture_stream`). The replay hands the parameter gradients to autograd, so
+  their accumulation (and DDP's all-reduce hooks on it) runs eagerly after the replayed backward; the all-reduce then
+  starts when the whole backward is done instead of overlapping it bucket by bucket. The other way round, or FSDP
+  (which gathers and frees weights from hooks inside the forward), is refused: a replay would skip those hooks.
 Outputs are returned as fresh tensors (copies of the graph's outputs); parameter gradients are copies too, so they
 accumulate correctly over micro-batches.
 """
@@ -34,7 +39,49 @@ from torch.autograd.function import once_differentiable
 
 from ._validate import check_network_inputs
 
-__all__ = ["CUDAGraphModel"]
+__all__ = ["CUDAGraphModel", "capture_stream", "graphed_ddp"]
+
+
+# Only this thread's calls are checked while capturing: a process-group's background threads (the NCCL watchdog
+# querying events, gloo's workers) may touch CUDA at any time, and under the default "global" mode that would abort
+# the capture although it records nothing of theirs.
+_CAPTURE_MODE = "thread_local"
+
+
+_capture_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def capture_stream(device: torch.device | str | int | None = None) -> torch.cuda.Stream:
+    """The side stream (one per device and process) on which CUDAGraphModel warms up and captures.
+
+    One stream, not a fresh one per capture, because autograd remembers the stream on which each parameter's
+    gradient-accumulator node was made: DDP keeps those nodes alive from its construction on, and a backward captured
+    on another stream would then have to synchronise with that one, which a capture forbids. `graphed_ddp` builds
+    DDP on this stream for that reason."""
+    index = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    index = index.index if index.index is not None else torch.cuda.current_device()
+    if index not in _capture_streams:
+        _capture_streams[index] = torch.cuda.Stream(device=index)
+    return _capture_streams[index]
+
+
+def graphed_ddp(net: nn.Module, **ddp_kwargs) -> nn.Module:
+    """DistributedDataParallel(CUDAGraphModel(net), **ddp_kwargs), built so that the training call can be captured.
+
+    DDP is constructed on `capture_stream()` (see there). The replay hands the parameter gradients to autograd, so
+    DDP's all-reduce hooks fire as usual, once the replayed backward is done. `net` may already be a CUDAGraphModel."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    graphed = net if isinstance(net, CUDAGraphModel) else CUDAGraphModel(net)
+    device = next(graphed.parameters()).device
+    if device.type != "cuda":  # nothing is captured off CUDA: the wrapper passes calls through
+        return DistributedDataParallel(graphed, **ddp_kwargs)
+    stream = capture_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        ddp = DistributedDataParallel(graphed, **ddp_kwargs)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return ddp
 
 
 def _autocast_state() -> tuple[bool, torch.dtype]:
@@ -52,7 +99,7 @@ class _Capture:
         # make_graphed_callables' rule: autocast's weight-cast cache must be off while capturing (a cached cast made
         # inside the graph's pool would be reused outside it). Replays do not look at autocast at all.
         autocast = torch.autocast("cuda", dtype=dtype, enabled=enabled, cache_enabled=False)
-        side = torch.cuda.Stream()
+        side = capture_stream(self.inputs[0].device)  # warm-up and capture on one stream (see capture_stream)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), autocast:  # eager warm-up: compiles and autotunes every kernel
             for _ in range(max(1, warmup)):
@@ -64,13 +111,14 @@ class _Capture:
 
         self.pool = torch.cuda.graph_pool_handle()
         self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.forward_graph, pool=self.pool), autocast:
+        with torch.cuda.graph(self.forward_graph, pool=self.pool, stream=side,
+                              capture_error_mode=_CAPTURE_MODE), autocast:
             outs = call(*self.inputs)
         self.outputs = tuple(outs)
         self.differentiable = tuple(o.requires_grad for o in self.outputs)
         self.grad_outputs = tuple(torch.zeros_like(o) for o in self.outputs)
         self.backward_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.backward_graph, pool=self.pool):
+        with torch.cuda.graph(self.backward_graph, pool=self.pool, stream=side, capture_error_mode=_CAPTURE_MODE):
             self.param_grads = self._grads(self.outputs, [g for g, d in zip(self.grad_outputs, self.differentiable)
                                                           if d])
 
@@ -142,7 +190,8 @@ class CUDAGraphModel(nn.Module):
 
         if isinstance(module, DistributedDataParallel) or type(module).__name__.startswith("FSDP"):
             raise ValueError(f"CUDAGraphModel wraps a plain network; got {type(module).__name__} (DDP / FSDP run "
-                             f"Python hooks during forward and backward, which a graph replay would skip)")
+                             f"Python hooks during forward and backward, which a graph replay would skip). With DDP, "
+                             f"wrap the other way round: meanflow.graphed_ddp(net, ...); FSDP cannot be graphed")
         if not hasattr(module, "_forward_jvp"):
             raise TypeError(f"CUDAGraphModel wraps a meanflow JVPNetwork (DiT, MLPNet); got {type(module).__name__}")
         self.module = module
@@ -190,7 +239,8 @@ class CUDAGraphModel(nn.Module):
             raise RuntimeError(f"CUDAGraphModel: recording the {backend!r} training call in a CUDA graph failed: "
                                f"{str(exc).splitlines()[0]}. Something in the call cannot be captured (a host "
                                f"synchronisation such as .item() or a data-dependent shape, or a kernel compiled for "
-                               f"the first time); run it without CUDAGraphModel (train.cuda_graphs=false). The CUDA "
+                               f"the first time; under DDP, a DDP not built by meanflow.graphed_ddp); run it without "
+                               f"CUDAGraphModel (train.cuda_graphs=false). The CUDA "
                                f"context of this process may be unusable after a failed capture.") from exc
         finally:
             self.module.check_inputs = checks

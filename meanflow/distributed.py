@@ -225,6 +225,10 @@ def _ddp(net: nn.Module, ctx: DistContext) -> nn.Module:
         kwargs["forward_sync_buffers"] = False
     else:
         kwargs["broadcast_buffers"] = False
+    from .cuda_graphs import CUDAGraphModel, graphed_ddp
+
+    if isinstance(net, CUDAGraphModel):  # train.cuda_graphs: DDP built on the graphs' capture stream
+        return graphed_ddp(net, **kwargs)
     return DDP(net, **kwargs)
 
 

@@ -5,7 +5,8 @@
     summary = Trainer(get_preset("mnist"), "runs/mnist").train()
 
 Layout (meanflow.distributed holds the torch.distributed side):
-- model wrapping ........ `_wrap_model` (DDP(...) or fully_shard(...) under torchrun with train.parallel=ddp|fsdp)
+- model wrapping ........ `_graph_model` (CUDAGraphModel with train.cuda_graphs), then `_wrap_model` (DDP(...) or
+                          fully_shard(...) under torchrun with train.parallel=ddp|fsdp)
 - data loading .......... `_build_batches` (BatchIterator; its rank / world_size split is the distributed sampler)
 - the optimizer step .... `train_step` (micro-batches, gradient accumulation) and `_optimizer_step` (clip, AdamW, EMA)
 - checkpoint IO ......... `save` / `load` (meanflow.checkpoint: one file in one process, DCP directories when
@@ -162,9 +163,10 @@ class Trainer:
             self.ema = distributed.ShardedEMA(self.net, tc.ema_decays, self.mesh, factory=self._build_plain_model)
         else:
             self.ema = EMA(self.net, tc.ema_decays)  # DDP: on the unwrapped module (identical on every rank)
-        self.model = self._wrap_model(self.net)
-        # What the loss calls: the (wrapped) model, or a CUDA-graph replayer around it (one process on CUDA).
-        self.loss_model = self._graph_model(self.model)
+        # What the loss calls: net, or DDP / FSDP around it; with train.cuda_graphs a CUDA-graph replayer sits between
+        # them (DDP(CUDAGraphModel(net))): DDP's all-reduce hooks fire on the gradients the replay hands to autograd.
+        self.model = self._wrap_model(self._graph_model(self.net))
+        self.loss_model = self.model
         # after wrapping: under FSDP the parameters are this rank's shards (DTensors)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                            weight_decay=tc.weight_decay)
@@ -186,17 +188,18 @@ class Trainer:
         forward, for every JVP backend."""
         return distributed.wrap_model(net, self.parallel, self.dist, precision=self._precision(), mesh=self.mesh)
 
-    def _graph_model(self, model: nn.Module) -> nn.Module:
+    def _graph_model(self, net: nn.Module) -> nn.Module:
+        """CUDAGraphModel(net) with train.cuda_graphs (one process or DDP), else net."""
         if not self.config.train.cuda_graphs:
-            return model
-        if self.world_size > 1:
-            raise ValueError("train.cuda_graphs works in one process only (DDP / FSDP hook into the forward and "
-                             "backward from Python, which a graph replay would skip); turn it off under torchrun")
+            return net
+        if self.parallel == "fsdp":
+            raise ValueError("train.cuda_graphs does not work with train.parallel=fsdp: FSDP2 gathers and frees each "
+                             "block's weights from Python hooks inside the forward and backward, which a graph replay "
+                             "would skip. Use train.parallel=ddp with CUDA graphs, or turn train.cuda_graphs off")
         if self.device.type != "cuda":
             warnings.warn(f"train.cuda_graphs is on but the device is {self.device}: CUDA graphs need a GPU, the "
                           f"training call runs eagerly", RuntimeWarning, stacklevel=3)
-            return model
-        return CUDAGraphModel(model)
+        return CUDAGraphModel(net)  # passes non-CUDA and no-grad calls through to net
 
     def _build_plain_model(self) -> nn.Module:
         """A fresh, unwrapped network of this run's architecture (on this rank's device)."""
@@ -518,7 +521,7 @@ class Trainer:
 
     def _dcp_tensors(self) -> tuple[dict, dict, dict]:
         """This rank's (model, optimizer, EMA) state dicts for DCP: sharded under FSDP, keyed by parameter names."""
-        model_state, optim_state = distributed.get_train_state(self.model, self.optimizer)
+        model_state, optim_state = distributed.get_train_state(self.net, self.optimizer)
         ema_state = {str(i): distributed.get_module_state(m) for i, m in enumerate(self.ema.models.values())}
         return model_state, optim_state, ema_state
 
@@ -546,7 +549,7 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             else:  # a one-process checkpoint continued by several: full state dicts, each rank keeps its part
                 names = [n for n, _ in self.net.named_parameters()]
-                distributed.set_train_state(self.model, self.optimizer, state["model"],
+                distributed.set_train_state(self.net, self.optimizer, state["model"],
                                             distributed.optimizer_state_by_name(state["optimizer"], names), full=True)
                 self._set_ema_states([state["ema"][k] for k in self.ema.models], full=True,
                                      saved=list(state["ema"]))
@@ -579,7 +582,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {where} does not fit this run's config: {exc}") from exc
         model_state, optim_state, ema_state = self._dcp_tensors()
         rank_state = ckpt.load_dcp(where, {"model": model_state, "optim": optim_state, "ema": ema_state})
-        distributed.set_train_state(self.model, self.optimizer, model_state, optim_state)
+        distributed.set_train_state(self.net, self.optimizer, model_state, optim_state)
         self._set_ema_states([ema_state[str(i)] for i in range(len(ema_state))], full=False,
                              saved=list(meta["ema_decays"]))
         self.generator.set_state(meta["generator"])  # one global state: the same draws at any world size

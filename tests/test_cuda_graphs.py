@@ -2,13 +2,14 @@
 
 On CPU the wrapper must run the model eagerly (same results, same state_dict); the graph tests need CUDA.
 """
+import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
-from meanflow import CUDAGraphModel, MeanFlowLoss, build_dit, unwrap
+from meanflow import CUDAGraphModel, MeanFlowLoss, build_dit, graphed_ddp, unwrap
 from tests.utils import max_rel_err, randomize_
 
 NUM_CLASSES = 3
@@ -152,8 +153,9 @@ def test_trainer_option(tmp_path):
     else:
         with pytest.warns(RuntimeWarning, match="CUDA graphs need a GPU"):
             trainer = Trainer(cfg, tmp_path / "cpu")
-        assert trainer.loss_model is trainer.model
+        assert isinstance(trainer.loss_model, CUDAGraphModel) and unwrap(trainer.loss_model) is trainer.net
         trainer.train_step()
+        assert trainer.loss_model.captures_made == 0  # CPU calls pass through
 
 
 @pytest.mark.parametrize("backend", ["explicit", "fused"])
@@ -177,3 +179,78 @@ def test_training_call_has_no_host_sync(monkeypatch, backend, tangent_rows):
     u.float().square().sum().backward()
     monkeypatch.undo()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------------------- under DDP (GPU)
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    """One rank: the same 3 steps (2 micro-batches each, no_sync on the first) through DDP(net) and through
+    DDP(CUDAGraphModel(net)), each rank on its half of the global batch; both ranks share cuda:0 (gloo)."""
+    import os
+    import traceback
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
+    try:
+        results = {}
+        loss_fn = MeanFlowLoss(ratio=0.5, omega=0.8, kappa=0.3, t_start=0.1, t_end=0.9, loss_op="torch")
+        for graphed in (False, True):
+            model = _model("cuda", "fused")  # same seed on every rank
+            ddp = graphed_ddp(model, device_ids=[0]) if graphed else DDP(model, device_ids=[0])
+            inner = ddp.module
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            losses = []
+            for i, (x, y) in enumerate(_batches("cuda", 3)):
+                x, y = x.chunk(world)[rank], y.chunk(world)[rank]
+                opt.zero_grad(set_to_none=True)
+                for j, (xs, ys) in enumerate(zip(x.chunk(2), y.chunk(2))):
+                    gen = torch.Generator("cuda").manual_seed(100 + 10 * i + j)
+                    sync = ddp.no_sync() if j == 0 else contextlib.nullcontext()
+                    with sync:
+                        loss, _ = loss_fn(ddp, xs, ys, generator=gen)
+                        (loss / 2).backward()
+                    losses.append(float(loss.detach()))
+                opt.step()
+            results[graphed] = {"losses": losses, "params": [p.detach().cpu() for p in model.parameters()],
+                                "captures": inner.captures_made if graphed else None}
+        torch.save(results, f"{out}/rank{rank}.pt")
+    except BaseException:
+        with open(f"{out}/rank{rank}.error.txt", "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@cuda_only
+def test_ddp_around_the_graphed_network(tmp_path):
+    """graphed_ddp(net) = DDP(CUDAGraphModel(net)) on 2 ranks: the same losses and weights as eager DDP, and the ranks' weights agree
+    although each saw different rows (the gradients were all-reduced: the replay hands them to autograd, whose
+    accumulation fires DDP's hooks), with gradient accumulation under no_sync."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    except Exception:
+        errors = "\n".join(p.read_text() for p in tmp_path.glob("rank*.error.txt"))
+        raise AssertionError(f"a rank failed:\n{errors}")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for res in ranks:
+        assert res[True]["captures"] == 1
+        eager, replayed = res[False]["losses"], res[True]["losses"]
+        assert max(abs(a - b) for a, b in zip(eager, replayed)) < 1e-4, (eager, replayed)
+        for p, q in zip(res[True]["params"], res[False]["params"]):
+            assert max_rel_err(p, q) < 1e-4
+    assert ranks[0][True]["losses"] != ranks[1][True]["losses"]  # the ranks did see different rows
+    for p, q in zip(ranks[0][True]["params"], ranks[1][True]["params"]):
+        assert torch.equal(p, q)  # all-reduced gradients: identical updates on both ranks

@@ -86,7 +86,7 @@ def runs(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_graphs"])
 def test_two_ranks_equal_one_process_on_the_same_global_batch(runs, name):
     """DDP / FSDP2, explicit backend, 2 ranks x 2 micro-batches of 2 rows == 1 process with one batch of 8: weights and
     both EMAs after 4 steps (guidance, label dropout, clipping active), and the logged (rank-averaged) losses."""
@@ -192,6 +192,21 @@ def test_distributed_checkpoint_layout_and_inference_weights(runs):
     # the exported EMA weights of a distributed run are the gathered EMA
     exported, _, _ = load_weights(out / "fsdp" / "ema.safetensors")
     assert_same(exported, results["fsdp"]["ema"]["0.9"], exact=True)
+
+
+def test_ddp_with_cuda_graphs_checkpoints_resume_exactly(runs):
+    """DDP(CUDAGraphModel(net)): its checkpoints use the network's own parameter names, so a plain DDP checkpoint is
+    continued with graphs on, to the same weights as the uninterrupted plain run."""
+    _, _, results = runs
+    assert results["ddp_graphs_resumed"]["step"] == 4
+    assert_same(results["ddp_graphs_resumed"]["model"], results["ddp"]["model"], exact=True)
+    assert_same(results["ddp_graphs"]["model"], results["ddp"]["model"], exact=True)
+
+
+def test_fsdp_with_cuda_graphs_is_refused(runs):
+    out, _, _ = runs
+    message = (out / "fsdp_graphs.txt").read_text()
+    assert "train.cuda_graphs does not work with train.parallel=fsdp" in message and "train.parallel=ddp" in message
 
 
 def test_indivisible_global_batch_is_refused(runs):
