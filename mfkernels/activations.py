@@ -101,7 +101,7 @@ def act_jvp_fwd(a: torch.Tensor, a_dot: torch.Tensor, act: int, *, bias: torch.T
         y_dot = _runtime.new_output(a_dot.shape, dtype=a.dtype, device=a.device)
     a_out = _runtime.new_output(a.shape, dtype=a.dtype, device=a.device) if write_a else None
     if n_primal:
-        grid = (triton.cdiv(n_primal, ELEMENTWISE_BLOCK),)
+        grid = (_runtime.cdiv(n_primal, ELEMENTWISE_BLOCK),)
         _act_jvp_fwd_kernel[grid](
             a, a_dot, bias if bias is not None else a, y, y_dot, a_out if write_a else a,
             n_primal, n_tangent, a.shape[-1],
@@ -123,7 +123,7 @@ def act_bwd(a: torch.Tensor, dy: torch.Tensor | None, act: int, *, write_da: boo
     g = _runtime.new_output(a.shape, dtype=a.dtype, device=a.device) if write_g else None
     n = a.numel()
     if n:
-        grid = (triton.cdiv(n, ELEMENTWISE_BLOCK),)
+        grid = (_runtime.cdiv(n, ELEMENTWISE_BLOCK),)
         _act_bwd_kernel[grid](
             a, dy if write_da else a, da if write_da else a, g if write_g else a, n,
             ACT=act, WRITE_DA=write_da, WRITE_G=write_g,

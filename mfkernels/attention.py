@@ -47,7 +47,7 @@ import triton.language as tl
 
 from . import reference
 from ._checks import describe
-from ._runtime import interpreter_active, new_output, triton_can_run, warn_fallback
+from ._runtime import cdiv, interpreter_active, new_output, triton_can_run, warn_fallback
 from ._triton_utils import compute_dtypes, round_to
 
 LOG2E = 1.4426950408889634
@@ -415,7 +415,7 @@ def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, causal: bool, scale: float):
     # Without tangent rows the tangent pointers are never dereferenced (HAS_TANGENT is a constexpr): pass q / o.
     qd, kd, vd, od = (q_dot, k_dot, v_dot, o_dot) if has_t else (q, k, v, o)
     scale_args, scale_ptr = _scale_args(scale, q.dtype, q.device, lse)
-    grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+    grid = lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     _attn_jvp_fwd_kernel[grid](
         q, k, v, qd, kd, vd, o, od, lse,
         *q.stride(), *k.stride(), *v.stride(), *qd.stride(), *kd.stride(), *vd.stride(), *o.stride(), *od.stride(),
@@ -620,7 +620,7 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, need_dq: b
                 t.zero_()
         return dq, dk, dv
     delta = new_output((batch, heads, n_q), dtype=lse.dtype, device=q.device)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, _PRE_BLOCK_M) * batch * heads,)](
+    _attn_bwd_preprocess_kernel[(cdiv(n_q, _PRE_BLOCK_M) * batch * heads,)](
         o, do, delta, *o.stride(), *do.stride(), heads, n_q,
         HEAD_D=d, BLOCK_D=block_d, MASK_D=block_d != d, ACC=acc, BLOCK_M=_PRE_BLOCK_M,
     )
@@ -628,14 +628,14 @@ def attention_bwd(do, q, k, v, o, lse, causal: bool, scale: float, *, need_dq: b
     common = dict(HEAD_D=d, BLOCK_D=block_d, MASK_D=block_d != d, IS_CAUSAL=bool(causal),
                   ACC=acc, DOT=dot, PREC=prec, RNE_BF16=rne, SCALE_PTR=scale_ptr)
     if need_dkdv:
-        grid = lambda meta: (triton.cdiv(n_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731
+        grid = lambda meta: (cdiv(n_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731
         _attn_bwd_dkdv_kernel[grid](
             q, k, v, do, lse, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             heads, n_q, n_k, *scales, **common,
         )
     if need_dq:
-        grid = lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+        grid = lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
         _attn_bwd_dq_kernel[grid](
             q, k, v, do, lse, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),

@@ -172,7 +172,7 @@ def layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx: bool, compu
     dx = _runtime.new_output(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     block_c = row_block(c, "layernorm_modulate_jvp")
     rows_per_program = reduction_rows_per_program(batch, tokens, 1, x.device)
-    n_chunks = triton.cdiv(tokens, rows_per_program)
+    n_chunks = _runtime.cdiv(tokens, rows_per_program)
     part_dtype = torch_acc_dtype(x.dtype)
     if compute_dmod:
         dshift_part = _runtime.new_output((batch, n_chunks, c), dtype=part_dtype, device=x.device)

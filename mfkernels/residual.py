@@ -91,7 +91,7 @@ def gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot) -> tuple[torch.Te
     rows = batch * tokens
     if rows and c:
         block_r, block_c, warps = _tile(c)
-        grid = (triton.cdiv(rows, block_r), triton.cdiv(c, block_c))
+        grid = (_runtime.cdiv(rows, block_r), _runtime.cdiv(c, block_c))
         _gated_residual_jvp_fwd_kernel[grid](
             x, gate, f, x_dot, gate_dot, f_dot, y, y_dot,
             rows, kt * tokens, tokens, c, s_gate, s_gate_dot,
