@@ -58,8 +58,9 @@ def capture_stream(device: torch.device | str | int | None = None) -> torch.cuda
     gradient-accumulator node was made: DDP keeps those nodes alive from its construction on, and a backward captured
     on another stream would then have to synchronise with that one, which a capture forbids. `graphed_ddp` builds
     DDP on this stream for that reason."""
-    index = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    index = index.index if index.index is not None else torch.cuda.current_device()
+    index = torch.device("cuda" if device is None else device).index
+    if index is None:
+        index = torch.cuda.current_device()
     if index not in _capture_streams:
         _capture_streams[index] = torch.cuda.Stream(device=index)
     return _capture_streams[index]

@@ -166,7 +166,6 @@ class Trainer:
         # What the loss calls: net, or DDP / FSDP around it; with train.cuda_graphs a CUDA-graph replayer sits between
         # them (DDP(CUDAGraphModel(net))): DDP's all-reduce hooks fire on the gradients the replay hands to autograd.
         self.model = self._wrap_model(self._graph_model(self.net))
-        self.loss_model = self.model
         # after wrapping: under FSDP the parameters are this rank's shards (DTensors)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                            weight_decay=tc.weight_decay)
@@ -252,7 +251,7 @@ class Trainer:
             # all but the last micro-batch skip the gradient all-reduce (DDP no_sync / FSDP requires_gradient_sync)
             with distributed.gradient_sync(self.model, i == n - 1):
                 with self._autocast():
-                    loss, stats = self.loss_fn(self.loss_model, xs[i], ys[i], **kwargs)
+                    loss, stats = self.loss_fn(self.model, xs[i], ys[i], **kwargs)
                 if self.world_size == 1:
                     value = loss.item()  # one host sync per micro-batch: stop on NaN before it reaches the weights
                     if not math.isfinite(value):

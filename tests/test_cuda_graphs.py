@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from meanflow import CUDAGraphModel, MeanFlowLoss, build_dit, graphed_ddp, unwrap
-from tests.utils import max_rel_err, randomize_
+from tests.utils import free_port, max_rel_err, randomize_
 
 NUM_CLASSES = 3
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
@@ -29,18 +29,20 @@ def _batches(device, steps, batch=8):
              torch.randint(0, NUM_CLASSES, (batch,), generator=g).to(device)) for _ in range(steps)]
 
 
-def _train(model, call_model, batches, loss_fn, autocast, accum=1):
-    """AdamW steps with the objective's random draws seeded per step (identical for every run)."""
+def _train(model, call_model, batches, loss_fn, autocast, accum=1, no_sync=None):
+    """AdamW steps with the objective's random draws seeded per step (identical for every run). no_sync (DDP's):
+    entered for every micro-batch but the last, so gradients are all-reduced once per step."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
     for i, (x, y) in enumerate(batches):
         opt.zero_grad(set_to_none=True)
         total = 0.0
-        for xs, ys in zip(x.chunk(accum), y.chunk(accum)):
+        for j, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
             gen = torch.Generator(x.device).manual_seed(100 + i)
-            with autocast:
-                loss, _ = loss_fn(call_model, xs, ys, generator=gen)
-            (loss / accum).backward()
+            with no_sync() if no_sync is not None and j < accum - 1 else contextlib.nullcontext():
+                with autocast:
+                    loss, _ = loss_fn(call_model, xs, ys, generator=gen)
+                (loss / accum).backward()
             total += float(loss) / accum
         opt.step()
         losses.append(total)
@@ -145,7 +147,7 @@ def test_trainer_option(tmp_path):
     cfg = digits_config("train.steps=2", "train.cuda_graphs=true")
     if torch.cuda.is_available():  # the real thing: same losses as the eager run
         graphed = Trainer(cfg, tmp_path / "graphed")
-        assert isinstance(graphed.loss_model, CUDAGraphModel)
+        assert isinstance(graphed.model, CUDAGraphModel)
         eager = Trainer(digits_config("train.steps=2"), tmp_path / "eager")
         for _ in range(2):
             a, b = graphed.train_step(), eager.train_step()
@@ -153,9 +155,9 @@ def test_trainer_option(tmp_path):
     else:
         with pytest.warns(RuntimeWarning, match="CUDA graphs need a GPU"):
             trainer = Trainer(cfg, tmp_path / "cpu")
-        assert isinstance(trainer.loss_model, CUDAGraphModel) and unwrap(trainer.loss_model) is trainer.net
+        assert isinstance(trainer.model, CUDAGraphModel) and unwrap(trainer.model) is trainer.net
         trainer.train_step()
-        assert trainer.loss_model.captures_made == 0  # CPU calls pass through
+        assert trainer.model.captures_made == 0  # CPU calls pass through
 
 
 @pytest.mark.parametrize("backend", ["explicit", "fused"])
@@ -200,22 +202,11 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         for graphed in (False, True):
             model = _model("cuda", "fused")  # same seed on every rank
             ddp = graphed_ddp(model, device_ids=[0]) if graphed else DDP(model, device_ids=[0])
-            inner = ddp.module
-            opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-            losses = []
-            for i, (x, y) in enumerate(_batches("cuda", 3)):
-                x, y = x.chunk(world)[rank], y.chunk(world)[rank]
-                opt.zero_grad(set_to_none=True)
-                for j, (xs, ys) in enumerate(zip(x.chunk(2), y.chunk(2))):
-                    gen = torch.Generator("cuda").manual_seed(100 + 10 * i + j)
-                    sync = ddp.no_sync() if j == 0 else contextlib.nullcontext()
-                    with sync:
-                        loss, _ = loss_fn(ddp, xs, ys, generator=gen)
-                        (loss / 2).backward()
-                    losses.append(float(loss.detach()))
-                opt.step()
+            shard = [(x.chunk(world)[rank], y.chunk(world)[rank]) for x, y in _batches("cuda", 3)]
+            off = torch.autocast("cuda", enabled=False)
+            losses = _train(model, ddp, shard, loss_fn, off, accum=2, no_sync=ddp.no_sync)
             results[graphed] = {"losses": losses, "params": [p.detach().cpu() for p in model.parameters()],
-                                "captures": inner.captures_made if graphed else None}
+                                "captures": ddp.module.captures_made if graphed else None}
         torch.save(results, f"{out}/rank{rank}.pt")
     except BaseException:
         with open(f"{out}/rank{rank}.error.txt", "w") as f:
@@ -229,18 +220,13 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.mark.gpu
 @cuda_only
 def test_ddp_around_the_graphed_network(tmp_path):
-    """graphed_ddp(net) = DDP(CUDAGraphModel(net)) on 2 ranks: the same losses and weights as eager DDP, and the ranks' weights agree
-    although each saw different rows (the gradients were all-reduced: the replay hands them to autograd, whose
+    """graphed_ddp(net) = DDP(CUDAGraphModel(net)) on 2 ranks: the same losses and weights as eager DDP, and the
+    ranks' weights agree although each saw different rows (the gradients were all-reduced: the replay hands them to autograd, whose
     accumulation fires DDP's hooks), with gradient accumulation under no_sync."""
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     try:
-        mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     except Exception:
         errors = "\n".join(p.read_text() for p in tmp_path.glob("rank*.error.txt"))
         raise AssertionError(f"a rank failed:\n{errors}")

@@ -10,7 +10,6 @@ summation order: observed differences are one or two float32 ulps); resumed runs
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,14 +28,9 @@ from meanflow.train import Trainer
 from tests._dist_worker import SCENARIOS, dit_config, run
 from tests._latent_fixtures import make_image_folder, make_tiny_vae
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
+from tests.utils import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def snapshot(trainer) -> dict:
