@@ -476,7 +476,7 @@ def test_autotune_configs(monkeypatch):
                     size = c.kwargs[key]
                     assert size >= 16 and size & (size - 1) == 0
                 assert c.num_warps in (4, 8) and 1 <= c.num_stages <= 5
-    monkeypatch.setattr(attn, "interpreter_active", lambda: False)  # what a GPU process sees
+    monkeypatch.setattr(attn._configs, "interpreter_active", lambda: False)  # what a GPU process sees
     sig = lambda cfgs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs}  # noqa
     every = attn._all_configs(*tables)
     prune = attn._pruner(attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._FP32_FWD_CONFIGS)["early_config_prune"]

@@ -1,0 +1,114 @@
+"""Autotune tables of the attention kernels and the pruner that picks a list per call (head dim, dtype, tangent).
+
+Hopper-oriented lists (DESIGN.md 5), keyed on the padded head dim group; the interpreter gets exactly one config.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from .._runtime import interpreter_active
+
+# ============================================================================================================ configs
+def _cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# The interpreter gets exactly one config (autotuning there would multiply the test time and measures nothing).
+# BLOCK_M != BLOCK_N on purpose: it exercises the causal diagonal logic with unequal tiles.
+_INTERP_CONFIG = [_cfg(32, 16, 4, 1)]
+
+# Hopper-oriented lists (DESIGN.md 5), keyed on (N, padded D, causal, tangent or not, dtype) and pruned by D (and, for
+# the forward, by whether the kernel has tangent rows). Every entry was compiled offline for sm_90a with Triton 3.6's
+# bundled ptxas: all use wgmma, none spills registers for bf16 at D = 64 / 128 (D = 256 works but spills).
+# Forward + JVP holds A_O, A_T (BLOCK_M x D fp32) plus S, S_dot (BLOCK_M x BLOCK_N fp32) in registers: BLOCK_M 128 needs
+# 8 warps (D = 64, 128 x 64: 241 registers a thread); D = 128 needs BLOCK_N 32 (128 x 64 spills). Shared memory per
+# pipeline stage holds K, K_dot, V, V_dot tiles (D = 128, 128 x 32, 3 stages: 160 KB of the 228 KB).
+_FWD_JVP_CONFIGS = {
+    64: [_cfg(128, 64, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(128, 32, 8, 3)],
+    128: [_cfg(128, 32, 8, 3), _cfg(128, 32, 8, 2), _cfg(128, 32, 8, 4), _cfg(64, 32, 4, 3), _cfg(64, 32, 4, 4)],
+    256: [_cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2), _cfg(64, 32, 8, 1)],
+}
+# Plain flash forward (kt = 0): one accumulator, wider key tiles fit.
+_FWD_PLAIN_CONFIGS = {
+    64: [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 4), _cfg(128, 64, 4, 3), _cfg(128, 128, 4, 3)],
+    128: [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 64, 8, 2), _cfg(32, 32, 4, 2)],
+}
+# Backward: dK/dV keeps a key tile resident and streams query tiles (BLOCK_N resident, BLOCK_M streamed);
+# dQ keeps a query tile resident and streams key tiles.
+_DKDV_CONFIGS = {
+    64: [_cfg(64, 128, 8, 3), _cfg(64, 128, 8, 2), _cfg(64, 64, 4, 3), _cfg(32, 128, 8, 3), _cfg(64, 64, 4, 4)],
+    128: [_cfg(32, 128, 8, 3), _cfg(32, 128, 8, 2), _cfg(64, 64, 8, 3), _cfg(32, 64, 4, 3), _cfg(32, 64, 4, 4)],
+    256: [_cfg(32, 32, 4, 2), _cfg(32, 64, 8, 2)],
+}
+_DQ_CONFIGS = {
+    64: [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 32, 4, 5)],
+    128: [_cfg(128, 32, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 64, 4, 3), _cfg(64, 32, 4, 3)],
+    256: [_cfg(64, 32, 8, 2), _cfg(64, 32, 4, 2), _cfg(32, 32, 4, 2)],
+}
+# fp32 inputs (3xTF32 dots, see _triton_utils.compute_dtypes): fp32 tiles take twice the registers and shared memory,
+# so small tiles (compiled offline too: a few hundred bytes of spills at most for D <= 64, ~1-3 KB at D = 128).
+_FP32_FWD_CONFIGS = {
+    64: [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)],
+    # (64, 32, 8, 2) needs 233472 B of shared memory with tangents: 1 KB over Hopper's 232448 (seen on an H200).
+    128: [_cfg(64, 32, 8, 1), _cfg(32, 32, 4, 2)],
+    256: [_cfg(32, 32, 4, 1), _cfg(32, 16, 4, 1)],
+}
+_FP32_DKDV_CONFIGS = {
+    64: [_cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)],
+    128: [_cfg(32, 32, 4, 2), _cfg(32, 64, 4, 2)],
+    256: [_cfg(32, 32, 4, 1), _cfg(16, 32, 4, 1)],
+}
+_FP32_DQ_CONFIGS = {
+    64: [_cfg(64, 32, 4, 2), _cfg(64, 64, 8, 2)],
+    128: [_cfg(32, 32, 4, 2), _cfg(64, 32, 4, 2)],
+    256: [_cfg(32, 32, 4, 1), _cfg(32, 16, 4, 1)],
+}
+
+
+def _config_group(block_d: int) -> int:
+    return 64 if block_d <= 64 else block_d
+
+
+def _all_configs(*tables):
+    if interpreter_active():
+        return list(_INTERP_CONFIG)
+    seen, out = set(), []
+    for cfgs in (c for table in tables for c in table.values()):
+        for c in cfgs:
+            key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if key not in seen:
+                seen.add(key)
+                out.append(c)
+    return out
+
+
+def _pruner(table, plain_table=None, fp32_table=None):
+    """Keep the configs listed for this head dim: the fp32 list for fp32 inputs, else the plain list for a forward
+    without tangent rows (HAS_TANGENT False), else the main list. MFKERNELS_AUTOTUNE=0 keeps only the list's first."""
+    def prune(configs, named_args, **kwargs):
+        if interpreter_active() or len(configs) <= 1:
+            return configs
+        arg = lambda name: named_args.get(name, kwargs.get(name))  # noqa: E731
+        q = arg("Q")
+        if fp32_table is not None and q is not None and q.dtype == torch.float32:
+            chosen = fp32_table
+        elif plain_table is not None and not arg("HAS_TANGENT"):
+            chosen = plain_table
+        else:
+            chosen = table
+        group = _config_group(arg("BLOCK_D"))
+        wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen[group]}
+        kept = [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+        if os.environ.get("MFKERNELS_AUTOTUNE", "1") == "0":
+            # Test runs on a GPU: one compile per specialization instead of timing the whole list for every N.
+            order = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen[group]]
+            kept = sorted(kept, key=lambda c: order.index(
+                (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)))[:1]
+        return kept or configs[:1]
+    return {"early_config_prune": prune}
+
