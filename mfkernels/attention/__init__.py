@@ -23,10 +23,11 @@ Files (one concern each): _common.py (head dims, scale arguments, tile helpers),
 forward.py (forward + JVP kernel and launcher), backward.py (flash backward kernels and launcher), custom_ops.py (the
 torch.library ops), api.py (attention_jvp and the SDPA drop-in).
 
-Layers: _attn_jvp_fwd_kernel -> attention_jvp_fwd() (launcher) -> custom op mfkernels::attention_jvp_fwd;
-        _attn_bwd_{preprocess,dkdv,dq}_kernel -> attention_bwd() (launcher) -> custom op mfkernels::attention_bwd;
-        both ops -> AttentionJVPFunction -> attention_jvp()
-                 -> _SDPAFunction (+ _SDPAJVPFunction with jvp) -> scaled_dot_product_attention().
+Layers (the op pattern, DESIGN.md 7): _attn_jvp_fwd_kernel -> attention_jvp_fwd() (launcher) -> custom op
+        mfkernels::attention_jvp_fwd; _attn_bwd_{preprocess,dkdv,dq}_kernel -> attention_bwd() -> custom op
+        mfkernels::attention_bwd; torch.library.register_autograd ties them (custom_ops.py) -> attention_jvp() and,
+        without forward mode, scaled_dot_product_attention(); in forward mode the drop-in goes through
+        _SDPAJVPFunction, whose jvp is the fused forward + JVP op.
 The custom ops make the launchers opaque to torch.func transforms and Dynamo (DESIGN.md 4).
 
 Numerics: the kernels use exp2 and keep the running max m in raw-score units (s = q . k, before any scale), so that
@@ -42,7 +43,7 @@ from . import _configs  # noqa: F401
 from ._common import LOG2E, MAX_HEAD_DIM
 from ._configs import (_DKDV_CONFIGS, _DQ_CONFIGS, _FP32_DKDV_CONFIGS, _FP32_DQ_CONFIGS,  # noqa: F401
                        _FP32_FWD_CONFIGS, _FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _all_configs, _pruner)
-from .api import AttentionJVPFunction, _SDPAFunction, _SDPAJVPFunction  # noqa: F401
+from .api import _SDPAJVPFunction  # noqa: F401
 from .api import attention_jvp, scaled_dot_product_attention
 from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, attention_bwd  # noqa: F401
 from .custom_ops import _kernel_can_run  # noqa: F401

@@ -42,30 +42,7 @@ def _check_causal(causal) -> bool:
     return causal
 
 
-# ====================================================================================== autograd + public API (1)
-class AttentionJVPFunction(torch.autograd.Function):
-    """(o, o_dot) from one fused launch; o backpropagates through the flash backward, o_dot is non-differentiable and
-    the tangent inputs get no gradient. Saves q, k, v, o and the LSE (O(N)); never any tangent.
-
-    The launchers are reached through the custom ops, so Dynamo sees one opaque op instead of tracing the autotuner.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, q_dot, k_dot, v_dot, causal: bool, scale: float):
-        o, o_dot, lse = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, causal, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(o_dot)
-        return o, o_dot
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_o, _grad_o_dot):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = torch.ops.mfkernels.attention_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None, None
-
-
+# ===================================================================================================== public API
 def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   q_dot: torch.Tensor, k_dot: torch.Tensor, v_dot: torch.Tensor,
                   *, causal: bool = False, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,15 +61,16 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not _kernel_can_run(q):
         _fallback("attention_jvp", q)
         return reference.attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, causal=causal, scale=c)
-    return AttentionJVPFunction.apply(q, k, v, q_dot, k_dot, v_dot, causal, c)
+    o, o_dot, _ = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, causal, c)
+    return o, o_dot
 
 
-# ====================================================================================== autograd + public API (2)
-class _SDPAFunction(torch.autograd.Function):
-    """Attention through the custom ops with the flash backward; forward returns (o, lse), lse non-differentiable and
-    hidden by scaled_dot_product_attention. setup_context style (no ctx in forward) so torch.func transforms accept it.
-    No jvp here: Dynamo refuses to trace a Function with a custom jvp (a graph break), so under torch.compile without
-    forward mode this one is used and lands in the graph whole."""
+# ===================================================================================== SDPA drop-in: forward mode
+class _SDPAJVPFunction(torch.autograd.Function):
+    """Attention with a custom forward-mode rule, used only where forward mode is active (torch.func.jvp, forward_ad;
+    any functorch transform): o from the custom op, its backward the flash backward, its jvp the fused forward + JVP
+    kernel. setup_context style (no ctx in forward) so that torch.func transforms accept it. Without forward mode the
+    drop-in calls the custom op directly (register_autograd gives its backward; Dynamo traces it whole)."""
 
     @staticmethod
     def forward(q, k, v, causal, scale):
@@ -114,10 +92,6 @@ class _SDPAFunction(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors
         dq, dk, dv = torch.ops.mfkernels.attention_bwd(grad_o, q, k, v, o, lse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
-
-
-class _SDPAJVPFunction(_SDPAFunction):
-    """_SDPAFunction plus forward mode: the JVP of O comes from the fused forward + JVP kernel (custom op)."""
 
     @staticmethod
     def jvp(ctx, q_dot, k_dot, v_dot, _causal_dot, _scale_dot):
@@ -177,8 +151,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         if _forward_mode_active():  # torch's fused CPU/CUDA SDPA kernels have no forward-mode formula
             return reference.attention_ref(query, key, value, causal=causal, scale=c)
         return F.scaled_dot_product_attention(query, key, value, is_causal=causal, scale=c)
-    if torch.compiler.is_compiling():
-        if _forward_mode_active():
+    if _forward_mode_active():
+        if torch.compiler.is_compiling():
             return _sdpa_outside_dynamo(query, key, value, causal, c)
-        return _SDPAFunction.apply(query, key, value, causal, c)[0]
-    return _SDPAJVPFunction.apply(query, key, value, causal, c)[0]
+        return _SDPAJVPFunction.apply(query, key, value, causal, c)[0]
+    # No forward mode: the custom op itself (its registered autograd is the flash backward; Dynamo traces it whole).
+    return torch.ops.mfkernels.attention_jvp_fwd(query, key, value, q0, key[:0], value[:0], causal, c)[0]
