@@ -18,9 +18,10 @@ def _t(*shape, grad=False, dtype=torch.float32, device="cpu"):
 def test_opcheck_forward_and_backward_ops():
     q, k, v = _t(2, 2, 5, 16, grad=True), _t(2, 2, 7, 16, grad=True), _t(2, 2, 7, 16, grad=True)
     q_dot, k_dot, v_dot = _t(1, 2, 5, 16), _t(1, 2, 7, 16), _t(1, 2, 7, 16)
-    torch.library.opcheck(torch.ops.mfkernels.attention_jvp_fwd.default, (q, k, v, q_dot, k_dot, v_dot, False, 0.25))
-    o, _, lse = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, True, 0.25)
-    args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, True, 0.25)
+    args = (q, k, v, q_dot, k_dot, v_dot, None, False, 0.25)
+    torch.library.opcheck(torch.ops.mfkernels.attention_jvp_fwd.default, args)
+    o, _, lse = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, None, True, 0.25)
+    args = (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, None, True, 0.25)
     torch.library.opcheck(torch.ops.mfkernels.attention_bwd.default, args)
 
 

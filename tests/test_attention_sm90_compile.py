@@ -25,9 +25,9 @@ for dtype in (torch.bfloat16, torch.float32):
     for d in (64, 128):
         q, k, v = (torch.randn(2, 2, 40, d, dtype=dtype) for _ in range(3))
         for kt in (2, 0):
-            attention_jvp_fwd(q, k, v, q[:kt], k[:kt], v[:kt], False, d ** -0.5)
+            attention_jvp_fwd(q, k, v, q[:kt], k[:kt], v[:kt], None, False, d ** -0.5)
         lse = torch.zeros(2, 2, 40, dtype=torch.float32)
-        attention_bwd(q, q, k, v, q, lse, False, d ** -0.5)
+        attention_bwd(q, q, k, v, q, lse, None, False, d ** -0.5)
 '''
 
 

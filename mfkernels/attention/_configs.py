@@ -100,7 +100,7 @@ def _pruner(table, plain_table=None, fp32_table=None):
             chosen = plain_table
         else:
             chosen = table
-        group = _config_group(arg("BLOCK_D"))
+        group = _config_group(max(arg("BLOCK_D"), arg("BLOCK_DV") or 0))  # the wider of the q/k and v tiles
         wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen[group]}
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
