@@ -225,9 +225,11 @@ def _masked_logits(s: torch.Tensor, attn_mask, causal: bool) -> torch.Tensor:
 
 
 def _safe_softmax(s: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim with fully masked rows (all -inf) giving 0, as torch's SDPA math backend does."""
+    """softmax over the last dim with fully masked rows (all -inf) giving 0, as torch's SDPA math backend does. The
+    dead rows are filled before the softmax, so no NaN reaches a derivative either (torch's own math backend does give
+    NaN gradients there under reverse-over-forward; the exact ones are 0: those rows are constant)."""
     dead = (s == float("-inf")).all(-1, keepdim=True)
-    return torch.softmax(s, dim=-1).masked_fill(dead, 0.0)
+    return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,

@@ -228,10 +228,11 @@ def test_backward_shapes(device, shape, causal):
 
 @pytest.mark.gpu
 def test_backward_broadcast_grad_and_no_tangent_grads(device):
-    """o.sum().backward() hands the kernel a stride-0 grad; tangents requiring grad still get none."""
+    """o.sum().backward() hands the kernel a stride-0 grad; with tangent_grad=False (the op contract) tangents that
+    require grad still get none and o_dot is detached."""
     args = _inputs(2, 2, _n(19, device), _n(21, device), 32, 2, _exact_dtype(device), device)
     q, k, v, q_dot, k_dot, v_dot = leaves = [t.requires_grad_() for t in args]
-    o, o_dot = attention_jvp(*leaves, causal=True)
+    o, o_dot = attention_jvp(*leaves, causal=True, tangent_grad=False)
     o.sum().backward()
     ref = _grads_ref(q, k, v, torch.ones_like(o), True)
     for name, g, r in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref):
@@ -461,11 +462,14 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
 def test_autotune_configs(monkeypatch):
     """One config under the interpreter; the GPU lists are sane tiles (powers of two >= 16) for every D group, and the
     pruner hands each kernel the list for its head dim (and the forward the tangent or the plain list)."""
-    kernels = (attn._attn_jvp_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel)
+    kernels = (attn._attn_jvp_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel,
+               attn._attn_tbwd_dkdv_kernel, attn._attn_tbwd_dq_kernel)
     if _runtime.interpreter_active():
         assert all(len(kern.configs) == 1 for kern in kernels)
     tables = (attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._DKDV_CONFIGS, attn._DQ_CONFIGS,
-              attn._FP32_FWD_CONFIGS, attn._FP32_DKDV_CONFIGS, attn._FP32_DQ_CONFIGS)
+              attn._FP32_FWD_CONFIGS, attn._FP32_DKDV_CONFIGS, attn._FP32_DQ_CONFIGS, attn._TBWD_DKDV_CONFIGS,
+              attn._TBWD_DQ_CONFIGS, attn._FP32_TBWD_DKDV_CONFIGS, attn._FP32_TBWD_DQ_CONFIGS,
+              attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS, attn._DQ_MASKED_CONFIGS)
     for table in tables:
         assert set(table) == {64, 128, 256}
         for cfgs in table.values():
@@ -491,3 +495,15 @@ def test_autotune_configs(monkeypatch):
     monkeypatch.setenv("MFKERNELS_AUTOTUNE", "0")  # GPU test runs: the first config of the list only
     assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128][:1])
     assert sig(prune(every, {"Q": bf16}, BLOCK_D=64, HAS_TANGENT=False)) == sig(attn._FWD_PLAIN_CONFIGS[64][:1])
+    # masks: the masked lists for 2-D and additive masks (MASK_KIND 1, 2, 4), the main ones for bool key padding (3)
+    prune = attn._pruner(attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._FP32_FWD_CONFIGS,
+                         attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS)["early_config_prune"]
+    for kind, jvp_table, plain_table in ((1, attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS),
+                                         (3, attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS),
+                                         (4, attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS)):
+        assert sig(prune(every, {"Q": bf16}, BLOCK_D=128, HAS_TANGENT=True, MASK_KIND=kind)) == sig(jvp_table[128][:1])
+        assert sig(prune(every, {"Q": bf16}, BLOCK_D=128, HAS_TANGENT=False, MASK_KIND=kind)) == sig(
+            plain_table[128][:1])
+    # Dv != D: the wider of the two tiles picks the list
+    monkeypatch.setenv("MFKERNELS_AUTOTUNE", "1")
+    assert sig(prune_dq(every, {"BLOCK_D": 64, "BLOCK_DV": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128])

@@ -102,6 +102,13 @@ def _make_mask(kind, b, hq, nq, nk, dtype, device):
         bias[torch.rand(1, hq, nq, nk, generator=gen) < 0.2] = float("-inf")
         bias[0, 0, 1] = float("-inf")
         return bias.to(device, dtype)
+    if kind == "additive_keypad":  # (B, 1, 1, Nk) float: -inf holes; batch row 1 all finfo.min (uniform rows)
+        bias = torch.zeros(b, 1, 1, nk, dtype=torch.float64)
+        bias[torch.rand(b, 1, 1, nk, generator=gen) < 0.3] = float("-inf")
+        bias[..., 0] = 0.0
+        bias = bias.to(dtype)
+        bias[1] = torch.finfo(dtype).min
+        return bias.to(device)
     if kind == "additive_finfo_min":  # (B, 1, Nq, Nk) HF-style padding masks: finfo.min, one row all finfo.min
         bias = torch.zeros(b, 1, nq, nk, dtype=dtype)
         bias[..., nk // 2:] = torch.finfo(dtype).min
@@ -117,6 +124,7 @@ MASK_CASES = [
     ("bool_2d", 2, 4, 1, 9, 19, 32, 24, 2),
     ("additive", 2, 2, 1, 11, 14, 40, 16, 0),
     ("additive_finfo_min", 2, 2, 2, 9, 21, 16, 16, 2),
+    ("additive_keypad", 2, 2, 1, 10, 23, 16, 32, 1),
 ]
 
 
@@ -245,7 +253,7 @@ def test_key_padding_mask_is_read_broadcast_not_materialised():
     """The launchers hand the kernels an expand view: stride 0 on every broadcast dim, the user's storage untouched."""
     keep = torch.rand(3, 1, 1, 20) > 0.3
     mask, strides, kind, _ = _common.mask_args(keep, (3, 8, 16, 20), torch.float32, torch.empty(0))
-    assert kind == _common.BOOL_MASK and strides == (20, 0, 0, 1)
+    assert kind == _common.KEY_BOOL_MASK and strides == (20, 0, 0, 1)
     assert mask.dtype == torch.uint8 and mask.untyped_storage().data_ptr() == keep.untyped_storage().data_ptr()
     bias = torch.randn(16, 20)
     mask, strides, kind, neg_max = _common.mask_args(bias, (3, 8, 16, 20), torch.bfloat16, torch.empty(0))

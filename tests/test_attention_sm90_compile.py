@@ -1,8 +1,13 @@
-"""The attention kernels' first configs (what runs with MFKERNELS_AUTOTUNE=0, and the autotuner's fallback) compile
-for the H100/H200 (sm_90) and fit its shared memory, for bf16 and fp32, D = 64 and 128, with and without tangents.
+"""The attention kernels compile for the H100/H200 (sm_90) and fit: every kernel (forward + JVP with and without
+tangent rows, the flash backward, the tangent backward with and without G) with each mask kind (none, 2-D additive,
+key padding bool and additive), mu saved, Dv != D, bf16 and fp32, D = 64 and 128, with each autotune list's first config (what runs with
+MFKERNELS_AUTOTUNE=0, and the autotuner's fallback). bf16 must not spill registers; nothing may exceed Hopper's shared
+memory. MFKERNELS_AOT_ALL_CONFIGS=1 compiles every config of every list instead (minutes; run before changing a list).
 
 An H200 run once failed here: the fp32 D = 128 forward + JVP config needed 233472 B of the 232448 available.
 """
+import os
+
 import pytest
 
 from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
@@ -10,31 +15,67 @@ from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
 BODY = r'''
 from triton.runtime.autotuner import Autotuner
 
-from mfkernels.attention import attention_bwd, attention_jvp_fwd
+from mfkernels.attention import attention_bwd, attention_jvp_bwd, attention_jvp_fwd
+
+ALL = os.environ.get("MFKERNELS_AOT_ALL_CONFIGS") == "1"
 
 
 def first_config_run(self, *args, **kwargs):  # the autotuner would query a GPU driver: take the pruned list's first
     self.nargs = dict(zip(self.arg_names, args))
-    config = self.prune_configs(kwargs)[0]
-    return self.fn.run(*args, **kwargs, **config.all_kwargs())
+    for config in self.prune_configs(kwargs)[:None if ALL else 1]:
+        seen.clear()  # the prelude's de-duplication ignores num_stages
+        n = len(out)
+        self.fn.run(*args, **kwargs, **config.all_kwargs())
+        for rec in out[n:]:
+            rec["config"] = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+            rec["variant"] = {k: str(kwargs[k]) for k in ("BLOCK_D", "BLOCK_DV", "MASK_KIND", "HAS_GO", "STORE_MU",
+                                                          "HAS_TANGENT") if k in kwargs}
 
 
 Autotuner.run = first_config_run
 
+
+def run(dtype, d, dv, light):
+    b, h, n, kt = 2, 2, 40, 2
+    q, k = (torch.randn(b, h, n, d, dtype=dtype) for _ in range(2))
+    v = torch.randn(b, h, n, dv, dtype=dtype)
+    o = torch.randn(b, h, n, dv, dtype=dtype)
+    bias = torch.randn(b, 1, n, n, dtype=dtype)  # 2-D additive: the heaviest mask (MASK_KIND 2)
+    keep = torch.rand(b, 1, 1, n) > 0.3  # key padding (MASK_KIND 3)
+    key_bias = torch.randn(b, 1, 1, n, dtype=dtype)  # additive key padding (MASK_KIND 4)
+    tangents = (q[:kt], k[:kt], v[:kt])
+    lse, lse2 = torch.zeros(b, h, n), torch.zeros(2, b, h, n)  # lse2: (m, log2 l) rows of an additive mask
+    mu = torch.zeros(kt, h, n)
+    for mask in (bias, key_bias, keep) if not light else (bias,):
+        attention_jvp_fwd(q, k, v, *tangents, mask, False, d ** -0.5, True)
+    attention_jvp_bwd(o, o[:kt], q, k, v, *tangents, o, o[:kt], lse2, mu, bias, False, d ** -0.5)
+    if light:
+        return
+    attention_jvp_fwd(q, k, v, *tangents, None, False, d ** -0.5, False)
+    attention_jvp_fwd(q, k, v, q[:0], k[:0], v[:0], bias, False, d ** -0.5)
+    attention_bwd(o, q, k, v, o, lse2, bias, False, d ** -0.5)
+    attention_bwd(o, q, k, v, o, lse, keep, False, d ** -0.5)
+    if dtype == torch.bfloat16:
+        attention_bwd(o, q, k, v, o, lse, None, False, d ** -0.5)
+        attention_jvp_bwd(None, o[:kt], q, k, v, *tangents, o, o[:kt], lse, mu, keep, False, d ** -0.5)
+
+
 for dtype in (torch.bfloat16, torch.float32):
     for d in (64, 128):
-        q, k, v = (torch.randn(2, 2, 40, d, dtype=dtype) for _ in range(3))
-        for kt in (2, 0):
-            attention_jvp_fwd(q, k, v, q[:kt], k[:kt], v[:kt], None, False, d ** -0.5)
-        lse = torch.zeros(2, 2, 40, dtype=torch.float32)
-        attention_bwd(q, q, k, v, q, lse, None, False, d ** -0.5)
+        run(dtype, d, d, light=False)
+run(torch.bfloat16, 64, 128, light=True)  # Dv != D: the wider tile picks the configs
 '''
 
 
 @pytest.mark.slow
-def test_attention_first_configs_fit_sm90():
-    compiled = compile_for_sm90(BODY, MFKERNELS_AUTOTUNE="0")
+def test_attention_kernels_fit_sm90():
+    env = {"MFKERNELS_AUTOTUNE": "0"} if os.environ.get("MFKERNELS_AOT_ALL_CONFIGS") != "1" else {}
+    compiled = compile_for_sm90(BODY, **env)
     kernels = {r["kernel"] for r in compiled}
-    assert {"_attn_jvp_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"} <= kernels, kernels
+    expected = {"_attn_jvp_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel", "_attn_tbwd_dkdv_kernel",
+                "_attn_tbwd_dq_kernel", "_attn_bwd_preprocess_kernel", "_attn_tbwd_preprocess_kernel"}
+    assert expected <= kernels, kernels
     too_big = [r for r in compiled if r["shared"] > HOPPER_SHARED_MEMORY]
     assert not too_big, f"more shared memory than sm_90 has: {too_big}"
+    spills = [r for r in compiled if "*bf16" in r["dtypes"] and r["spill"]]
+    assert not spills, f"bf16 kernels that spill registers: {spills}"

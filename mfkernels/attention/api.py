@@ -68,6 +68,14 @@ def _check_mask_is_constant(attn_mask: torch.Tensor | None) -> None:
         raise _mask_tangent_error()
 
 
+def _resolve_tangent_grad(tangent_grad, *tangents: torch.Tensor) -> bool:
+    if tangent_grad is None:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in tangents)
+    if not isinstance(tangent_grad, bool):
+        raise TypeError(f"tangent_grad must be None or a bool; got {tangent_grad!r} ({type(tangent_grad).__name__})")
+    return tangent_grad
+
+
 def _check_mask_grad(attn_mask: torch.Tensor | None) -> None:
     """The kernels give no gradient for a float mask: refuse one that asks for it rather than return none silently."""
     if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
@@ -78,7 +86,7 @@ def _check_mask_grad(attn_mask: torch.Tensor | None) -> None:
 def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   q_dot: torch.Tensor, k_dot: torch.Tensor, v_dot: torch.Tensor,
                   *, attn_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
-                  enable_gqa: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  enable_gqa: bool = False, tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and its tangent in one fused pass (per head, c = scale, default D^-1/2):
 
     S = c Q K^T + mask, P = softmax(S), O = P V;  S_dot = c (Q_dot K^T + Q K_dot^T);
@@ -90,7 +98,12 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (B, Hq, Nq, Nk) as in torch's SDPA and read per tile (never expanded in memory); it is a constant (no tangent, no
     gradient). Fully masked rows give o = o_dot = 0 (torch's result). causal: top-left aligned like SDPA (query i sees
     keys j <= i); not together with attn_mask (torch refuses that too).
-    Returns (o (B, Hq, Nq, Dv), o_dot (kt, Hq, Nq, Dv)); o is differentiable in q, k, v, o_dot is not.
+    Returns (o (B, Hq, Nq, Dv), o_dot (kt, Hq, Nq, Dv)); o is differentiable in q, k, v (flash backward).
+    tangent_grad: whether o_dot is differentiable too. False: the op contract (mfkernels.reference) and MeanFlow's
+    stop-gradient path: o_dot is detached, the tangents get no gradient, nothing beyond the LSE is saved. True: a loss
+    of o_dot backpropagates exactly into q, k, v, q_dot, k_dot, v_dot (reverse-over-forward; the tangent backward,
+    tangent_backward.py; the tangents, o_dot and one float a tangent row are saved). None (default): True exactly when
+    grad mode is on and a tangent requires grad (a tangent with a graph is never cut silently).
     """
     causal = _check_causal(causal)
     enable_gqa = _check_gqa(enable_gqa)
@@ -100,9 +113,11 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not _kernel_can_run(q):
         _fallback("attention_jvp", q)
         return reference.attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, attn_mask=attn_mask, causal=causal, scale=c,
-                                           enable_gqa=enable_gqa, tangent_grad=False)
+                                           enable_gqa=enable_gqa, tangent_grad=tangent_grad)
     _check_mask_grad(attn_mask)
-    o, o_dot, _ = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, c)
+    tangent_grad = _resolve_tangent_grad(tangent_grad, q_dot, k_dot, v_dot)
+    o, o_dot, _, _ = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, c,
+                                                           tangent_grad)
     return o, o_dot
 
 
@@ -115,7 +130,8 @@ class _SDPAJVPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, attn_mask, causal, scale):
-        o, _, lse = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q[:0], k[:0], v[:0], attn_mask, causal, scale)
+        o, _, lse, _ = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q[:0], k[:0], v[:0], attn_mask, causal, scale,
+                                                             False)
         return o, lse
 
     @staticmethod
@@ -146,11 +162,43 @@ class _SDPAJVPFunction(torch.autograd.Function):
         q_dot = torch.zeros_like(q) if q_dot is None else q_dot
         k_dot = torch.zeros_like(k) if k_dot is None else k_dot
         v_dot = torch.zeros_like(v) if v_dot is None else v_dot
-        # o_dot is never differentiable (and a custom op call under torch.func.grad must not record anything).
-        with torch.no_grad():
-            _, o_dot, _ = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot.to(q.dtype), k_dot.to(k.dtype),
-                                                                v_dot.to(v.dtype), attn_mask, ctx.causal, ctx.scale)
-        return o_dot, None
+        # o_dot is differentiable as torch's is (reverse-over-forward: a loss of (o, o_dot) gets exact gradients from
+        # the tangent backward).
+        tangents = (q_dot.to(q.dtype), k_dot.to(k.dtype), v_dot.to(v.dtype))
+        return _SDPATangentFunction.apply(q, k, v, *tangents, attn_mask, ctx.causal, ctx.scale)[0], None
+
+
+class _SDPATangentFunction(torch.autograd.Function):
+    """o_dot of the drop-in's forward mode, differentiable in q, k, v and the tangents through the tangent backward.
+    An autograd.Function in setup_context style rather than the op's registered autograd because functorch transforms
+    (torch.func.grad over torch.func.jvp) accept only the former."""
+
+    @staticmethod
+    def forward(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, scale):
+        o, o_dot, lse, mu = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal,
+                                                                  scale, True)
+        return o_dot, o, lse, mu
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, scale = inputs
+        o_dot, o, lse, mu = output
+        ctx.causal, ctx.scale = causal, scale
+        ctx.save_for_backward(q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, attn_mask)
+        ctx.mark_non_differentiable(o, lse, mu)
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_o_dot, _grad_o, _grad_lse, _grad_mu):
+        if ctx.needs_input_grad[6]:
+            raise mask_grad_error()
+        if grad_o_dot is None:
+            return (None,) * 9
+        q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, attn_mask = ctx.saved_tensors
+        grads = torch.ops.mfkernels.attention_jvp_bwd(None, grad_o_dot, q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse,
+                                                      mu, attn_mask, ctx.causal, ctx.scale)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None,) * 3
 
 
 def _forward_mode_active() -> bool:
@@ -177,7 +225,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     Supported as in torch: attn_mask (bool, True = attend, or additive float of the query's dtype or float32;
     broadcastable to (B, Hq, Nq, Nk); read per tile, never expanded in memory; a constant: a mask that requires grad
     or carries a tangent is refused), is_causal (top-left aligned; not together with attn_mask, as torch), scale,
-    enable_gqa (Hkv dividing Hq, no copies), a value head dim Dv != D. Fully masked rows give 0, like torch.
+    enable_gqa (Hkv dividing Hq, no copies), a value head dim Dv != D. Fully masked rows give 0, like torch. In forward
+    mode the tangent output is differentiable like torch's (a loss of (o, o_dot) after torch.func.jvp / forward_ad
+    gets exact gradients for the primals and the tangents: the tangent backward); no double backward.
     Not supported: dropout_p > 0 (there is no fused dropout: NotImplementedError). Falls back to
     F.scaled_dot_product_attention (with a warning; in forward mode to the math reference) where the kernels cannot
     run. Under torch.compile, plain autograd traces into the graph (two opaque custom ops); forward mode
@@ -209,4 +259,5 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         _check_mask_is_constant(attn_mask)
         return _SDPAJVPFunction.apply(query, key, value, attn_mask, causal, c)[0]
     # No forward mode: the custom op itself (its registered autograd is the flash backward; Dynamo traces it whole).
-    return torch.ops.mfkernels.attention_jvp_fwd(query, key, value, q0, key[:0], value[:0], attn_mask, causal, c)[0]
+    return torch.ops.mfkernels.attention_jvp_fwd(query, key, value, q0, key[:0], value[:0], attn_mask, causal, c,
+                                                 False)[0]

@@ -14,7 +14,8 @@ from .._runtime import cdiv, new_output
 from .._triton_utils import compute_dtypes, round_to
 from ._common import (_load_row_stats, _load_rows, _masked_scores, _probs, _scale_args, _scales, _tile_and_head,
                       head_dim_args, mask_args)
-from ._configs import _DKDV_CONFIGS, _DQ_CONFIGS, _FP32_DKDV_CONFIGS, _FP32_DQ_CONFIGS, _all_configs, _pruner
+from ._configs import (_DKDV_CONFIGS, _DQ_CONFIGS, _DQ_MASKED_CONFIGS, _FP32_DKDV_CONFIGS, _FP32_DQ_CONFIGS,
+                       _all_configs, _pruner)
 
 
 # ================================================================================================ backward kernels
@@ -58,8 +59,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, Mh, sqm, sqd, sdom, sdo
         lse_a, lse_b = _load_row_stats(LSEh, offs_m, m_ok, STAT_STRIDE, MASK_KIND)
         delta = tl.load(DELTAh + offs_m, mask=m_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision=PREC)
-        s_t = _masked_scores(s_t, Mh + offs_n[:, None] * smn + offs_m[None, :] * smm, n_ok[:, None] & m_ok[None, :],
-                             sm, inv_sm, MASK_KIND, NEG_MAX)
+        s_t = _masked_scores(s_t, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, True)
         p_t = _probs(s_t, lse_a[None, :], lse_b[None, :], qk, MASK_KIND)
         if MASKED:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
@@ -167,8 +167,7 @@ def _bwd_dq_tiles(dq, q, do, lse_a, lse_b, delta, Kh, Vh, Mh, skn, skd, svn, svd
         k = _load_rows(Kh + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, True, MASK_D).to(DOT)
         v = _load_rows(Vh + offs_n[:, None] * svn + offs_dv[None, :] * svd, n_ok, dv_ok, True, MASK_DV).to(DOT)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC)
-        s = _masked_scores(s, Mh + offs_m[:, None] * smm + offs_n[None, :] * smn, m_ok[:, None] & n_ok[None, :],
-                           sm, inv_sm, MASK_KIND, NEG_MAX)
+        s = _masked_scores(s, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, False)
         if MASKED:
             ok = n_ok[None, :]
             if IS_CAUSAL:
@@ -205,9 +204,9 @@ def _dq_rows(dq, q, do, lse_a, lse_b, delta, Kh, Vh, Mh, skn, skd, svn, svd, smm
     return dq
 
 
-@triton.autotune(configs=_all_configs(_DQ_CONFIGS, _FP32_DQ_CONFIGS),
+@triton.autotune(configs=_all_configs(_DQ_CONFIGS, _FP32_DQ_CONFIGS, _DQ_MASKED_CONFIGS),
                  key=["N_Q", "N_K", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND"],
-                 prune_configs_by=_pruner(_DQ_CONFIGS, fp32_table=_FP32_DQ_CONFIGS))
+                 prune_configs_by=_pruner(_DQ_CONFIGS, fp32_table=_FP32_DQ_CONFIGS, masked_table=_DQ_MASKED_CONFIGS))
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, M,

@@ -7,9 +7,10 @@ import triton.language as tl
 
 from .._runtime import cdiv, new_output
 from .._triton_utils import compute_dtypes, round_to
-from ._common import (_load_rows, _lse_dtype, _masked_scores, _safe_max, _scale_args, _scales, _store_row_stats,
-                      _tile_and_head, head_dim_args, lse_shape, mask_args)
-from ._configs import _FP32_FWD_CONFIGS, _FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _all_configs, _pruner
+from ._common import (_apply_mask, _load_mask, _load_rows, _lse_dtype, _masked_scores, _safe_max, _scale_args, _scales,
+                      _store_row_stats, _tile_and_head, head_dim_args, lse_shape, mask_args)
+from ._configs import (_FP32_FWD_CONFIGS, _FWD_JVP_CONFIGS, _FWD_JVP_MASKED_CONFIGS, _FWD_PLAIN_CONFIGS,
+                       _FWD_PLAIN_MASKED_CONFIGS, _all_configs, _pruner)
 
 
 # ============================================================================================= forward + JVP kernel
@@ -32,6 +33,8 @@ def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh,
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_K
+        if MASK_KIND == 1 or MASK_KIND == 2:  # a 2-D mask tile: loaded first (see _load_mask)
+            mtile = _load_mask(Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, ACC, MASK_KIND)
         k = _load_rows(Kh + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
         kd = _load_rows(KDh + offs_n[:, None] * skdn + offs_d[None, :] * skdd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC)
@@ -43,8 +46,10 @@ def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh,
                 ok = ok & (offs_m[:, None] >= offs_n[None, :])
             s = tl.where(ok, s, float("-inf"))
             sd = tl.where(ok, sd, 0.0)
-        s = _masked_scores(s, Mh + offs_m[:, None] * smm + offs_n[None, :] * smn, m_ok[:, None] & n_ok[None, :],
-                           sm, inv_sm, MASK_KIND, NEG_MAX)
+        if MASK_KIND == 1 or MASK_KIND == 2:
+            s = _apply_mask(s, mtile, sm, inv_sm, MASK_KIND, NEG_MAX)
+        else:
+            s = _masked_scores(s, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = _safe_max(m_new, MASK_KIND)
         alpha = tl.exp2((m_i - m_sub) * qk)
@@ -73,6 +78,8 @@ def _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, skn, skd, svn, svd, smm, smn,
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_K
+        if MASK_KIND == 1 or MASK_KIND == 2:  # a 2-D mask tile: loaded first (see _load_mask)
+            mtile = _load_mask(Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, ACC, MASK_KIND)
         k = _load_rows(Kh + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
         s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC)
         if MASKED:
@@ -80,8 +87,10 @@ def _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, skn, skd, svn, svd, smm, smn,
             if IS_CAUSAL:
                 ok = ok & (offs_m[:, None] >= offs_n[None, :])
             s = tl.where(ok, s, float("-inf"))
-        s = _masked_scores(s, Mh + offs_m[:, None] * smm + offs_n[None, :] * smn, m_ok[:, None] & n_ok[None, :],
-                           sm, inv_sm, MASK_KIND, NEG_MAX)
+        if MASK_KIND == 1 or MASK_KIND == 2:
+            s = _apply_mask(s, mtile, sm, inv_sm, MASK_KIND, NEG_MAX)
+        else:
+            s = _masked_scores(s, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, False)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_sub = _safe_max(m_new, MASK_KIND)
         alpha = tl.exp2((m_i - m_sub) * qk)
@@ -127,12 +136,14 @@ def _fwd_plain_head(q, Kh, Vh, Mh, Oh, LSEh, skn, skd, svn, svd, smm, smn, som, 
     _store_row_stats(LSEh, offs_m, m_ok, m_i, l_i, qk, STAT_STRIDE, MASK_KIND)
 
 
-@triton.autotune(configs=_all_configs(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS),
+@triton.autotune(configs=_all_configs(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS, _FWD_JVP_MASKED_CONFIGS,
+                                      _FWD_PLAIN_MASKED_CONFIGS),
                  key=["N_K", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_TANGENT", "MASK_KIND"],
-                 prune_configs_by=_pruner(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS))
+                 prune_configs_by=_pruner(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS,
+                                          _FWD_JVP_MASKED_CONFIGS, _FWD_PLAIN_MASKED_CONFIGS))
 @triton.jit
 def _attn_jvp_fwd_kernel(
-    Q, K, V, QD, KD, VD, O, OD, LSE, M,
+    Q, K, V, QD, KD, VD, O, OD, LSE, MU, M,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sqdb, sqdh, sqdm, sqdd, skdb, skdh, skdn, skdd, svdb, svdh, svdn, svdd,
     sob, soh, som, sod, sodb, sodh, sodm, sodd, smb, smh, smm, smn,
@@ -140,7 +151,7 @@ def _attn_jvp_fwd_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr,
     HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_DV: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_TANGENT: tl.constexpr, MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr,
-    ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
+    STORE_MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
     SCALE_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Fused attention forward + JVP for one block of BLOCK_M query rows of one (batch, query head).
@@ -150,7 +161,8 @@ def _attn_jvp_fwd_kernel(
     h // GROUP (GQA / MQA, GROUP = Hq / Hkv; no copies). Batch rows b < KT have a tangent (tangent row b); the others
     run the plain flash forward (_fwd_plain_head) and never touch the tangent tensors. The grid is 1-D over (B*H, row
     blocks) with the tangent heads first (see _tile_and_head), so the heavier programs start first; with causal masking
-    the row blocks run last-to-first for the same reason.
+    the row blocks run last-to-first for the same reason. STORE_MU (only when the tangent output is differentiable)
+    also saves mu / l = rowsum(P * S_dot) per tangent row for the tangent backward (tangent_backward.py).
     """
     pid_m, bh = _tile_and_head(N_Q, BLOCK_M, IS_CAUSAL)
     b = (bh // H).to(tl.int64)  # int64: b * stride can exceed 2^31 for large batches
@@ -211,6 +223,8 @@ def _attn_jvp_fwd_kernel(
             tl.store(ODh + offs_m[:, None] * sodm + offs_dv[None, :] * sodd,
                      round_to(o_dot, ODh.dtype.element_ty, RNE_BF16), mask=mask)
             _store_row_stats(LSEh, offs_m, m_ok, m_i, l_i, qk, STAT_STRIDE, MASK_KIND)
+            if STORE_MU:
+                tl.store(MU + bh.to(tl.int64) * N_Q + offs_m, mu_i * inv_l, mask=m_ok)
         else:
             _fwd_plain_head(q, Kh, Vh, Mh, Oh, LSEh, skn, skd, svn, svd, smm, smn, som, sod,
                             offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, mid, hi, N_K, sm, qk, inv_sm, STAT_STRIDE,
@@ -223,13 +237,15 @@ def _attn_jvp_fwd_kernel(
                         DOT, ACC, PREC, RNE_BF16)
 
 
-def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask: torch.Tensor | None, causal: bool, scale: float):
+def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask: torch.Tensor | None, causal: bool, scale: float,
+                      tangent_grad: bool = False):
     """Launch the fused forward + JVP kernel. Inputs are assumed checked (see attention_jvp).
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv) with Hkv dividing Hq; tangents (kt, ...) likewise;
     attn_mask None, bool or additive, broadcastable to (B, Hq, Nq, Nk). Returns (o (B, Hq, Nq, Dv), o_dot (kt, Hq, Nq,
     Dv), lse: row statistics for the backward, fp32 (fp64 for fp64 inputs): the LSE (B, Hq, Nq) in raw-score units (see
-    the package docstring; +inf on fully masked rows), or (2, B, Hq, Nq) with an additive mask (_store_row_stats)).
+    the package docstring; +inf on fully masked rows), or (2, B, Hq, Nq) with an additive mask (_store_row_stats)),
+    mu: rowsum(P * S_dot) (kt, Hq, Nq) in the same dtype when tangent_grad (for the tangent backward), else empty).
     """
     batch, heads, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[3]
@@ -237,8 +253,9 @@ def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask: torch.Tensor | No
     o = new_output((batch, heads, n_q, dv), dtype=q.dtype, device=q.device)
     o_dot = new_output((kt, heads, n_q, dv), dtype=q.dtype, device=q.device)
     lse = new_output(lse_shape(batch, heads, n_q, attn_mask), dtype=_lse_dtype(q.dtype), device=q.device)
+    mu = new_output((kt if tangent_grad else 0, heads, n_q), dtype=_lse_dtype(q.dtype), device=q.device)
     if batch * heads * n_q == 0:
-        return o, o_dot, lse
+        return o, o_dot, lse, mu
     acc, dot, prec, rne = compute_dtypes(q.dtype)
     has_t = kt > 0
     # Without tangent rows the tangent pointers are never dereferenced (HAS_TANGENT is a constexpr): pass q / o.
@@ -247,10 +264,10 @@ def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask: torch.Tensor | No
     mask, mask_strides, mask_kind, neg_max = mask_args(attn_mask, (batch, heads, n_q, n_k), q.dtype, lse)
     grid = lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     _attn_jvp_fwd_kernel[grid](
-        q, k, v, qd, kd, vd, o, od, lse, mask,
+        q, k, v, qd, kd, vd, o, od, lse, mu if (tangent_grad and has_t) else lse, mask,
         *q.stride(), *k.stride(), *v.stride(), *qd.stride(), *kd.stride(), *vd.stride(), *o.stride(), *od.stride(),
         *mask_strides, heads, heads // k.shape[1], n_q, n_k, kt, batch * heads * n_q, *scale_args,
         **head_dim_args(d, dv), IS_CAUSAL=bool(causal), HAS_TANGENT=has_t, MASK_KIND=mask_kind, NEG_MAX=neg_max,
-        ACC=acc, DOT=dot, PREC=prec, RNE_BF16=rne, SCALE_PTR=scale_ptr,
+        STORE_MU=bool(tangent_grad and has_t), ACC=acc, DOT=dot, PREC=prec, RNE_BF16=rne, SCALE_PTR=scale_ptr,
     )
-    return o, o_dot, lse
+    return o, o_dot, lse, mu
