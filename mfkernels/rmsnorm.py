@@ -24,7 +24,8 @@ import torch
 from . import _runtime
 from ._checks import describe
 from ._rows import rows_for
-from ._tl_math import acc_dtype, next_power_of_2, row_block, tl, torch_acc_dtype, triton
+from ._tl_math import acc_dtype, row_block, tl, torch_acc_dtype, triton
+from ._tl_store import rne_bf16, round_to
 from .reference_modern import check_rmsnorm_args, rmsnorm_jvp_ref
 
 __all__ = ["rmsnorm_jvp"]
@@ -37,7 +38,7 @@ def _rmsnorm_jvp_fwd_kernel(
     n_rows, n_tangent_rows, L1, L2, D,
     sx0, sx1, sx2, sd0, sd1, sd2,
     eps,
-    HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    HAS_W: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr,
 ):
     """Tile of BLOCK_R rows x the whole row (BLOCK_D >= D); grid (cdiv(B L1 L2, BLOCK_R),).
 
@@ -65,7 +66,7 @@ def _rmsnorm_jvp_fwd_kernel(
     else:
         w = 1.0
     out = r64[:, None] * D + cols[None, :]
-    tl.store(Y + out, (x * rstd[:, None] * w).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + out, round_to(x * rstd[:, None] * w, Y.dtype.element_ty, RNE), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
     # Scalar branch: tiles past the tangent rows (most at kt = B/4) never touch the tangent buffers.
@@ -75,7 +76,7 @@ def _rmsnorm_jvp_fwd_kernel(
                         other=0.0).to(ACC)
         proj = tl.sum(x * x_dot, axis=1) / D  # mean(x x_dot); zero on the padding
         y_dot = (x_dot - x * (rstd * rstd * proj)[:, None]) * rstd[:, None] * w
-        tl.store(Y_DOT + out, y_dot.to(Y_DOT.dtype.element_ty), mask=tmask)
+        tl.store(Y_DOT + out, round_to(y_dot, Y_DOT.dtype.element_ty, RNE), mask=tmask)
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def _rmsnorm_bwd_kernel(
     n_rows, L1, L2, D, n_programs,
     sx0, sx1, sx2,
     HAS_W: tl.constexpr, COMPUTE_DX: tl.constexpr, COMPUTE_DW: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr,
 ):
     """Backward of y = x r w for row tiles pid, pid + P, pid + 2P, ... (P = n_programs); grid (P,).
 
@@ -117,7 +118,7 @@ def _rmsnorm_bwd_kernel(
             g = dy * w
             mean_gxh = tl.sum(g * xh, axis=1) / D
             dx = (g - xh * mean_gxh[:, None]) * rstd[:, None]
-            tl.store(DX + r64[:, None] * D + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            tl.store(DX + r64[:, None] * D + cols[None, :], round_to(dx, DX.dtype.element_ty, RNE), mask=mask)
         if COMPUTE_DW:
             dw += tl.sum(dy * xh, axis=0)
     if COMPUTE_DW:
@@ -166,7 +167,8 @@ def rmsnorm_jvp_fwd(x: torch.Tensor, weight: torch.Tensor | None,
             x, weight if weight is not None else x, x_dot, y, y_dot, rstd,
             n_rows, n_tangent_rows, *layout.sizes, d, *sx, *sd, eps,
             HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-            ACC=acc_dtype(x.dtype, *(() if weight is None else (weight.dtype,))), num_warps=warps,
+            ACC=acc_dtype(x.dtype, *(() if weight is None else (weight.dtype,))), RNE=rne_bf16(x.dtype),
+            num_warps=warps,
         )
     return y, y_dot, rstd
 
@@ -190,7 +192,8 @@ def rmsnorm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
             grad_y, x, weight if weight is not None else x, rstd, dx, dw_part,
             n_rows, *layout.sizes, d, programs, *layout.strides[0],
             HAS_W=weight is not None, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw,
-            BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_dtype(rstd.dtype), num_warps=warps,
+            BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_dtype(rstd.dtype), RNE=rne_bf16(x.dtype),
+            num_warps=warps,
         )
     if not compute_dw:
         return dx, x.new_empty(0)
