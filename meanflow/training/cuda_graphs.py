@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from ._validate import check_network_inputs
+from ..models.validate import check_network_inputs
 
 __all__ = ["CUDAGraphModel", "capture_stream", "graphed_ddp"]
 
@@ -181,7 +181,7 @@ class CUDAGraphModel(nn.Module):
     """Wraps a JVPNetwork so that its training calls (grad enabled, CUDA) replay from CUDA graphs (module docstring).
 
     Same call as the network: `model(z, t, h, y, tangents=..., backend=...)`. `module` is the network (so
-    `meanflow.model.unwrap` and the loss find it); the wrapper has no state of its own in `state_dict`.
+    `meanflow.unwrap` and the loss find it); the wrapper has no state of its own in `state_dict`.
     `warmup`: eager runs before a capture. `max_graphs`: captured keys kept (least recently used dropped first).
     """
 

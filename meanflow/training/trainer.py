@@ -1,15 +1,14 @@
 """The MeanFlow trainer: AdamW + EMA(s) + checkpoints + metrics + sample grids + final evaluation.
 
-    from meanflow.presets import get_preset
-    from meanflow.train import Trainer
+    from meanflow import Trainer, get_preset
     summary = Trainer(get_preset("mnist"), "runs/mnist").train()
 
-Layout (meanflow.distributed holds the torch.distributed side):
+Layout (meanflow.training.parallel and meanflow.runtime.distributed hold the torch.distributed side):
 - model wrapping ........ `_graph_model` (CUDAGraphModel with train.cuda_graphs), then `_wrap_model` (DDP(...) or
                           fully_shard(...) under torchrun with train.parallel=ddp|fsdp)
 - data loading .......... `_build_batches` (BatchIterator; its rank / world_size split is the distributed sampler)
 - the optimizer step .... `train_step` (micro-batches, gradient accumulation) and `_optimizer_step` (clip, AdamW, EMA)
-- checkpoint IO ......... `save` / `load` (meanflow.checkpoint: one file in one process, DCP directories when
+- checkpoint IO ......... `save` / `load` (meanflow.training.checkpoint: one file in one process, DCP directories when
                           distributed)
 Logging, grids and evaluation run on the main process only (`self.is_main`); logged losses are means over all ranks.
 
@@ -38,24 +37,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.datasets import BatchIterator, Dataset, dataset_from_config
+from ..models.registry import build_model
+from ..objectives.meanflow import MeanFlowLoss
+from ..runtime import distributed
+from ..runtime.host import resolve_device
+from ..runtime.seeding import seed_everything
 from . import checkpoint as ckpt
-from . import distributed
-from .config import ModelConfig, RunConfig, TrainConfig
+from . import parallel
+from .config import RunConfig, TrainConfig
 from .cuda_graphs import CUDAGraphModel
-from .data import BatchIterator, Dataset, dataset_from_config
 from .ema import EMA, decay_key
-from .loss import MeanFlowLoss
-from .model import DIT_MODELS, DiT, MLPNet
 
-__all__ = [
-    "NonFiniteLossError",
-    "TrainConfig",
-    "Trainer",
-    "build_model",
-    "resolve_device",
-    "seed_everything",
-    "set_threads",
-]
+__all__ = ["NonFiniteLossError", "Trainer"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -63,61 +57,6 @@ class NonFiniteLossError(RuntimeError):
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={name} but CUDA is not available; use train.device=cpu (or auto)")
-    return device
-
-
-def set_threads(threads: int, share: int = 1) -> int:
-    """CPU threads for torch. 0 = auto: the cores not busy with other processes (1-minute load average), >= 1,
-    divided among `share` processes (torchrun's LOCAL_WORLD_SIZE: the ranks of one node share its cores).
-
-    Why auto: on a shared machine, OpenMP threads that wait for a descheduled sibling at every parallel region make 2
-    threads several times SLOWER than 1 (measured 3.7 s vs 0.6 s per step on 2 busy cores).
-    """
-    if threads <= 0:
-        cores = os.cpu_count() or 1
-        try:
-            busy = os.getloadavg()[0]
-        except OSError:
-            busy = 0.0
-        threads = max(1, min(cores, round(cores - busy)) // max(1, share))
-    torch.set_num_threads(threads)
-    return threads
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def build_model(cfg: ModelConfig, data_shape: tuple[int, ...], num_classes: int, device: torch.device) -> nn.Module:
-    """The network for a data shape: a DiT for (C, H, W), the MLP for (D,)."""
-    backend = cfg.backend
-    if backend == "auto":
-        backend = "fused" if device.type == "cuda" else "explicit"
-    if cfg.arch == "mlp":
-        if len(data_shape) != 1:
-            raise ValueError(f"model.arch=mlp needs vector data (D,); the dataset gives {data_shape}")
-        return MLPNet(data_shape[0], cfg.hidden or 256, cfg.depth or 4, num_classes=num_classes, backend=backend)
-    if cfg.arch != "dit":
-        raise ValueError(f"model.arch must be 'dit' or 'mlp'; got {cfg.arch!r}")
-    if len(data_shape) != 3:
-        raise ValueError(f"model.arch=dit needs image-like data (C, H, W); the dataset gives {data_shape} "
-                         f"(use model.arch=mlp for 2-D toys)")
-    if cfg.name not in DIT_MODELS:
-        raise ValueError(f"unknown model.name {cfg.name!r}; choose one of {sorted(DIT_MODELS)}")
-    base = DIT_MODELS[cfg.name]
-    c, h, w = data_shape
-    return DiT((h, w), c, cfg.hidden or base.hidden, cfg.depth or base.depth, cfg.heads or base.heads,
-               cfg.patch or base.patch, cfg.mlp_ratio, num_classes=num_classes, backend=backend)
-
-
 def _numpy_state_to_plain(state) -> tuple:
     # numpy's MT19937 state holds an ndarray; checkpoints keep plain types so torch.load(weights_only=True) reads them
     return (state[0], torch.from_numpy(state[1].astype(np.int64)), int(state[2]), int(state[3]), float(state[4]))
@@ -141,8 +80,8 @@ class Trainer:
         tc: TrainConfig = config.train
         if tc.batch_size % tc.grad_accum:
             raise ValueError(f"train.batch_size {tc.batch_size} must divide by train.grad_accum {tc.grad_accum}")
-        if tc.parallel not in distributed.PARALLEL_MODES:
-            raise ValueError(f"train.parallel must be one of {distributed.PARALLEL_MODES}; got {tc.parallel!r}")
+        if tc.parallel not in parallel.PARALLEL_MODES:
+            raise ValueError(f"train.parallel must be one of {parallel.PARALLEL_MODES}; got {tc.parallel!r}")
         # torchrun: a process group (NCCL on cuda:LOCAL_RANK, gloo on CPU); plain python: rank 0 of 1
         self.dist = distributed.setup(tc.device)
         self.rank, self.world_size, self.is_main = self.dist.rank, self.dist.world_size, self.dist.is_main
@@ -158,9 +97,9 @@ class Trainer:
         self.net = build_model(config.model, self.dataset.data_shape, self.dataset.num_classes, self.device)
         self.net.to(self.device)
         self.net.check_inputs = False  # inputs come from our own sampler; the range checks would sync every call
-        self.mesh = distributed.device_mesh(self.dist) if self.parallel == "fsdp" else None
+        self.mesh = parallel.device_mesh(self.dist) if self.parallel == "fsdp" else None
         if self.parallel == "fsdp":  # EMA copies made from the full model, then sharded like it
-            self.ema = distributed.ShardedEMA(self.net, tc.ema_decays, self.mesh, factory=self._build_plain_model)
+            self.ema = parallel.ShardedEMA(self.net, tc.ema_decays, self.mesh, factory=self._build_plain_model)
         else:
             self.ema = EMA(self.net, tc.ema_decays)  # DDP: on the unwrapped module (identical on every rank)
         # What the loss calls: net, or DDP / FSDP around it; with train.cuda_graphs a CUDA-graph replayer sits between
@@ -185,7 +124,7 @@ class Trainer:
         """DDP(net) or FSDP2-sharded net under torchrun (train.parallel), net itself in one process. The loss calls
         `model(..., tangents=...)` through the wrapper, so DDP's gradient hooks / FSDP's all-gathers see the real
         forward, for every JVP backend."""
-        return distributed.wrap_model(net, self.parallel, self.dist, precision=self._precision(), mesh=self.mesh)
+        return parallel.wrap_model(net, self.parallel, self.dist, precision=self._precision(), mesh=self.mesh)
 
     def _graph_model(self, net: nn.Module) -> nn.Module:
         """CUDAGraphModel(net) with train.cuda_graphs (one process or DDP), else net."""
@@ -249,7 +188,7 @@ class Trainer:
         for i in range(n):
             kwargs = {k: v[i] for k, v in draws.items()} if draws else {"generator": self.generator}
             # all but the last micro-batch skip the gradient all-reduce (DDP no_sync / FSDP requires_gradient_sync)
-            with distributed.gradient_sync(self.model, i == n - 1):
+            with parallel.gradient_sync(self.model, i == n - 1):
                 with self._autocast():
                     loss, stats = self.loss_fn(self.model, xs[i], ys[i], **kwargs)
                 if self.world_size == 1:
@@ -309,7 +248,7 @@ class Trainer:
         params = [p for p in self.net.parameters() if p.grad is not None]
         max_norm = tc.grad_clip if tc.grad_clip > 0 else float("inf")
         if self.parallel == "fsdp":  # the norm over all shards of the sharded gradients
-            grad_norm = distributed.grad_norm_and_clip(params, max_norm)
+            grad_norm = parallel.grad_norm_and_clip(params, max_norm)
         else:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm):
@@ -368,7 +307,7 @@ class Trainer:
         ema = self.ema_model()
         if self.is_main:  # the other ranks are done (evaluation below runs on rank 0 alone)
             summary["grids"] = [str(p) for p in self.sample_grids(self.out_dir, "final_", model=ema)]
-            from .plotting import save_loss_curve
+            from ..evaluation.plotting import save_loss_curve
 
             summary["loss_curve"] = str(save_loss_curve(self.metrics_path, self.out_dir / "loss_curve.png"))
             ckpt.export_weights(self.out_dir / "ema.safetensors", ema.state_dict(), self.config.to_dict(), self.step)
@@ -398,7 +337,7 @@ class Trainer:
 
     def _check_latent_scale(self) -> None:
         """Warn when the shards' manifest (meanflow prepare-latents) names another VAE scale than data.latent_scale."""
-        from .latents import manifest_scale_factor
+        from ..data.latents import manifest_scale_factor
 
         found = manifest_scale_factor(self.config.data.path)
         if found is not None and abs(found - self.config.data.latent_scale) > 1e-9:
@@ -442,7 +381,7 @@ class Trainer:
     def ema_model(self, decay: float | None = None) -> nn.Module | None:
         """The full EMA network for sampling / evaluation / export (the first decay by default). Under FSDP this
         gathers the sharded EMA: every rank must call it, and only rank 0 gets the module (the others get None)."""
-        if isinstance(self.ema, distributed.ShardedEMA):
+        if isinstance(self.ema, parallel.ShardedEMA):
             return self.ema.gather(decay, device=self.device)
         return self.ema.models[decay_key(decay)] if decay is not None else self.ema.default
 
@@ -451,7 +390,7 @@ class Trainer:
         if self.dataset.kind != "latent" or not self.config.data.vae:
             return None
         if getattr(self, "_vae_model", None) is None:
-            from .latents import load_vae
+            from ..data.latents import load_vae
 
             self._vae_model = load_vae(self.config.data.vae, self.device)
         return self._vae_model
@@ -460,8 +399,8 @@ class Trainer:
     def sample_grids(self, directory: Path, prefix: str, model: nn.Module | None = None) -> list[Path]:
         """1-step and 2-step samples of the EMA model (by default) as PNGs: image grids, or scatter plots for toys;
         latents are decoded to images when data.vae names a VAE."""
-        from .plotting import save_samples
-        from .sample import sample
+        from ..evaluation.plotting import save_samples
+        from ..evaluation.sampling import sample
 
         model = model or self.ema.default
         directory.mkdir(parents=True, exist_ok=True)
@@ -473,7 +412,7 @@ class Trainer:
             with self._autocast():
                 x = sample(model, noise, labels, steps=steps).float()
             if vae is not None:
-                from .latents import decode_latents
+                from ..data.latents import decode_latents
 
                 x, kind = decode_latents(vae, x, self.config.data.latent_scale), "image"
             x = x.cpu()
@@ -488,7 +427,7 @@ class Trainer:
         return self.dataset.sample(len(self.grid_noise), torch.Generator().manual_seed(777))[0]
 
     def evaluate(self, model: nn.Module | None = None) -> dict:
-        from .evaluate import evaluate_model
+        from ..evaluation.evaluate import evaluate_model
 
         return evaluate_model(model or self.ema.default, self.config.data, self.config.eval, self.device,
                               autocast=self._autocast)
@@ -520,8 +459,8 @@ class Trainer:
 
     def _dcp_tensors(self) -> tuple[dict, dict, dict]:
         """This rank's (model, optimizer, EMA) state dicts for DCP: sharded under FSDP, keyed by parameter names."""
-        model_state, optim_state = distributed.get_train_state(self.net, self.optimizer)
-        ema_state = {str(i): distributed.get_module_state(m) for i, m in enumerate(self.ema.models.values())}
+        model_state, optim_state = parallel.get_train_state(self.net, self.optimizer)
+        ema_state = {str(i): parallel.get_module_state(m) for i, m in enumerate(self.ema.models.values())}
         return model_state, optim_state, ema_state
 
     def _save_distributed(self, elapsed: float) -> Path:
@@ -535,7 +474,7 @@ class Trainer:
                                                "rng": _process_rng_state()}, self.config.train.keep_ckpts)
 
     def load(self, path: str | os.PathLike) -> None:
-        """Resume from a checkpoint of either format, at any world size (see meanflow.checkpoint)."""
+        """Resume from a checkpoint of either format, at any world size (see meanflow.training.checkpoint)."""
         where = ckpt.resolve_checkpoint(path)
         if ckpt.is_dcp_checkpoint(where):
             self._load_distributed(where)
@@ -548,8 +487,8 @@ class Trainer:
                 self.optimizer.load_state_dict(state["optimizer"])
             else:  # a one-process checkpoint continued by several: full state dicts, each rank keeps its part
                 names = [n for n, _ in self.net.named_parameters()]
-                distributed.set_train_state(self.net, self.optimizer, state["model"],
-                                            distributed.optimizer_state_by_name(state["optimizer"], names), full=True)
+                parallel.set_train_state(self.net, self.optimizer, state["model"],
+                                            parallel.optimizer_state_by_name(state["optimizer"], names), full=True)
                 self._set_ema_states([state["ema"][k] for k in self.ema.models], full=True,
                                      saved=list(state["ema"]))
             self.batches.load_state_dict(state["data"])
@@ -568,7 +507,7 @@ class Trainer:
         if saved != list(self.ema.models):
             raise ValueError(f"the checkpoint has EMA decays {saved}; this run has {list(self.ema.models)}")
         for m, s in zip(self.ema.models.values(), states):
-            distributed.set_module_state(m, s, full=full)
+            parallel.set_module_state(m, s, full=full)
 
     def _load_distributed(self, where: Path) -> None:
         meta = ckpt.read_dcp_meta(where)
@@ -581,7 +520,7 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {where} does not fit this run's config: {exc}") from exc
         model_state, optim_state, ema_state = self._dcp_tensors()
         rank_state = ckpt.load_dcp(where, {"model": model_state, "optim": optim_state, "ema": ema_state})
-        distributed.set_train_state(self.net, self.optimizer, model_state, optim_state)
+        parallel.set_train_state(self.net, self.optimizer, model_state, optim_state)
         self._set_ema_states([ema_state[str(i)] for i in range(len(ema_state))], full=False,
                              saved=list(meta["ema_decays"]))
         self.generator.set_state(meta["generator"])  # one global state: the same draws at any world size
