@@ -1,6 +1,8 @@
 """Training: the loop and what it needs beside it.
 
-    trainer.py      Trainer: the step (micro-batches, optimizer, EMA), logging, grids, evaluation, checkpoints
+    trainer.py      Trainer: the loop and one step (micro-batches, optimizer, EMA)
+    state.py        what a checkpoint of a run holds, save / resume (exact, at any world size)
+    reporting.py    run directory, metrics.jsonl, sample grids, evaluation
     config.py       RunConfig (model / data / loss / train / eval sections), --set key=value overrides
     presets.py      named RunConfigs (toys, digits, mnist, ImageNet)
     checkpoint.py   atomic checkpoints (one file, or DCP directories when distributed), weight export

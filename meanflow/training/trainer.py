@@ -8,9 +8,10 @@ Layout (meanflow.training.parallel and meanflow.runtime.distributed hold the tor
                           fully_shard(...) under torchrun with train.parallel=ddp|fsdp)
 - data loading .......... `_build_batches` (BatchIterator; its rank / world_size split is the distributed sampler)
 - the optimizer step .... `train_step` (micro-batches, gradient accumulation) and `_optimizer_step` (clip, AdamW, EMA)
-- checkpoint IO ......... `save` / `load` (meanflow.training.checkpoint: one file in one process, DCP directories when
-                          distributed)
-Logging, grids and evaluation run on the main process only (`self.is_main`); logged losses are means over all ranks.
+- checkpoint IO ......... `save` / `load` in state.py (TrainerState; file formats in checkpoint.py: one file in one
+                          process, DCP directories when distributed)
+- reporting ............. run directory, metrics.jsonl, sample grids, evaluation in reporting.py (TrainerReporting);
+                          on the main process only (`self.is_main`); logged losses are means over all ranks.
 
 Determinism: every random draw of the objective (noise, t, r, label dropout) comes from one generator owned by the
 trainer, the data order from the BatchIterator's seed, and both positions are checkpointed, so on CPU a resumed run
@@ -28,12 +29,10 @@ import contextlib
 import json
 import math
 import os
-import random
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -47,7 +46,9 @@ from . import checkpoint as ckpt
 from . import parallel
 from .config import RunConfig, TrainConfig
 from .cuda_graphs import CUDAGraphModel
-from .ema import EMA, decay_key
+from .ema import EMA
+from .reporting import TrainerReporting
+from .state import TrainerState
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -56,18 +57,7 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN / inf; training stopped without writing a checkpoint."""
 
 
-# ------------------------------------------------------------------------------------------------------ helpers
-def _numpy_state_to_plain(state) -> tuple:
-    # numpy's MT19937 state holds an ndarray; checkpoints keep plain types so torch.load(weights_only=True) reads them
-    return (state[0], torch.from_numpy(state[1].astype(np.int64)), int(state[2]), int(state[3]), float(state[4]))
-
-
-def _numpy_state_from_plain(state) -> tuple:
-    return (state[0], state[1].numpy().astype(np.uint32), state[2], state[3], state[4])
-
-
-# ------------------------------------------------------------------------------------------------------ trainer
-class Trainer:
+class Trainer(TrainerState, TrainerReporting):
     """Trains a MeanFlow model from a RunConfig into a run directory.
 
     `resume`: a checkpoint file or run directory to continue from exactly (same batches, same noise).
@@ -317,251 +307,4 @@ class Trainer:
                 (self.out_dir / "eval.json").write_text(json.dumps(summary["metrics"], indent=2) + "\n")
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
-
-    @property
-    def metrics_path(self) -> Path:
-        return self.out_dir / "metrics.jsonl"
-
-    def _prepare_run_dir(self) -> None:
-        if self.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.json").write_text(self.config.to_json() + "\n")
-            # On resume, drop metric lines past the checkpoint: the interrupted run logged steps that will be redone.
-            if self.metrics_path.exists():
-                keep = [line for line in self.metrics_path.read_text().splitlines()
-                        if _logged_step(line) <= self.step]
-                self.metrics_path.write_text("".join(line + "\n" for line in keep))
-            if self.config.data.name == "latents":
-                self._check_latent_scale()
-        distributed.barrier()
-
-    def _check_latent_scale(self) -> None:
-        """Warn when the shards' manifest (meanflow prepare-latents) names another VAE scale than data.latent_scale."""
-        from ..data.latents import manifest_scale_factor
-
-        found = manifest_scale_factor(self.config.data.path)
-        if found is not None and abs(found - self.config.data.latent_scale) > 1e-9:
-            print(f"warning: the latents' manifest says the VAE's scaling factor is {found}, but data.latent_scale "
-                  f"is {self.config.data.latent_scale} (set --set data.latent_scale={found} unless intended)",
-                  flush=True)
-
-    @staticmethod
-    def _accumulate(window: dict, stats: dict) -> None:
-        window["n"] += 1
-        for k, v in stats.items():
-            window["sums"][k] = window["sums"].get(k, 0.0) + v
-
-    def _log(self, window: dict, t_start: float) -> dict:
-        """Append one metrics line: means over the steps since the last line."""
-        now = time.perf_counter()
-        n, sums = window["n"], window["sums"]
-        row = {"step": self.step, **{k: sums[k] / n for k in ("loss", "v_loss", "raw_loss", "grad_norm")},
-               "lr": sums["lr"] / n,
-               "samples_per_s": n * self.config.train.batch_size / max(now - window["t"], 1e-9),
-               "elapsed": self.elapsed + now - t_start}
-        window.update(n=0, t=now, sums={})
-        if self.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        return row
-
-    # --------------------------------------------------------------------------------- grids and eval
-    def _grid_inputs(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Fixed noise and labels, so grids at different steps (and of resumed runs) are comparable."""
-        n, k = self.config.train.grid_size, self.dataset.num_classes
-        if not n:
-            n = 2000 if self.dataset.kind == "points" else (10 * k if 0 < k <= 10 else 64)
-        noise = torch.randn((n,) + tuple(self.dataset.data_shape), generator=torch.Generator().manual_seed(12345))
-        labels = None
-        if k > 0:
-            labels = (torch.arange(n) // max(1, n // k)).clamp(max=k - 1) if k <= 10 else \
-                torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(54321))
-        return noise, labels
-
-    def ema_model(self, decay: float | None = None) -> nn.Module | None:
-        """The full EMA network for sampling / evaluation / export (the first decay by default). Under FSDP this
-        gathers the sharded EMA: every rank must call it, and only rank 0 gets the module (the others get None)."""
-        if isinstance(self.ema, parallel.ShardedEMA):
-            return self.ema.gather(decay, device=self.device)
-        return self.ema.models[decay_key(decay)] if decay is not None else self.ema.default
-
-    def _vae(self):
-        """The VAE that decodes latent samples for grids (data.vae), loaded once; None without one."""
-        if self.dataset.kind != "latent" or not self.config.data.vae:
-            return None
-        if getattr(self, "_vae_model", None) is None:
-            from ..data.latents import load_vae
-
-            self._vae_model = load_vae(self.config.data.vae, self.device)
-        return self._vae_model
-
-    @torch.no_grad()
-    def sample_grids(self, directory: Path, prefix: str, model: nn.Module | None = None) -> list[Path]:
-        """1-step and 2-step samples of the EMA model (by default) as PNGs: image grids, or scatter plots for toys;
-        latents are decoded to images when data.vae names a VAE."""
-        from ..evaluation.plotting import save_samples
-        from ..evaluation.sampling import sample
-
-        model = model or self.ema.default
-        directory.mkdir(parents=True, exist_ok=True)
-        noise = self.grid_noise.to(self.device)
-        labels = self.grid_labels.to(self.device) if self.grid_labels is not None else None
-        vae, kind = self._vae(), self.dataset.kind
-        paths = []
-        for steps in (1, 2):
-            with self._autocast():
-                x = sample(model, noise, labels, steps=steps).float()
-            if vae is not None:
-                from ..data.latents import decode_latents
-
-                x, kind = decode_latents(vae, x, self.config.data.latent_scale), "image"
-            x = x.cpu()
-            path = directory / f"{prefix}{steps}step.png"
-            save_samples(x, path, kind=kind, title=f"step {self.step}: {steps}-step samples",
-                         nrow=10 if labels is not None and self.dataset.num_classes <= 10 else None,
-                         reference=self._reference_points() if self.dataset.kind == "points" else None)
-            paths.append(path)
-        return paths
-
-    def _reference_points(self) -> torch.Tensor:
-        return self.dataset.sample(len(self.grid_noise), torch.Generator().manual_seed(777))[0]
-
-    def evaluate(self, model: nn.Module | None = None) -> dict:
-        from ..evaluation.evaluate import evaluate_model
-
-        return evaluate_model(model or self.ema.default, self.config.data, self.config.eval, self.device,
-                              autocast=self._autocast)
-
-    # ------------------------------------------------------------------------------------ checkpoint IO
-    def state_dict(self) -> dict:
-        """The whole training state of a one-process run (distributed runs save through DCP, see `save`)."""
-        return {
-            "config": self.config.to_dict(),
-            "model": self.net.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "data": self.batches.state_dict(),
-            "elapsed": self.elapsed,
-            "rng": {"generator": self.generator.get_state(), **_process_rng_state()},
-        }
-
-    def save(self, wall: float = 0.0) -> Path:
-        """Checkpoint the current step (atomic; keeps the newest train.keep_ckpts). One process: one file, written
-        here; distributed: a DCP directory, a collective every rank enters."""
-        if self.world_size > 1:
-            self.last_checkpoint = self._save_distributed(self.elapsed + wall)
-            return self.last_checkpoint
-        state = self.state_dict()
-        state["elapsed"] = self.elapsed + wall
-        if self.is_main:
-            self.last_checkpoint = ckpt.save_checkpoint(self.out_dir, self.step, state, self.config.train.keep_ckpts)
-        return self.last_checkpoint
-
-    def _dcp_tensors(self) -> tuple[dict, dict, dict]:
-        """This rank's (model, optimizer, EMA) state dicts for DCP: sharded under FSDP, keyed by parameter names."""
-        model_state, optim_state = parallel.get_train_state(self.net, self.optimizer)
-        ema_state = {str(i): parallel.get_module_state(m) for i, m in enumerate(self.ema.models.values())}
-        return model_state, optim_state, ema_state
-
-    def _save_distributed(self, elapsed: float) -> Path:
-        model_state, optim_state, ema_state = self._dcp_tensors()
-        meta = {"config": self.config.to_dict(), "data": self.batches.state_dict(), "elapsed": elapsed,
-                "generator": self.generator.get_state(), "world_size": self.world_size, "parallel": self.parallel,
-                "ema_decays": list(self.ema.models)}
-        return ckpt.save_dcp_checkpoint(self.out_dir, self.step, {"model": model_state, "optim": optim_state,
-                                                                  "ema": ema_state},
-                                        meta, {"rank": self.rank, "world_size": self.world_size,
-                                               "rng": _process_rng_state()}, self.config.train.keep_ckpts)
-
-    def load(self, path: str | os.PathLike) -> None:
-        """Resume from a checkpoint of either format, at any world size (see meanflow.training.checkpoint)."""
-        where = ckpt.resolve_checkpoint(path)
-        if ckpt.is_dcp_checkpoint(where):
-            self._load_distributed(where)
-            return
-        state = ckpt.load_checkpoint(where, map_location=self.device)
-        try:
-            if self.world_size == 1:
-                self.net.load_state_dict(state["model"])
-                self.ema.load_state_dict(state["ema"])
-                self.optimizer.load_state_dict(state["optimizer"])
-            else:  # a one-process checkpoint continued by several: full state dicts, each rank keeps its part
-                names = [n for n, _ in self.net.named_parameters()]
-                parallel.set_train_state(self.net, self.optimizer, state["model"],
-                                            parallel.optimizer_state_by_name(state["optimizer"], names), full=True)
-                self._set_ema_states([state["ema"][k] for k in self.ema.models], full=True,
-                                     saved=list(state["ema"]))
-            self.batches.load_state_dict(state["data"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ckpt.CheckpointError(f"checkpoint {where} does not fit this run's config: {exc}") from exc
-        rng = state["rng"]
-        self.generator.set_state(rng["generator"].cpu() if hasattr(rng["generator"], "cpu") else rng["generator"])
-        self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
-        if self.world_size == 1:
-            _set_process_rng_state(rng)
-        else:
-            self._reseed_process_rngs()
-        self.last_checkpoint = Path(where)
-
-    def _set_ema_states(self, states: list[dict], *, full: bool, saved: list[str]) -> None:
-        if saved != list(self.ema.models):
-            raise ValueError(f"the checkpoint has EMA decays {saved}; this run has {list(self.ema.models)}")
-        for m, s in zip(self.ema.models.values(), states):
-            parallel.set_module_state(m, s, full=full)
-
-    def _load_distributed(self, where: Path) -> None:
-        meta = ckpt.read_dcp_meta(where)
-        try:
-            if list(meta["ema_decays"]) != list(self.ema.models):
-                raise ValueError(f"the checkpoint has EMA decays {list(meta['ema_decays'])}; this run has "
-                                 f"{list(self.ema.models)}")
-            self.batches.load_state_dict(meta["data"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise ckpt.CheckpointError(f"checkpoint {where} does not fit this run's config: {exc}") from exc
-        model_state, optim_state, ema_state = self._dcp_tensors()
-        rank_state = ckpt.load_dcp(where, {"model": model_state, "optim": optim_state, "ema": ema_state})
-        parallel.set_train_state(self.net, self.optimizer, model_state, optim_state)
-        self._set_ema_states([ema_state[str(i)] for i in range(len(ema_state))], full=False,
-                             saved=list(meta["ema_decays"]))
-        self.generator.set_state(meta["generator"])  # one global state: the same draws at any world size
-        self.step, self.elapsed = int(meta["step"]), float(meta["elapsed"])
-        if rank_state is not None and int(meta["world_size"]) == self.world_size:
-            _set_process_rng_state(rank_state["rng"])
-        else:
-            self._reseed_process_rngs()
-        self.last_checkpoint = where
-
-    def _reseed_process_rngs(self) -> None:
-        """After a world-size change the saved per-rank RNG states do not map onto the new ranks: reseed this rank's
-        process RNGs (torch, CUDA, numpy, python) from (seed, step, rank). The objective's draws are unaffected:
-        they come from the trainer's generator, whose state is global and restored exactly."""
-        seed = distributed.rank_seed(self.config.train.seed, self.step, self.rank)
-        seed_everything(seed)
-
-
-def _process_rng_state() -> dict:
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": _numpy_state_to_plain(np.random.get_state()),
-            "python": random.getstate()}
-
-
-def _set_process_rng_state(rng: dict) -> None:
-    torch.set_rng_state(rng["torch"].cpu())
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([s.cpu() for s in rng["cuda"]])
-    np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
-    random.setstate(_to_tuples(rng["python"]))
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics line; a line cut short by a kill counts as past any checkpoint (so it is dropped)."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-
-
-def _to_tuples(x):
-    """python's random state must be tuples all the way down (a checkpoint round trip may give lists)."""
-    return tuple(_to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
