@@ -44,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from bench.common import time_fn  # noqa: E402
+from bench.modern_cases import CASES as MODERN_CASES  # noqa: E402  (RMSNorm, QK-norm + RoPE, RoPE, SwiGLU)
 from mfkernels import reference as ref  # noqa: E402
 from mfkernels.activations import gelu_tanh_jvp  # noqa: E402
 from mfkernels.mlp import mlp_jvp  # noqa: E402
@@ -148,11 +149,18 @@ def make_case(op: str, B: int, N: int, C: int, kt: int, dtype, device):
         fwd_bytes = e * (3 * M * C + B * C + 3 * Mt * C + kt * C)
         bwd_bytes = e * (3 * M * C + 2 * B * C)  # dy, f read, df written (dx = dy: no traffic); gate, dgate
 
+    elif op in MODERN_CASES:
+        case = MODERN_CASES[op](B, N, C, kt, r, e)
+        primals, tangents, fused, eager, autograd = (case[k] for k in ("primals", "tangents", "fused", "eager",
+                                                                        "autograd"))
+        fwd_bytes, bwd_bytes = case.get("fwd_bytes", 0), case.get("bwd_bytes", 0)
+        fwd_flops, bwd_flops = case.get("fwd_flops", 0), case.get("bwd_flops", 0)
+
     else:
         raise ValueError(op)
 
     def rate(kind: str, ms: float):
-        if op == "mlp":
+        if op == "mlp" or (op in MODERN_CASES and fwd_flops):
             flops = fwd_flops + (bwd_flops if kind == "fwd_bwd" else 0)
             return "tflops", flops / (ms * 1e-3) / 1e12
         nbytes = fwd_bytes + (bwd_bytes if kind == "fwd_bwd" else 0)
@@ -161,7 +169,9 @@ def make_case(op: str, B: int, N: int, C: int, kt: int, dtype, device):
     return primals, tangents, fused, eager, autograd, rate
 
 
-def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def _max_rel_diff(a, b) -> float:
+    if isinstance(a, tuple):  # several outputs (q' and k' of the QK op): the worst
+        return max(_max_rel_diff(x, y) for x, y in zip(a, b))
     if a.numel() == 0:
         return 0.0
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
@@ -186,7 +196,7 @@ def run(quick: bool) -> dict:
     rows = []
     for name, B, N, C in shapes:
         for kt in kts(B):
-            for op in ("ln_modulate", "gelu_tanh", "mlp", "gated_residual"):
+            for op in ("ln_modulate", "gelu_tanh", "mlp", "gated_residual", *MODERN_CASES):
                 torch.manual_seed(len(rows))  # fresh inputs for every case, reproducible
                 primals, tangents, fused, eager, autograd, rate = make_case(op, B, N, C, kt, dtype, device)
                 # sanity: the timed fused op agrees with the reference (bf16: loose)
@@ -211,11 +221,11 @@ def run(quick: bool) -> dict:
                     record("autograd", "fwd_jvp", timer(lambda: autograd(primals, tangents)))
 
                 leaves = [p.detach().requires_grad_() for p in primals]
-                dy = torch.randn_like(y_e)
+                dy = tuple(torch.randn_like(y) for y in y_e) if isinstance(y_e, tuple) else torch.randn_like(y_e)
                 for provider, fn in (("fused", fused), ("eager", eager)):
                     def step(fn=fn):
                         y, _ = fn(leaves, tangents)
-                        y.backward(dy)
+                        torch.autograd.backward(y, dy)  # y may be a tuple (q', k')
 
                     record(provider, "fwd_bwd", timer(step, grad_to_none=leaves))
                 del primals, tangents, leaves, y_f, yd_f, y_e, yd_e
