@@ -21,11 +21,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import is_oom, peak_memory_mb, time_fn, write_results  # noqa: E402
+from bench.modern_cases import BLOCKS as MODERN_BLOCKS, TINY_BLOCKS as MODERN_TINY  # noqa: E402  (iMF's block)
 from meanflow.models.backends import ops_for  # noqa: E402
 from meanflow.models.layers import DiTBlock  # noqa: E402
 from mfkernels.nn import math_attention  # noqa: E402
 
 WIDTHS = {"DiT-B": (768, 12), "DiT-XL": (1152, 16)}
+WIDTHS.update({name: (width, heads) for name, (width, heads, _) in MODERN_BLOCKS.items()})
+# blocks other than DiTBlock: name -> factory(width, heads) (same forward / forward_jvp interface)
+FACTORIES = {name: factory for name, (_, _, factory) in {**MODERN_BLOCKS, **MODERN_TINY}.items()}
 
 
 def block_flops(batch: int, kt: int, tokens: int, dim: int, with_jvp: bool) -> float:
@@ -55,7 +59,8 @@ def main(argv=None):
     cuda = args.device.startswith("cuda")
     widths = dict(WIDTHS)
     if args.quick and not cuda:
-        widths, args.models, args.batch, args.tokens = {"tiny": (48, 2)}, ["tiny"], 4, 12
+        widths = {"tiny": (48, 2), **{name: (w, h) for name, (w, h, _) in MODERN_TINY.items()}}
+        args.models, args.batch, args.tokens = list(widths), 4, 12
     # As in training: fp32 parameters, bf16 autocast on CUDA (fp32 on CPU).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     dtype = torch.float32
@@ -63,7 +68,7 @@ def main(argv=None):
     for name in args.models:
         dim, heads = widths[name]
         torch.manual_seed(0)
-        block = DiTBlock(dim, heads).to(args.device, dtype)
+        block = FACTORIES.get(name, DiTBlock)(dim, heads).to(args.device, dtype)
         with torch.no_grad():
             for p in block.parameters():
                 p.normal_(0, 0.02)
