@@ -220,6 +220,21 @@ def test_qk_norm_rope_head_dim_64_several_backward_programs(device):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kt", [1, 2])
+def test_qk_norm_rope_tangent_rows_end_on_a_tile_boundary(device, kt):
+    """Dh = 64: 64-row tiles; 64 rows per sample, so the tangent rows end exactly on a tile boundary."""
+    B, H, N, D = 3, 4, 16, 64
+    q, k = (rand(B, H, N, D, dtype=torch.float32, device=device) for _ in range(2))
+    q_dot, k_dot = (rand(kt, H, N, D, dtype=torch.float32, device=device) for _ in range(2))
+    w = rand(D, dtype=torch.float32, device=device)
+    cos, sin = (t.float() for t in angles(N, D))
+    out = qk_norm_rope_jvp(q, k, w, w, cos, sin, q_dot, k_dot)
+    ref = qk_norm_rope_jvp_ref(*(t.double() for t in (q, k, w, w, cos, sin, q_dot, k_dot)))
+    for name, a, b in zip(("q'", "k'", "q'_dot", "k'_dot"), out, ref):
+        assert_close(name, a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
 def test_qk_norm_odd_head_dim_without_rope(device):
     q, k = rand(2, 3, 5, dtype=torch.float64, device=device), rand(2, 3, 5, dtype=torch.float64, device=device)
     w = rand(5, dtype=torch.float64, device=device)

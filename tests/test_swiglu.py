@@ -92,6 +92,19 @@ def test_swiglu_without_bias_partial_grads_and_strided_tangent(device):
 
 
 @pytest.mark.gpu
+def test_swiglu_tangent_rows_end_on_a_tile_boundary(device):
+    """Gate-kernel tiles of 8 rows x 128 units: N = 8 tokens and kt = 1 end the tangent rows on a tile boundary;
+    hidden 130 leaves a 2-unit column tail."""
+    B, N, C, kt, hidden = 3, 8, 16, 1, 130
+    x, x_dot = rand(B, N, C, dtype=torch.float32, device=device), rand(kt, N, C, dtype=torch.float32, device=device)
+    params = [p.detach() for p in make_params(C, hidden, C, torch.float32, device)]
+    y, y_dot = swiglu_jvp(x, *params, x_dot)
+    y64, y_dot64 = swiglu_jvp_ref(x.double(), *(p.double() for p in params), x_dot.double())
+    assert_close("y", y, y64, atol=1e-5, rtol=1e-5)
+    assert_close("y_dot", y_dot, y_dot64, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
 def test_swiglu_saves_x_and_pre_activations_only(device):
     """Saved for backward: x, [a | b] (B*N rows, not B*N + kt*N), w13, b13, w2. Not g, nothing of the tangent."""
     B, N, C, kt, hidden = 3, 4, 24, 3, 40

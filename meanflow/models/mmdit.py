@@ -19,6 +19,7 @@ main) a masked attention with its tangent is computed here with plain torch ops,
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 
@@ -73,10 +74,15 @@ def masked_attention_jvp(q, k, v, q_dot, k_dot, v_dot, mask):
 _WARNED: set[str] = set()
 
 
+@functools.lru_cache(maxsize=None)
+def _takes_mask(attention) -> bool:
+    return "attn_mask" in inspect.signature(attention).parameters
+
+
 def _attention_jvp(ops: JVPOps, q, k, v, q_dot, k_dot, v_dot, mask):
     if mask is None:
         return ops.attention(q, k, v, q_dot, k_dot, v_dot)
-    if "attn_mask" in inspect.signature(ops.attention).parameters:
+    if _takes_mask(ops.attention):
         return ops.attention(q, k, v, q_dot, k_dot, v_dot, attn_mask=mask)
     if ops.name == "fused" and "fused" not in _WARNED:
         _WARNED.add("fused")
