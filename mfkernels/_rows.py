@@ -58,7 +58,7 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 def rows_for(shape: tuple[int, ...], *tensors: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], RowLayout]:
-    """The tensors (unit last stride, copied contiguous if their leading dims do not merge into two) and their layout."""
+    """The tensors (unit last stride; copied contiguous if their leading dims do not merge into two), their layout."""
     tensors = tuple(unit_last_stride(t) for t in tensors)
     layout = row_layout(shape, *tensors)
     if layout is None:

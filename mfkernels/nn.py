@@ -139,9 +139,9 @@ def rope_angles(head_dim: int, positions: torch.Tensor | int, theta: float = 100
                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of the rotary angles p theta^(-2i / D) for positions p and pairs i < D/2: each (N, D/2).
 
-    1-D positions over the token sequence, as iMF (positions 0..L-1 over [condition tokens; patches]) and LLaMA. Computed
-    in float64, returned in `dtype`. Any other table (2-D axial, per sample) works with the ops too: they take whatever
-    broadcasts to (..., N, D/2)."""
+    1-D positions over the token sequence, as iMF (positions 0..L-1 over [condition tokens; patches]) and LLaMA.
+    Computed in float64, returned in `dtype`. Any other table (2-D axial, per sample) works with the ops too: they take
+    whatever broadcasts to (..., N, D/2)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dim; got {head_dim}")
     if isinstance(positions, int):

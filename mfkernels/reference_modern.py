@@ -12,11 +12,12 @@ Rules (a dot is a tangent; parameters and positions carry none):
                  y1 = x1 cos - x2 sin,  y2 = x1 sin + x2 cos;       the tangent rotates with the same angles
     QK-norm+RoPE RoPE(RMSNorm(q, w_q)), RoPE(RMSNorm(k, w_k))
     SwiGLU       [a | b] = x [W1; W3]^T + [b1; b3];  g = silu(a) b;  y = g W2^T + b2
-                 g_dot = silu'(a) a_dot b + silu(a) b_dot,  [a_dot | b_dot] = x_dot [W1; W3]^T   (one GEMM on [x; x_dot])
+                 g_dot = silu'(a) a_dot b + silu(a) b_dot,  [a_dot | b_dot] = x_dot [W1; W3]^T  (one GEMM on [x; x_dot])
 
 RoPE pairing: ``interleaved=True`` pairs (x[2i], x[2i+1]) (a complex view of the last dim: iMF, Flux, LLaMA's Meta
-code); ``interleaved=False`` pairs (x[i], x[i + D/2]) (GPT-NeoX / HF "rotate_half"). cos and sin hold one angle per pair:
-shape broadcastable to x.shape[:-1] + (D/2,), e.g. (N, D/2) for x of (B, H, N, D), or (N, 1, D/2) for (B, N, H, D).
+code); ``interleaved=False`` pairs (x[i], x[i + D/2]) (GPT-NeoX / HF "rotate_half"). cos and sin hold one angle per
+pair: shape broadcastable to x.shape[:-1] + (D/2,), e.g. (N, D/2) for x of (B, H, N, D), or (N, 1, D/2) for
+(B, N, H, D).
 
 Math runs in fp32 (fp64 for fp64 inputs); outputs have x's dtype. Norm weights may have another float dtype than x (an
 fp32 parameter with bf16 activations under autocast): they are upcast, as the kernels do.
@@ -37,7 +38,7 @@ def _acc(*dtypes: torch.dtype) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------------------- checks
 def check_rmsnorm_args(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torch.Tensor, eps: float) -> int:
-    """x (B, ..., D) float with D >= 1; weight None or (D,) float on x's device; x_dot its ragged tangent. Returns kt."""
+    """x (B, ..., D) float, D >= 1; weight None or (D,) float on x's device; x_dot its ragged tangent. Returns kt."""
     check_float("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must have a batch dim and a feature dim (B, ..., D); got {describe(x)}")
@@ -56,7 +57,7 @@ def check_rmsnorm_args(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torc
 
 def check_rope_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
                     name: str = "x") -> int:
-    """x (B, ..., D) float with D even; cos, sin float, one shape, broadcastable to x.shape[:-1] + (D/2,). Returns kt."""
+    """x (B, ..., D) float, D even; cos, sin float, one shape, broadcastable to x.shape[:-1] + (D/2,). Returns kt."""
     check_float(name, x)
     if x.dim() < 2 or x.shape[-1] % 2:
         raise ValueError(f"{name} must be (B, ..., D) with an even head dim D (RoPE rotates pairs); got {describe(x)}")

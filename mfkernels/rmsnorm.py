@@ -5,9 +5,9 @@
     y_dot = (x_dot - x r^2 mean(x x_dot)) r w         (first kt samples only)
 
 Layouts: x may be any view whose non-batch leading dims merge into two (see `_rows`): the residual stream (B, N, C),
-per-head q / k views (B, N, H, Dh) or (B, H, N, Dh) of a fused qkv projection; x_dot may have strides of its own. Outputs
-are contiguous in x's logical shape. Forward: one kernel, tiles of BLOCK_R rows, reads x (and x_dot on tangent rows)
-once, writes y (and y_dot), and saves r (one fp32 per row) for the backward.
+per-head q / k views (B, N, H, Dh) or (B, H, N, Dh) of a fused qkv projection; x_dot may have strides of its own.
+Outputs are contiguous in x's logical shape. Forward: one kernel, tiles of BLOCK_R rows, reads x (and x_dot on tangent
+rows) once, writes y (and y_dot), and saves r (one fp32 per row) for the backward.
 Backward (primal only): one kernel, dx = r (g - xh mean(g xh)) with g = dy w, xh = x r, and per-program partial sums of
 dy xh that the host sums (deterministic) into dw.
 

@@ -70,7 +70,7 @@ def _rope_jvp_fwd_kernel(
     Row r = (b, i1, i2) read at b s0 + i1 s1 + i2 s2 (x, x_dot, cos, sin: strides of their own); D = 2 HALF.
         NORM:  rstd = 1 / sqrt((sum x1^2 + sum x2^2) / D + eps);  z = x rstd w  (RSTD[slot, r] saved);  else z = x
         ROPE:  y1 = z1 cos - z2 sin,  y2 = z1 sin + z2 cos;                                           else y = z
-        tangent rows (r < kt L1 L2): z_dot = (x_dot - x rstd^2 sum(x x_dot) / D) rstd w (NORM; else x_dot), rotated alike
+        tangent rows (r < kt L1 L2): z_dot = (x_dot - x rstd^2 sum(x x_dot) / D) rstd w (NORM; else x_dot), rotated
     Outputs Y, Y_DOT contiguous (row r at r D). Math in ACC.
     """
     slot = tl.program_id(1)
@@ -240,6 +240,12 @@ def _angles(cos, sin, shape):
     return cos.broadcast_to(target), sin.broadcast_to(target)
 
 
+def pick(seq):
+    """The two slots' values of a 1- or 2-tensor launch: slot 1 repeats slot 0 in a single-tensor launch (grid axis 1
+    of size 1 never reads it)."""
+    return seq[0], seq[-1]
+
+
 def _stat_dtype(*tensors) -> torch.dtype:
     return torch_acc_dtype(*(t.dtype for t in tensors if t is not None))
 
@@ -264,7 +270,6 @@ def rope_fwd_launch(xs, x_dots, weights, cos, sin, *, eps: float, norm: bool, in
     rstd = _runtime.new_output((slots, n_rows) if norm else (0,),
                                dtype=_stat_dtype(x0, *(weights or ())), device=x0.device)
     if n_rows:
-        pick = (lambda seq: (seq[0], seq[-1]))  # slot 1 repeats slot 0 in a single-tensor launch (never read)
         strides_x = [s for st in pick(layout.strides[:slots]) for s in st]
         strides_d = [s for st in pick(layout.strides[slots:2 * slots]) for s in st]
         angle_strides = [s for st in layout.strides[2 * slots:] for s in st] if rope else [0] * 6
@@ -312,7 +317,6 @@ def rope_bwd_launch(grads, xs, weights, cos, sin, rstd, *, norm: bool, interleav
     dw_part = _runtime.new_output((slots, programs, d) if compute_dw else (0,),
                                   dtype=rstd.dtype if norm else torch.float32, device=g0.device)
     if n_rows and (compute_dx or compute_dw):
-        pick = (lambda seq: (seq[0], seq[-1]))
         strides_x = [s for st in pick(layout.strides[:slots]) for s in st] if norm else [0] * 6
         angle_strides = [s for st in layout.strides[-2:] for s in st] if rope else [0] * 6
         w = pick(weights) if has_w else (g0, g0)

@@ -1,4 +1,5 @@
-"""The RMSNorm, SwiGLU and RoPE / QK-norm kernels compile for the H100 (sm_90) without register spills (tests/_sm90_aot)."""
+"""The RMSNorm, SwiGLU and RoPE / QK-norm kernels compile for the H100 (sm_90) without register spills
+(tests/_sm90_aot)."""
 from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
 
 BODY = r'''

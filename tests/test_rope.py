@@ -201,7 +201,7 @@ def test_qk_norm_rope_forward_tangent_and_gradients(device, dtype, atol, rtol, k
 @pytest.mark.gpu
 def test_qk_norm_rope_head_dim_64_several_backward_programs(device):
     """Dh = 64 (a tile of 64 rows): 240 rows per tensor make 4 tiles over 3 backward programs; only the scales'
-    gradients requested; q and k in the (B, N, H, D) layout with (N, 1, D/2) angles; a strided contiguous-mix tangent."""
+    gradients requested; q and k in the (B, N, H, D) layout with (N, 1, D/2) angles; contiguous and strided tangents."""
     B, N, H, D, kt = 2, 20, 6, 64, 1
     qkv = rand(B, N, 3 * H * D, dtype=torch.float32, device=device)
     q, k, _ = qkv.view(B, N, 3, H, D).unbind(2)

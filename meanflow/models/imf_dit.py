@@ -14,10 +14,10 @@ What the official network is, and what this one does the same (DESIGN.md 6):
   time t, only on h = t - r" in the official forward): t and its tangent are accepted and ignored.
 - Blocks: x += attn(RMSNorm(x)) * attn_scale;  x += SwiGLU(RMSNorm(x)) * mlp_scale, with zero-initialised vector gates
   (C,) (no conditioning inside the block). Attention: q, k, v projections without bias (here one stacked qkv Linear:
-  the same parameters), QK-norm (RMSNorm with a learned scale per head dim), RoPE on q and k, softmax(q k^T / sqrt(Dh)) v,
-  an output projection without bias. RMSNorm eps 1e-6, learned scale (init 1). SwiGLU without biases, hidden width
-  int(C * 8 / 3) (the official int() truncation: 2048 at C = 768, 2730 at C = 1024); here W1 and W3 are one stacked
-  Linear (the same parameters).
+  the same parameters), QK-norm (RMSNorm with a learned scale per head dim), RoPE on q and k,
+  softmax(q k^T / sqrt Dh) v, an output projection without bias. RMSNorm eps 1e-6, learned scale (init 1). SwiGLU
+  without biases, hidden width int(C * 8 / 3) (the official int() truncation: 2048 at C = 768, 2730 at C = 1024);
+  here W1 and W3 are one stacked Linear (the same parameters).
 - RoPE: 1-D over the whole sequence (positions 0 .. L-1, condition tokens first), theta 10000, frequencies
   theta^(-2i/Dh), pairs (x[2i], x[2i+1]) (the official code multiplies a complex view of the head dim): not 2-D axial.
 - depth - head_depth shared blocks, then a u-branch and a v-branch of head_depth (8) blocks each, each with its own

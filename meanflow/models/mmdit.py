@@ -27,8 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mfkernels.nn import MLP, LayerNormModulate, Linear, RotaryAttention, gated_residual
-from mfkernels.nn import _MATH_ATTENTION
+from mfkernels.nn import _MATH_ATTENTION, MLP, LayerNormModulate, Linear, RotaryAttention, gated_residual
 
 from .backends import JVPOps
 
