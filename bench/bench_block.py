@@ -27,6 +27,7 @@ from meanflow.models.layers import DiTBlock  # noqa: E402
 from mfkernels.nn import math_attention  # noqa: E402
 
 WIDTHS = {"DiT-B": (768, 12), "DiT-XL": (1152, 16)}
+DEFAULT_MODELS = list(WIDTHS)  # the GPU suite's block stage (45 s) has room for these two; iMF: --models iMF-B iMF-XL
 WIDTHS.update({name: (width, heads) for name, (width, heads, _) in MODERN_BLOCKS.items()})
 # blocks other than DiTBlock: name -> factory(width, heads) (same forward / forward_jvp interface)
 FACTORIES = {name: factory for name, (_, _, factory) in {**MODERN_BLOCKS, **MODERN_TINY}.items()}
@@ -48,7 +49,7 @@ def block_flops(batch: int, kt: int, tokens: int, dim: int, with_jvp: bool) -> f
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--models", nargs="+", default=list(WIDTHS))
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help=f"a subset of {', '.join(WIDTHS)}")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--ratio", type=float, default=0.25)

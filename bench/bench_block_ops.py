@@ -3,7 +3,7 @@
     python bench/bench_block_ops.py --out results.json [--quick]
 
 Ops: LayerNorm + adaLN modulate, GELU(tanh) on the MLP hidden activation, the MLP (Linear-GELU-Linear), the gated
-residual. Providers, all timed in the same run on the same fresh random inputs (bf16):
+residual; and (bench/modern_cases.py; on CUDA with --ops all) RMSNorm, QK-norm + RoPE of q and k, RoPE, SwiGLU. Providers, all timed in the same run on the same fresh random inputs (bf16):
 
 * ``fused``:    the mfkernels op (Triton kernels; cuBLAS for the MLP's GEMMs).
 * ``eager``:    the pure-torch ``<op>_ref`` from mfkernels.reference (ragged tangents, tangent under no_grad).
@@ -177,7 +177,17 @@ def _max_rel_diff(a, b) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
-def run(quick: bool) -> dict:
+DIT_OPS = ("ln_modulate", "gelu_tanh", "mlp", "gated_residual")
+
+
+def default_ops() -> list[str]:
+    """Every op in the CPU dry run; on CUDA the DiT ops only (the GPU suite's block_ops stage has 50 s: the modern ops
+    double its time; select them with --ops all or --ops rmsnorm,swiglu,...)."""
+    return list(DIT_OPS) if ON_CUDA else [*DIT_OPS, *MODERN_CASES]
+
+
+def run(quick: bool, ops: list[str] | None = None) -> dict:
+    ops = default_ops() if ops is None else ops
     device = "cuda" if ON_CUDA else "cpu"
     dtype = torch.bfloat16
     if ON_CUDA:
@@ -196,7 +206,7 @@ def run(quick: bool) -> dict:
     rows = []
     for name, B, N, C in shapes:
         for kt in kts(B):
-            for op in ("ln_modulate", "gelu_tanh", "mlp", "gated_residual", *MODERN_CASES):
+            for op in ops:
                 torch.manual_seed(len(rows))  # fresh inputs for every case, reproducible
                 primals, tangents, fused, eager, autograd, rate = make_case(op, B, N, C, kt, dtype, device)
                 # sanity: the timed fused op agrees with the reference (bf16: loose)
@@ -245,8 +255,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--quick", action="store_true", help="fewer cases (kt = B/4 only; on CPU one tiny shape)")
+    parser.add_argument("--ops", default=None,
+                        help=f"comma-separated ops, or 'all' ({', '.join((*DIT_OPS, *MODERN_CASES))}); default: all on "
+                             f"CPU, the DiT ops on CUDA")
     args = parser.parse_args(argv)
-    results = run(args.quick)
+    ops = None if args.ops is None else ([*DIT_OPS, *MODERN_CASES] if args.ops == "all" else args.ops.split(","))
+    unknown = sorted(set(ops or ()) - {*DIT_OPS, *MODERN_CASES})
+    if unknown:
+        parser.error(f"unknown ops {unknown}")
+    results = run(args.quick, ops)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {len(results['rows'])} rows to {args.out}")
