@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from meanflow.models import IMF_MODELS, IMFDiT, build_imf_dit, build_model, count_parameters
-from meanflow.models.imf_dit import IMF_PARAMETERS
+from meanflow.models.imf_dit import IMF_PARAMETERS, build_imf_from_config
 from mfkernels.nn import math_attention
 
 from tests.utils import max_rel_err, randomize_
@@ -160,6 +160,17 @@ def test_build_by_name_and_from_a_model_config():
         build_imf_dit("iMF-S/2")
     with pytest.raises(ValueError, match="mlp_ratio"):
         build_model(SimpleNamespace(**{**vars(cfg), "mlp_ratio": 3.0}), (2, 8, 8), 3, torch.device("cpu"))
+    # what an objective asks for (meanflow.models.heads.NetworkSpec's fields)
+    spec = SimpleNamespace(heads=("u", "v"), conditions=("omega", "t_min", "t_max"))
+    def build(**changes):
+        return build_imf_from_config(cfg, (2, 8, 8), 3, "explicit", SimpleNamespace(**{**vars(spec), **changes}))
+
+    assert build().heads == ("u", "v")
+    assert build(heads=("u",)).v_final is None
+    with pytest.raises(ValueError, match="asks for \\['logvar'\\]"):
+        build(heads=("u", "logvar"))
+    with pytest.raises(ValueError, match="takes the conditions"):
+        build(conditions=())
 
 
 def test_tiny_size_trains_on_cpu():

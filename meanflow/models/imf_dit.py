@@ -281,4 +281,35 @@ def build_imf_dit(name: str, *, input_size=32, in_channels=4, num_classes=1000, 
                   head_depth=cfg.head_depth, backend=backend, **kwargs)
 
 
-__all__ = ["IMFDiT", "IMFBlock", "IMFConfig", "IMF_MODELS", "IMF_PARAMETERS", "build_imf_dit"]
+def build_imf_from_config(cfg, data_shape: tuple[int, ...], num_classes: int, backend: str, spec=None) -> IMFDiT:
+    """The builder of model.arch=imf_dit (registry signature: cfg, data_shape, num_classes, backend[, spec]).
+
+    cfg.name from IMF_MODELS; cfg.hidden / depth / heads / patch override its sizes when > 0. The SwiGLU width is iMF's
+    int(hidden * 8 / 3): cfg.mlp_ratio (DiT's MLP) must stay at its default 4.0. `spec` (the heads and conditions an
+    objective calls the network with, if given) must ask for no more than iMF's: heads ("u", "v") and the conditions
+    ("omega", "t_min", "t_max"); a spec with the head "u" alone builds the network without its v-branch."""
+    if len(data_shape) != 3:
+        raise ValueError(f"model.arch=imf_dit needs image-like data (C, H, W); the dataset gives {data_shape}")
+    if cfg.name not in IMF_MODELS:
+        raise ValueError(f"unknown model.name {cfg.name!r} for model.arch=imf_dit; choose one of {sorted(IMF_MODELS)}")
+    if cfg.mlp_ratio != 4.0:
+        raise ValueError(f"model.mlp_ratio={cfg.mlp_ratio} applies to DiT's MLP; iMF's SwiGLU width is fixed at "
+                         f"int(hidden * 8 / 3) as in the official code")
+    v_branch = True
+    if spec is not None:
+        extra_heads = [h for h in spec.heads if h not in IMFDiT.heads]
+        if extra_heads:
+            raise ValueError(f"model.arch=imf_dit has the heads {list(IMFDiT.heads)}; the objective asks for "
+                             f"{extra_heads} too")
+        if tuple(spec.conditions) != IMFDiT.conditions:
+            raise ValueError(f"model.arch=imf_dit takes the conditions {list(IMFDiT.conditions)} (iMF's guidance "
+                             f"inputs); the objective calls it with {list(spec.conditions)}")
+        v_branch = "v" in spec.heads
+    base = IMF_MODELS[cfg.name]
+    c, h, w = data_shape
+    depth = cfg.depth or base.depth
+    return IMFDiT((h, w), c, cfg.hidden or base.hidden, depth, cfg.heads or base.heads, cfg.patch or base.patch,
+                  num_classes=num_classes, head_depth=min(base.head_depth, depth), v_branch=v_branch, backend=backend)
+
+
+__all__ = ["IMFDiT", "IMFBlock", "IMFConfig", "IMF_MODELS", "IMF_PARAMETERS", "build_imf_dit", "build_imf_from_config"]

@@ -11,12 +11,12 @@ import torch
 import torch.nn as nn
 
 from .dit import DIT_MODELS, DiT
-from .imf_dit import IMF_MODELS, IMFDiT
+from .imf_dit import build_imf_from_config
 from .mlp_net import MLPNet
 
 
 def build_model(cfg, data_shape: tuple[int, ...], num_classes: int, device: torch.device) -> nn.Module:
-    """The network for a data shape: a DiT (or iMF's network, model.arch=imf_dit) for (C, H, W), the MLP for (D,)."""
+    """The network for a data shape: a DiT for (C, H, W), the MLP for (D,)."""
     backend = cfg.backend
     if backend == "auto":
         backend = "fused" if device.type == "cuda" else "explicit"
@@ -24,34 +24,19 @@ def build_model(cfg, data_shape: tuple[int, ...], num_classes: int, device: torc
         if len(data_shape) != 1:
             raise ValueError(f"model.arch=mlp needs vector data (D,); the dataset gives {data_shape}")
         return MLPNet(data_shape[0], cfg.hidden or 256, cfg.depth or 4, num_classes=num_classes, backend=backend)
-    if cfg.arch not in ("dit", "imf_dit"):
+    if cfg.arch == "imf_dit":  # iMF's network (meanflow.models.imf_dit)
+        return build_imf_from_config(cfg, data_shape, num_classes, backend)
+    if cfg.arch != "dit":
         raise ValueError(f"model.arch must be 'dit', 'imf_dit' or 'mlp'; got {cfg.arch!r}")
     if len(data_shape) != 3:
-        raise ValueError(f"model.arch={cfg.arch} needs image-like data (C, H, W); the dataset gives {data_shape} "
+        raise ValueError(f"model.arch=dit needs image-like data (C, H, W); the dataset gives {data_shape} "
                          f"(use model.arch=mlp for 2-D toys)")
-    if cfg.arch == "imf_dit":
-        return _build_imf(cfg, data_shape, num_classes, backend)
     if cfg.name not in DIT_MODELS:
         raise ValueError(f"unknown model.name {cfg.name!r}; choose one of {sorted(DIT_MODELS)}")
     base = DIT_MODELS[cfg.name]
     c, h, w = data_shape
     return DiT((h, w), c, cfg.hidden or base.hidden, cfg.depth or base.depth, cfg.heads or base.heads,
                cfg.patch or base.patch, cfg.mlp_ratio, num_classes=num_classes, backend=backend)
-
-
-def _build_imf(cfg, data_shape, num_classes: int, backend: str) -> IMFDiT:
-    """iMF's network (model.arch=imf_dit, model.name=iMF-B/2 ...); hidden/depth/heads/patch override the registry size.
-    The SwiGLU width is iMF's int(C * 8 / 3): model.mlp_ratio (DiT's MLP) must stay at its default."""
-    if cfg.name not in IMF_MODELS:
-        raise ValueError(f"unknown model.name {cfg.name!r} for model.arch=imf_dit; choose one of {sorted(IMF_MODELS)}")
-    if cfg.mlp_ratio != 4.0:
-        raise ValueError(f"model.mlp_ratio={cfg.mlp_ratio} applies to DiT's MLP; iMF's SwiGLU width is fixed at "
-                         f"int(hidden * 8 / 3) as in the official code")
-    base = IMF_MODELS[cfg.name]
-    c, h, w = data_shape
-    depth = cfg.depth or base.depth
-    return IMFDiT((h, w), c, cfg.hidden or base.hidden, depth, cfg.heads or base.heads, cfg.patch or base.patch,
-                  num_classes=num_classes, head_depth=min(base.head_depth, depth), backend=backend)
 
 
 __all__ = ["build_model"]
