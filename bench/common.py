@@ -41,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Environment variables that change what a benchmark measures: recorded with every result file.
 RESULT_ENV = ("TRITON_INTERPRET", "MFKERNELS_AUTOTUNE", "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
               "TORCHINDUCTOR_MAX_AUTOTUNE", "TORCH_CUDNN_V8_API_DISABLED", "PYTORCH_CUDA_ALLOC_CONF",
-              "CUBLAS_WORKSPACE_CONFIG", "MALLOC_ARENA_MAX", "SUITE_BUDGET")
+              "CUBLAS_WORKSPACE_CONFIG", "MALLOC_ARENA_MAX", "SUITE_BUDGET", "SUITE_COMMAND",
+              "MF_SOURCE_COMMIT")
 
 # What source_digest covers: the code that runs in a benchmark (not results, notes or build outputs).
 SOURCE_DIRS = ("mfkernels", "meanflow", "csrc", "bench", "tests", "scripts", "tools")
@@ -293,7 +294,8 @@ def stamp(path: str | os.PathLike, device: str | None = None) -> bool:
     it has no commit yet. Marked as stamped (not written by the benchmark itself). Returns whether it changed."""
     path = Path(path)
     data = json.loads(path.read_text())
-    meta = data.get("meta") if isinstance(data.get("meta"), dict) else {}
+    meta = data.get("meta") if isinstance(data.get("meta"), dict) else \
+        {k: v for k, v in data.items() if k not in ("rows", "summary", "bench") and not isinstance(v, (list, dict))}
     if meta.get("commit") or meta.get("source_digest"):
         return False
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
