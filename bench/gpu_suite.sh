@@ -18,17 +18,20 @@
 #   host            (helper stage) host overhead, eager / compiled / graphed            -> OUTDIR/host.json
 #   step_compiled   the step rows under torch.compile (DiT-B/2 b64)                 -> OUTDIR/step_run_compiled.json
 #   target          native target/loss op vs the eager chain, a copy and a read        -> OUTDIR/target.json
-# Not run unless named in SUITE_EXTRA="block_ops block profile" (they do not fit in the 15 minutes with the above):
+# Not run unless named in SUITE_EXTRA="block_ops block profile" (they do not fit in a 15-minute allowance with the above):
 #   block_ops, block, profile (host overhead per op, forward passes, torch.profiler tables)
 #
-# Time: the default limits sum to 815 s and SUITE_BUDGET (default 830 s) caps the whole run: a stage never gets more
-# than what is left, so the suite ends within ~14 minutes on one H100 / H200 whatever happens (measured stage times:
-# bench/NOTES.md). Every benchmark writes its JSON as it goes (rows not reached are marked so), so a stage cut short
-# keeps what it measured. At the end every JSON is stamped with this checkout's provenance if it has none.
+# Time: the default limits sum to 660 s and SUITE_BUDGET (default 680 s) caps the whole run: a stage never gets more
+# than what is left, so the suite ends within ~11.5 minutes on one H100 / H200 whatever happens, leaving room for the
+# machine's start in a 15-minute device allowance. A device command may last 10 minutes at most: run it as two calls,
+# SUITE_ONLY="env native tests step" then SUITE_ONLY="tests_autotune attention host step_compiled target" (each with
+# its own SUITE_BUDGET; bench/NOTES.md has the exact commands and the measured stage times). Every benchmark writes
+# its JSON as it goes (rows not reached are marked so), so a stage cut short keeps what it measured. At the end every
+# JSON is stamped with this checkout's provenance if it has none.
 # Without CUDA the suite runs the benchmark stages in Triton interpreter mode at tiny sizes: a dry run on CPU that CI
 # does (the test stages are skipped there: the ordinary test suite runs the same tests on CPU).
-# Knobs: SUITE_LIMIT_<STAGE>=seconds, SUITE_SKIP="a b", SUITE_EXTRA="block_ops block profile", SUITE_BUDGET=seconds,
-# SUITE_STEP_ARGS, SUITE_COMPILED_ARGS, SUITE_ATTENTION_ARGS, SUITE_TEST_ARGS, SUITE_TEST_WORKERS.
+# Knobs: SUITE_LIMIT_<STAGE>=seconds, SUITE_ONLY="a b", SUITE_SKIP="a b", SUITE_EXTRA="block_ops block profile",
+# SUITE_BUDGET=seconds, SUITE_STEP_ARGS, SUITE_COMPILED_ARGS, SUITE_ATTENTION_ARGS, SUITE_TEST_ARGS, SUITE_TEST_WORKERS.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 out="${1:?usage: bash bench/gpu_suite.sh OUTDIR [--quick]}"
@@ -45,7 +48,7 @@ else
   export TRITON_INTERPRET=1
   quick=--quick
 fi
-budget="${SUITE_BUDGET:-830}"
+budget="${SUITE_BUDGET:-680}"
 export SUITE_BUDGET="$budget" SUITE_COMMAND="bash bench/gpu_suite.sh $*"  # recorded in every result file's meta
 suite_start=$(date +%s)
 failed=()
@@ -57,6 +60,7 @@ stage() {  # stage NAME DEFAULT_LIMIT CMD...   (the limit is clipped to what is 
   var="SUITE_LIMIT_${name^^}"
   limit="${!var:-$limit}"
   if [[ " ${SUITE_SKIP:-} " == *" $name "* ]]; then echo "=== $name: skipped (SUITE_SKIP)"; return; fi
+  if [ -n "${SUITE_ONLY:-}" ] && [[ " $SUITE_ONLY " != *" $name "* ]]; then echo "=== $name: not in SUITE_ONLY"; return; fi
   left=$(( budget - ($(date +%s) - suite_start) - 20 ))  # 20 s kept for the stamp at the end
   if [ "$left" -lt 10 ]; then
     echo "=== $name: not run, the suite's budget of ${budget}s is spent"
@@ -84,7 +88,7 @@ if not meta.get('commit'):
     print('WARNING: commit unknown (no .git here): rerun with MF_SOURCE_COMMIT=<sha>; the source digest is recorded')
 "
 
-stage native 60 "$PY" - <<'PY'
+stage native 45 "$PY" - <<'PY'
 import torch
 import mfkernels.target as target
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -99,7 +103,7 @@ if [ "$device" = cuda ]; then
   parallel=()  # pytest-xdist, where installed, spreads the Triton compiles over the CPU cores
   "$PY" -c "import xdist" >/dev/null 2>&1 && parallel=(-n "${SUITE_TEST_WORKERS:-8}")
   # shellcheck disable=SC2086
-  stage tests 100 env MFKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short \
+  stage tests 90 env MFKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short \
     "${parallel[@]}" -o addopts="" ${SUITE_TEST_ARGS:-tests} >"$out/gpu_tests.log" 2>&1
   tail -n 15 "$out/gpu_tests.log"
 else
@@ -108,29 +112,29 @@ fi
 
 # Step rows at the README's shapes, eager and graphed, most important first (rows are written as they finish).
 if [ "$device" = cuda ]; then
-  step_default="--models DiT-B/2:64 DiT-XL/2:32 DiT-XL/2:64 --modes eager graphed --warmup-ms 300 --rep-ms 1500"
+  step_default="--models DiT-B/2:64 DiT-XL/2:32 DiT-XL/2:64 --modes eager graphed --warmup-ms 300 --rep-ms 1200"
 else
   step_default="--modes eager"
 fi
 # shellcheck disable=SC2086
-stage step 240 "$PY" bench/bench_step.py --out "$out/step.json" ${SUITE_STEP_ARGS:-$step_default} $quick
+stage step 200 "$PY" bench/bench_step.py --out "$out/step.json" ${SUITE_STEP_ARGS:-$step_default} $quick
 
 if [ "$device" = cuda ]; then
-  stage tests_autotune 90 env MFKERNELS_AUTOTUNE=1 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short \
+  stage tests_autotune 70 env MFKERNELS_AUTOTUNE=1 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short \
     -o addopts="" tests/test_bench_tools.py -k bench_shapes >"$out/gpu_tests_autotune.log" 2>&1
   tail -n 8 "$out/gpu_tests_autotune.log"
 fi
 
 # shellcheck disable=SC2086
-stage attention 120 "$PY" bench/bench_attention.py --out "$out/attention.json" \
+stage attention 100 "$PY" bench/bench_attention.py --out "$out/attention.json" \
   ${SUITE_ATTENTION_ARGS:---causal off --dtypes bf16 --ns 1024,2048,4096,8192} $quick
 
 # ----------------------------------------------------------------------------------------------------------------
 # Stages added by other helpers go here, in order of importance, each with a limit; keep the default limits' sum
-# under SUITE_BUDGET (today 815 of 830 s; SUITE_BUDGET clips a stage that would overrun, it never extends the run).
+# under SUITE_BUDGET (today 660 of 680 s; SUITE_BUDGET clips a stage that would overrun, it never extends the run).
 # host: helper `compile` (issue 14) -- launches per block and host time per step, eager / compiled / graphed.
 if [ -f bench/bench_host.py ]; then
-  stage host 45 "$PY" bench/bench_host.py --out "$out/host.json" $quick
+  stage host 40 "$PY" bench/bench_host.py --out "$out/host.json" $quick
 else
   echo "=== host: skipped (bench/bench_host.py is not in this checkout yet)"
 fi
@@ -143,10 +147,10 @@ else
   compiled_default="--modes compiled --compile-backend aot_eager --backends explicit fused --guidance off --no-error --no-fd"
 fi
 # shellcheck disable=SC2086
-stage step_compiled 120 "$PY" bench/bench_step.py --out "$out/step_run_compiled.json" \
+stage step_compiled 80 "$PY" bench/bench_step.py --out "$out/step_run_compiled.json" \
   ${SUITE_COMPILED_ARGS:-$compiled_default} $quick
 
-stage target 25 "$PY" bench/bench_target.py --device "$device" --out "$out/target.json" $quick
+stage target 20 "$PY" bench/bench_target.py --device "$device" --out "$out/target.json" $quick
 
 for extra in ${SUITE_EXTRA:-}; do
   case "$extra" in

@@ -111,7 +111,7 @@ def load_folder(folder: Path) -> list[ResultFile]:
         data = json.loads(path.read_text())
         meta = data.get("meta") if isinstance(data.get("meta"), dict) else \
             {k: v for k, v in data.items() if k not in ("rows", "summary")}
-        rows = [dict(r, _file=path.name) for r in data.get("rows", [])]
+        rows = [dict(r, _file=f"{folder.name}/{path.name}") for r in data.get("rows", [])]
         rf = ResultFile(path, family, meta, rows)
         label_file(rf, folder)
         for r in rf.rows:
@@ -130,8 +130,8 @@ def by_label(files: list[ResultFile]) -> "OrderedDict[str, list[ResultFile]]":
 def group_heading(files: list[ResultFile], folder: Path | None = None) -> str:
     """The line above a table: its commit label, device, versions and files (never two commits in one table)."""
     rf = files[0]
-    names = ", ".join(f"`{f.path.name}`" for f in files)
-    where = f"`{folder}`/" if folder else ""
+    names = ", ".join(f"`{folder / f.path.name}`" if folder else f"`{f.path.name}`" for f in files)
+    where = ""
     devices = sorted({f.device for f in files})
     return (f"*Measured at **{rf.label}** on {' / '.join(devices)}" + (f" ({rf.versions})" if rf.versions else "")
             + f"; rows from {where}{names}.*")
@@ -498,108 +498,118 @@ def block_ops_section(rows: list[dict]) -> str:
 # ------------------------------------------------------------------------------------------------ targets
 @dataclass
 class Check:
+    """One target checked against one file: its values, each under a part label (a model and batch, a head dim)."""
+
     target: str
-    where: str
-    values: list[float] = field(default_factory=list)
-    met: list[bool] = field(default_factory=list)
     file: str = ""
     label: str = ""
     unit: str = "x"
-    note: str = ""
+    parts: "OrderedDict[str, list[tuple[float, bool]]]" = field(default_factory=OrderedDict)
+
+    @property
+    def met(self) -> list[bool]:
+        return [ok for values in self.parts.values() for _, ok in values]
+
+    @property
+    def values(self) -> list[float]:
+        return [v for values in self.parts.values() for v, _ in values]
 
 
-def _check(checks: dict, key, target, where, value, ok, f, label, unit="x", note=""):
-    c = checks.setdefault(key, Check(target, where, file=f, label=label, unit=unit, note=note))
-    c.values.append(value)
-    c.met.append(ok)
+def _check(checks: dict, target: str, part: str, value: float, ok: bool, file: str, label: str, unit="x") -> None:
+    c = checks.setdefault((target, file), Check(target, file=file, label=label, unit=unit))
+    c.parts.setdefault(part, []).append((value, ok))
+
+
+def _name(rf: ResultFile) -> str:
+    return f"{rf.path.parent.name}/{rf.path.name}"
+
+
+def _short(model: str, batch) -> str:
+    return f"{model.replace('DiT-', '')} b{batch}"
 
 
 def targets(files: list[ResultFile]) -> list[Check]:
-    """The project's speed targets, checked against every file that has the rows (one line per target and file)."""
+    """The project's speed targets (the README's), checked against every GPU file that has the rows: one line per
+    target and file, the value per model (or head dim) in it. CPU files are not judged against GPU targets."""
     checks: dict = OrderedDict()
     files = [rf for rf in files if rf.meta.get("device_type") != "cpu" and not rf.device.upper().startswith("CPU")]
     step = step_rows([rf for rf in files if rf.family == "step"])
     for r in step:
-        if not r.get("ms") or r["objective"] != "meanflow" or r["case"] != "fused":
-            continue
-        where = f"{r['model']}, batch {r.get('batch')}"
-        limit = 1.2 if r["guidance"] == "off" else 1.6
-        if r.get("vs_fm"):
-            _check(checks, ("fm", r["_file"], r["mode"], r["guidance"], where),
-                   f"fused step <= {limit}x flow matching, {r['mode']}/{r['mode']}, guidance {r['guidance']}",
-                   where, r["vs_fm"], r["vs_fm"] <= limit, r["_file"], r["_label"])
+        if r.get("ms") and r["case"] == "fused" and r.get("vs_fm"):
+            limit = 1.2 if r["guidance"] == "off" else 1.6
+            _check(checks, f"fused step <= {limit}x flow matching, guidance {r['guidance']}, {r['mode']}/{r['mode']}",
+                   _short(r["model"], r.get("batch")), r["vs_fm"], r["vs_fm"] <= limit, r["_file"], r["_label"])
     for e in like_for_like(step):
-        where = f"{e['model']}, batch {e['batch']}"
+        part = _short(e["model"], e["batch"])
         for m in MODES:
             v = e.get(f"autograd/fused {m}")
             if v:
-                _check(checks, ("auto", e["file"], m, where), f"fused >= 2x faster than autograd, {m}/{m}",
-                       where + f", guidance {e['guidance']}", v, v >= 2.0, e["file"], e["label"])
+                _check(checks, f"fused >= 2x faster than autograd, {m}/{m}", part, v, v >= 2.0, e["file"], e["label"])
         v = e.get("best autograd/best fused")
         if v:
             gaps = e.get("autograd modes without a time")
-            _check(checks, ("autobest", e["file"], where), "fused >= 2x faster than autograd, best mode of each",
-                   where + f", guidance {e['guidance']}" + (f" (autograd has no {'/'.join(gaps)} time)" if gaps
-                                                           else ""), v, v >= 2.0, e["file"], e["label"])
+            target = "fused >= 2x faster than autograd, best mode of each" + \
+                (f" (autograd: no {'/'.join(gaps)} time)" if gaps else "")
+            _check(checks, target, part, v, v >= 2.0, e["file"], e["label"])
     for r in step:
-        if r.get("mem_vs_fm") and r["case"] == "fused":
-            where = f"{r['model']}, batch {r.get('batch')}"
-            _check(checks, ("mem", r["_file"], r["mode"], where),
-                   f"fused step memory <= 1.25x flow matching (step growth, {r['mode']}/{r['mode']})",
-                   where, r["mem_vs_fm"], r["mem_vs_fm"] <= 1.25, r["_file"], r["_label"])
-        if r.get("total_vs_fm") and r["case"] == "fused":
-            where = f"{r['model']}, batch {r.get('batch')}"
-            _check(checks, ("memtot", r["_file"], r["mode"], where),
-                   f"fused step memory <= 1.25x flow matching (total peak, {r['mode']}/{r['mode']})",
-                   where, r["total_vs_fm"], r["total_vs_fm"] <= 1.25, r["_file"], r["_label"])
+        if r["case"] != "fused":
+            continue
+        for key, what in (("mem_vs_fm", "step growth"), ("total_vs_fm", "total peak")):
+            if r.get(key):
+                _check(checks, f"fused step memory <= 1.25x flow matching ({what}, {r['mode']}/{r['mode']})",
+                       _short(r["model"], r.get("batch")), r[key], r[key] <= 1.25, r["_file"], r["_label"])
     for rf in files:
         if rf.family != "attention":
             continue
         by = {(r["dtype"], r["D"], r["N"], r["provider"]): r for r in rf.rows if not r.get("causal") and r.get("ms")}
-        ns = lambda dtype, d: "N " + ", ".join(str(n) for n in sorted({k[2] for k in by if k[:2] == (dtype, d)}))  # noqa: E731
-        for (dtype, d, n, p), r in by.items():
+        for (dtype, d, n, p), r in sorted(by.items()):
             if p != "fused_fwd_jvp":
                 continue
-            flash, math = by.get((dtype, d, n, "sdpa_flash_fwd")), by.get((dtype, d, n, "math_jvp"))
-            fb, flb = by.get((dtype, d, n, "fused_bwd")), by.get((dtype, d, n, "sdpa_flash_bwd"))
-            if flash:
-                v = r["ms"] / flash["ms"]
-                _check(checks, ("attn", rf.path.name, dtype, d), "attention fwd+JVP <= 2.0x SDPA flash (FA2) fwd",
-                       f"{dtype}, D = {d}, {ns(dtype, d)}", v, v <= 2.0, rf.path.name, rf.label)
-            if math:
-                v = math["ms"] / r["ms"]
-                _check(checks, ("attnmath", rf.path.name, dtype, d), "attention fwd+JVP >= 10x faster than math JVP",
-                       f"{dtype}, D = {d}, {ns(dtype, d)}", v, v >= 10, rf.path.name, rf.label)
-            if fb and flb:
-                v = fb["ms"] / flb["ms"]
-                _check(checks, ("attnbwd", rf.path.name, dtype, d), "attention bwd <= 1.2x SDPA flash (FA2) bwd",
-                       f"{dtype}, D = {d}, {ns(dtype, d)}", v, v <= 1.2, rf.path.name, rf.label)
+            part = f"{dtype} D{d}"
+            for other, target, fn in (
+                    ("sdpa_flash_fwd", "attention fwd+JVP <= 2.0x SDPA flash (FA2) fwd", lambda a, b: (a / b, a / b <= 2.0)),
+                    ("math_jvp", "attention fwd+JVP >= 10x faster than math JVP", lambda a, b: (b / a, b / a >= 10)),
+                    ("sdpa_flash_bwd", "attention bwd <= 1.2x SDPA flash (FA2) bwd", None)):
+                o = by.get((dtype, d, n, other))
+                if not o:
+                    continue
+                if fn is None:
+                    fb = by.get((dtype, d, n, "fused_bwd"))
+                    if not fb:
+                        continue
+                    v, ok = fb["ms"] / o["ms"], fb["ms"] / o["ms"] <= 1.2
+                else:
+                    v, ok = fn(r["ms"], o["ms"])
+                _check(checks, target, part, v, ok, _name(rf), rf.label)
     for rf in files:
         if rf.family != "target":
             continue
         for r in rf.rows:
             if r.get("provider") != "native" or r.get("mode") != "fwd":
                 continue
-            if r.get("frac_of_copy") is not None and r.get("device") != "cpu":
-                _check(checks, ("tcall", rf.path.name), "target op >= 70% of copy bandwidth, call by call",
-                       "forward, every shape and dtype", 100 * r["frac_of_copy"], r["frac_of_copy"] >= 0.7,
-                       rf.path.name, rf.label, unit="%")
+            part = r["dtype"]
+            if r.get("frac_of_copy") is not None:
+                _check(checks, "target op forward >= 70% of copy bandwidth, call by call", part,
+                       100 * r["frac_of_copy"], r["frac_of_copy"] >= 0.7, _name(rf), rf.label, unit="%")
             if r.get("device_frac_of_copy") is not None:
-                _check(checks, ("tdev", rf.path.name), "target op >= 70% of copy bandwidth, on the device",
-                       "forward, every shape and dtype", 100 * r["device_frac_of_copy"],
-                       r["device_frac_of_copy"] >= 0.7, rf.path.name, rf.label, unit="%")
+                _check(checks, "target op forward >= 70% of copy bandwidth, on the device", part,
+                       100 * r["device_frac_of_copy"], r["device_frac_of_copy"] >= 0.7, _name(rf), rf.label,
+                       unit="%")
     return list(checks.values())
 
 
 def targets_table(checks: list[Check]) -> str:
     lines = []
     for c in checks:
-        n, m = sum(c.met), len(c.met)
+        met = c.met
+        n, m = sum(met), len(met)
         verdict = "met" if n == m else ("missed" if n == 0 else f"missed in {m - n} of {m}")
         digits = 0 if c.unit == "%" else 2
-        lines.append([c.target, c.where, span(c.values, digits, c.unit), f"**{verdict}**" if n < m else verdict,
-                      f"`{c.file}`", c.label])
-    return table(["target", "where", "measured", "verdict", "file", "commit"], lines)
+        measured = "; ".join(f"{part}: {span([v for v, _ in values], digits, c.unit)}"
+                             for part, values in c.parts.items())
+        lines.append([c.target, measured, f"**{verdict}**" if n < m else verdict, f"`{c.file}`", c.label])
+    return table(["target", "measured (per model or head dim; a range spans its rows)", "verdict", "file", "commit"],
+                 lines)
 
 
 # ------------------------------------------------------------------------------------------------ plots
@@ -679,7 +689,7 @@ def build_report(folder: Path) -> str:
         parts.append("## Training step (forward + loss + backward + AdamW)\n\n" + step_section(step) + "\n")
         lfl = like_for_like_table(like_for_like(step_rows(step)))
         if lfl:
-            parts.append("### Like-for-like speed-ups of `fused`\n\n'autograd/fused eager' = eager autograd ms / "
+            parts.append("### Like-for-like ratios\n\n'autograd/fused eager' = eager autograd ms / "
                          "eager fused ms (the same for other modes); 'best' = each backend's fastest mode; 'graphs' / "
                          "'kernels' split fused's gain over eager explicit into CUDA graphs (eager explicit / graphed "
                          "explicit) and the fused kernels (graphed explicit / graphed fused).\n\n" + lfl + "\n")
@@ -716,20 +726,21 @@ def readme_section(folders: list[Path]) -> str:
     all_files = [rf for _, files in loaded for rf in files]
     checks = targets([rf for rf in all_files if rf.family in ("step", "attention", "target")])
     if checks:
-        out.append("**Targets met / missed** (every row names its result file and commit; 'x/y' = mode of each "
-                   "side of the ratio):\n\n" + targets_table(checks) + "\n")
+        out.append("**Targets met / missed** (every row names its result file and commit; 'eager/eager' = the mode "
+                   "of each side of the ratio; a range spans guidance off / on, or sequence lengths):\n\n"
+                   + targets_table(checks) + "\n")
     shown: set[str] = set()
     for folder, files in loaded:
         part = []
         step = _family(files, "step")
         if step and "step" not in shown:
             part.append("**Training step** (forward + loss + backward + AdamW), MeanFlow vs flow matching of the same "
-                        "model; 'vs FM' divides by the flow-matching step of the same mode; ms = median (p20-p80).\n\n"
-                        + step_section(step, folder))
+                        "model; '/ FM' divides by the flow-matching step of the same mode; ms = median (p20-p80). "
+                        "Memory per row in the folder's REPORT.md.\n\n" + step_section(step, folder, memory=False))
             lfl = like_for_like_table(like_for_like(step_rows(step)))
             if lfl:
-                part.append("Like-for-like speed-ups of `fused` (other backend's ms / fused ms, same mode):\n\n" + lfl
-                            + "\n")
+                part.append("Like-for-like ratios (the other backend's ms / this backend's ms, same mode; 'best' = "
+                            "each backend's fastest measured mode):\n\n" + lfl + "\n")
             shown.add("step")
         att = _family(files, "attention")
         if att and "attention" not in shown:
