@@ -120,7 +120,7 @@ fi
 stage step 200 "$PY" bench/bench_step.py --out "$out/step.json" ${SUITE_STEP_ARGS:-$step_default} $quick
 
 if [ "$device" = cuda ]; then
-  stage tests_autotune 70 env MFKERNELS_AUTOTUNE=1 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short \
+  stage tests_autotune 70 env MFKERNELS_AUTOTUNE=1 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider -rfE --tb=short \
     -o addopts="" tests/test_bench_tools.py -k bench_shapes >"$out/gpu_tests_autotune.log" 2>&1
   tail -n 8 "$out/gpu_tests_autotune.log"
 fi

@@ -745,7 +745,8 @@ def readme_section(folders: list[Path]) -> str:
         att = _family(files, "attention")
         if att and "attention" not in shown:
             part.append("**Attention** forward + JVP (bf16, non-causal, 16k tokens per batch); SDPA's default "
-                        "backend was not forced (cuDNN by default on this torch for sm90):\n\n"
+                        "backend was not forced, and which one it picked was not recorded (DESIGN.md 5: cuDNN on "
+                        "torch 2.11 for sm90):\n\n"
                         + attention_sections(att, folder, readme=True))
             shown.add("attention")
         tgt = _family(files, "target")
