@@ -223,7 +223,9 @@ def step_table(rows: list[dict]) -> str:
     """One line per (model, batch, case, guidance), one column pair per mode present: ms (p20-p80) and vs FM."""
     modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     keys = list(dict.fromkeys((r["model"], r.get("batch"), r["case"], r["guidance"]) for r in rows))
-    by = {(r["model"], r.get("batch"), r["case"], r["guidance"], r["mode"]): r for r in rows}
+    by: dict = {}
+    for r in rows:  # a key measured in two files of one commit (a re-run): the first file's row is shown
+        by.setdefault((r["model"], r.get("batch"), r["case"], r["guidance"], r["mode"]), r)
     lines = []
     for model, batch, case, guidance in keys:
         line = [f"{model}, batch {batch}", case, guidance]
@@ -254,23 +256,29 @@ def memory_table(rows: list[dict]) -> str:
 
 
 def like_for_like(rows: list[dict]) -> list[dict]:
-    """Per (file, model, batch, guidance): fused's speed-up over autograd and explicit in each mode, the best
-    (fastest mode) of each backend, and the split of fused's gain over eager explicit into graphs and kernels."""
+    """Per (commit label, model, batch, guidance): fused's speed-up over autograd and explicit in each mode, the best
+    (fastest mode) of each backend, and the split of fused's gain over eager explicit into graphs and kernels. Rows
+    of one commit may come from several files (the suite runs the capture of graphed autograd in its own process)."""
     out = []
-    keys = dict.fromkeys((r["_file"], r["model"], r.get("batch"), r["guidance"]) for r in rows
+    keys = dict.fromkeys((r["_label"], r["model"], r.get("batch"), r["guidance"]) for r in rows
                          if r["objective"] == "meanflow")
-    by = {(r["_file"], r["model"], r.get("batch"), r["guidance"], r["case"], r["mode"]): r for r in rows if r.get("ms")}
-    for f, model, batch, guidance in keys:
-        get = lambda case, mode: by.get((f, model, batch, guidance, case, mode))  # noqa: E731
-        entry = {"file": f, "label": next(r["_label"] for r in rows if r["_file"] == f), "model": model,
-                 "batch": batch, "guidance": guidance}
+    by: dict = {}
+    for r in rows:
+        if r.get("ms"):
+            by.setdefault((r["_label"], r["model"], r.get("batch"), r["guidance"], r["case"], r["mode"]), r)
+    for label, model, batch, guidance in keys:
+        get = lambda case, mode: by.get((label, model, batch, guidance, case, mode))  # noqa: E731
+        mine = [r for r in rows if r["_label"] == label and r["model"] == model and r.get("batch") == batch]
+        files = list(dict.fromkeys(r["_file"] for r in mine if r["guidance"] == guidance or
+                                   r["objective"] == "flow_matching"))
+        entry = {"file": ", ".join(files), "label": label, "model": model, "batch": batch, "guidance": guidance}
         for other, subject in (("autograd", "fused"), ("explicit", "fused"), ("autograd", "explicit")):
             for m in MODES:
                 a, b = get(other, m), get(subject, m)
                 if a and b:
                     entry[f"{other}/{subject} {m}"] = a["ms"] / b["ms"]
         best = {}
-        tried = {m for m in MODES if any(r["_file"] == f and r["mode"] == m for r in rows)}
+        tried = {r["mode"] for r in mine}
         for case in ("autograd", "explicit", "fused"):
             measured = [get(case, m) for m in MODES if get(case, m)]
             if measured:
@@ -306,8 +314,8 @@ def like_for_like_table(entries: list[dict]) -> str:
     text_cols = [c for c in ("best autograd", "best explicit", "best fused") if any(c in e for e in entries)]
     lines = [[f"{e['model']}, batch {e['batch']}", e["guidance"]] +
              [fmt(e.get(c)) + "x" if e.get(c) else "-" for c in ratio_cols] + [e.get(c, "-") for c in text_cols] +
-             [f"`{e['file']}` ({e['label']})"] for e in entries]
-    return table(["model", "guidance"] + ratio_cols + text_cols + ["file (commit)"], lines)
+             [", ".join(f"`{f}`" for f in e["file"].split(", ")) + f" ({e['label']})"] for e in entries]
+    return table(["model", "guidance"] + ratio_cols + text_cols + ["files (commit)"], lines)
 
 
 def tangent_error_table(files: list[ResultFile]) -> str:

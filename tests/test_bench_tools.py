@@ -192,6 +192,18 @@ def test_report_ratios_are_like_for_like(tmp_path):
     assert checks["fused >= 2x faster than autograd, best mode of each (autograd: no graphed time)"].met == [True]
     text = report.build_report(tmp_path)
     assert "capture failed" in text  # the failed row is shown with its error
+    # graphed autograd measured in a second process of the same commit joins the like-for-like line; one measured at
+    # another commit does not
+    same = {"commit": "c" * 40, "dirty": False, "device": "NVIDIA H100", "device_type": "cuda"}
+    _write(tmp_path / "step_run_graphed_autograd.json", [_step_row("graphed", "flow_matching", "-", "off", 50.0),
+                                                         _step_row("graphed", "meanflow", "autograd", "off", 90.0)], same)
+    _write(tmp_path / "step_run_other.json", [_step_row("graphed", "meanflow", "autograd", "off", 30.0)],
+           dict(same, commit="d" * 40))
+    entries = report.like_for_like(report.step_rows(report.load_folder(tmp_path)))
+    entry = next(e for e in entries if e["label"] == "ccccccc")
+    assert entry["autograd/fused graphed"] == pytest.approx(1.5)
+    assert "step_run_graphed_autograd.json" in entry["file"] and "other" not in entry["file"]
+    assert not any("autograd/fused graphed" in e for e in entries if e["label"] == "ddddddd")
 
 
 def test_report_reads_the_committed_folders():
