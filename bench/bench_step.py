@@ -473,11 +473,10 @@ def main(argv=None):
                          "ratio": 0.0 if case["objective"] == "flow_matching" else args.ratio, "status": "not reached"})
     save = lambda: write_results(args.out, "step", args.device, rows, args=vars(args))  # noqa: E731
     save()
-    for name, batch in models:
+    for i, (name, batch) in enumerate(models):
         bench_model(name, batch, args, args.device, rows, save)
         save()
-    if args.error:
-        for name, batch in models[:1]:  # the error depends on the network, not on the batch: the first model
+        if args.error and i == 0:  # the error depends on the network, not the batch: the first model, before the rest
             rows += tangent_errors(name, min(batch, 16 if cuda else batch), args, args.device)
             save()
     print(f"wrote {args.out}")

@@ -152,7 +152,7 @@ fi
 if [ "$device" = cuda ]; then
   compiled_default="--models DiT-B/2:64 --modes compiled --backends fused explicit autograd --no-error --no-fd"
 else
-  compiled_default="--modes compiled --compile-backend aot_eager --backends explicit fused --guidance off --no-error --no-fd"
+  compiled_default="--modes compiled --compile-backend aot_eager --backends explicit --guidance off --no-error --no-fd"
 fi
 # shellcheck disable=SC2086
 stage step_compiled 80 "$PY" bench/bench_step.py --out "$out/step_run_compiled.json" \
