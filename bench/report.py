@@ -373,7 +373,7 @@ def attention_section(rows: list[dict], readme: bool = False) -> str:
         fused = get("fused_fwd_jvp")
         if not fused.get("ms"):
             continue
-        line = [f"{dtype} D{d} N{n} (B{fused['B']} H{fused['H']})"]
+        line = [f"{dtype} D{d} N{n} (B{fused['B']} H{fused['H']})", fmt(fused.get("tflops"), 0)]
         for p in providers:
             r = get(p)
             cell = fmt(r.get("ms"), 3) if r.get("ms") else short_error(r.get("error", "-")) if r else "-"
@@ -394,7 +394,8 @@ def attention_section(rows: list[dict], readme: bool = False) -> str:
                 line.append(fmt(fb["ms"] / ob["ms"]) + "x" if fb.get("ms") and ob.get("ms") else "-")
         line.append(f"{fmt(fused.get('peak_mem_mb'), 0)} / {fmt(math.get('peak_mem_mb'), 0)}")
         lines.append(line)
-    header = ["shape"] + [f"{ATTN_NAMES.get(p, p)} ms" for p in providers] + ["fused / flash fwd (target <= 2.0x)"]
+    header = ["shape", "fused eff. TFLOP/s (12 N^2 D per head)"] + [f"{ATTN_NAMES.get(p, p)} ms" for p in providers]
+    header += ["fused / flash fwd (target <= 2.0x)"]
     header += [f"fused / {ATTN_NAMES[o].split(' fwd')[0]}" for o in ("sdpa_cudnn_fwd", "sdpa_default_fwd")
                if o in providers]
     header += ["math JVP / fused"]
