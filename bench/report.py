@@ -211,6 +211,8 @@ def _time_cell(r: dict | None) -> str:
         return "not run"
     if r.get("ms"):
         cell = fmt(r["ms"], 1)
+        if r.get("runs") == 1 or r.get("ms_p20") == r.get("ms_p80") == r["ms"]:
+            return cell + " (1 run)"
         if r.get("ms_p20") is not None and r.get("ms_p80") is not None:
             cell += f" ({r['ms_p20']:.1f}-{r['ms_p80']:.1f})"
         return cell
@@ -504,6 +506,13 @@ def block_ops_section(rows: list[dict]) -> str:
                  lines)
 
 
+def generic_section(rows: list[dict], max_cols: int = 12) -> str:
+    """Any rows: one column per key (the first max_cols keys seen), floats to 3 significant digits."""
+    keys = [k for k in dict.fromkeys(k for r in rows for k in r) if not k.startswith("_")][:max_cols]
+    cell = lambda v: f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v).replace("|", "/"))  # noqa: E731
+    return table(keys, [[cell(r.get(k)) for k in keys] for r in rows])
+
+
 # ------------------------------------------------------------------------------------------------ targets
 @dataclass
 class Check:
@@ -713,6 +722,11 @@ def build_report(folder: Path) -> str:
                 parts.append(f"## {title}\n\n{group_heading(group)}\n\n{fn(rows)}\n")
     if _family(files, "target"):
         parts.append("## MeanFlow target/loss op: native vs eager chain\n\n" + target_sections(_family(files, "target")))
+    for family in ("host", "overhead", "forward"):  # benchmarks without a section of their own: their rows as they are
+        for _, group in by_label(_family(files, family)).items():
+            rows = [r for rf in group for r in rf.rows]
+            if rows:
+                parts.append(f"## `{family}` rows\n\n{group_heading(group)}\n\n{generic_section(rows)}\n")
     att = [r for rf in _family(files, "attention") for r in rf.rows]
     if att:
         plot_attention(att, folder / "attention.png")
