@@ -1,16 +1,17 @@
 """Benchmark cases of the modern-transformer ops and the iMF block, for bench_block_ops.py and bench_block.py.
 
-Op cases (bench_block_ops): `CASES[op](B, N, C, kt, r, e) -> dict` with the fields of bench_block_ops' Case (primals,
-tangents, fused, eager, autograd and the useful work: fwd/bwd bytes or FLOPs); r(*shape, scale=...) draws an input in
-the benchmark dtype, e is its element size. Providers return (y, y_dot); y may be a tuple (q' and k' of the QK op),
-then the backward pass seeds every element.
+Op cases (bench_block_ops' CASES table): `CASES[op](B, N, C, kt, r, e) -> dict` of the fields of bench_block_ops'
+Case (primals, tangents, fused, eager, autograd and the useful work: fwd/bwd bytes or FLOPs); r(*shape, scale=...)
+draws an input in the benchmark dtype, e is its element size. Providers return (y, y_dot); y may be a tuple (q' and k'
+of the QK op), then the backward pass seeds every element.
 
     rmsnorm        RMSNorm with a learned scale over the residual stream (B, N, C)
     qk_norm_rope   QK-norm + RoPE of q and k, per-head views (B, H, N, 64) of a fused qkv projection (one launch)
     rope           RoPE alone on q (the same views)
     swiglu         the SwiGLU MLP, hidden int(8 C / 3), no biases (iMF)
 
-Block cases (bench_block): `BLOCKS[name] = (width, heads, factory)`; the factory builds a module with forward(x, c)
+Block cases (bench_block's BLOCKS table): `BLOCKS[name] = (width, heads, factory)`; the factory builds a module with
+forward(x, c)
 and forward_jvp(x, x_dot, c, c_dot, ops) like DiTBlock. iMF's block takes no conditioning vector (its conditions are
 tokens): c is ignored, and RoPE angles come from the token count. Its useful FLOPs per token equal DiT's (qkv 3 C^2 +
 out C^2 + SwiGLU 3 C (8 C / 3) = 12 C^2), so bench_block's block_flops applies.
