@@ -3,7 +3,8 @@
     python bench/bench_block_ops.py --out results.json [--quick]
 
 Ops: LayerNorm + adaLN modulate, GELU(tanh) on the MLP hidden activation, the MLP (Linear-GELU-Linear), the gated
-residual; RMSNorm, QK-norm + RoPE of q and k, RoPE and the SwiGLU MLP (cases in bench/modern_cases.py). Providers, all timed in the same run on the same fresh random inputs (bf16):
+residual; RMSNorm, QK-norm + RoPE of q and k, RoPE and the SwiGLU MLP (cases in bench/modern_cases.py). Providers, all
+timed in the same run on the same fresh random inputs (bf16):
 
 * ``fused``:    the mfkernels op (Triton kernels; cuBLAS for the MLP's GEMMs).
 * ``eager``:    the pure-torch ``<op>_ref`` from mfkernels.reference (ragged tangents, tangent under no_grad).
