@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import is_oom, peak_memory_mb, time_fn, write_results  # noqa: E402
+from bench.modern_cases import BLOCKS as IMF_BLOCKS, TINY_BLOCKS as IMF_TINY  # noqa: E402
 from meanflow.models.backends import ops_for  # noqa: E402
 from meanflow.models.layers import DiTBlock  # noqa: E402
 from mfkernels.nn import math_attention  # noqa: E402
@@ -31,8 +32,9 @@ from mfkernels.nn import math_attention  # noqa: E402
 BLOCKS: dict[str, tuple[int, int, Callable[[int, int], torch.nn.Module]]] = {
     "DiT-B": (768, 12, DiTBlock),
     "DiT-XL": (1152, 16, DiTBlock),
+    **IMF_BLOCKS,  # iMF's block (RMSNorm, QK-norm + RoPE attention, SwiGLU): iMF-B 768/12, iMF-XL 1024/16
 }
-TINY = {"tiny": (48, 2, DiTBlock)}
+TINY = {"tiny": (48, 2, DiTBlock), **IMF_TINY}
 
 
 def block_flops(batch: int, kt: int, tokens: int, dim: int, with_jvp: bool) -> float:

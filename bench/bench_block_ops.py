@@ -3,7 +3,8 @@
     python bench/bench_block_ops.py --out results.json [--quick]
 
 Ops: LayerNorm + adaLN modulate, GELU(tanh) on the MLP hidden activation, the MLP (Linear-GELU-Linear), the gated
-residual. Providers, all timed in the same run on the same fresh random inputs (bf16):
+residual; RMSNorm, QK-norm + RoPE of q and k, RoPE and the SwiGLU MLP (cases in bench/modern_cases.py). Providers, all
+timed in the same run on the same fresh random inputs (bf16):
 
 * ``fused``:    the mfkernels op (Triton kernels; cuBLAS for the MLP's GEMMs).
 * ``eager``:    the pure-torch ``<op>_ref`` from mfkernels.reference (ragged tangents, tangent under no_grad).
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn.functional as F  # noqa: E402
 
 from bench.common import time_fn, write_results  # noqa: E402
+from bench.modern_cases import CASES as MODERN_CASES  # noqa: E402
 from mfkernels import reference as ref  # noqa: E402
 from mfkernels.activations import gelu_tanh_jvp  # noqa: E402
 from mfkernels.mlp import mlp_jvp  # noqa: E402
@@ -155,6 +157,8 @@ CASES: dict[str, Callable[..., Case]] = {
     "mlp": _mlp,
     "gated_residual": _gated_residual,
 }
+# RMSNorm, QK-norm + RoPE, RoPE, SwiGLU (issue 16): bench/modern_cases.py gives Case's fields as a dict
+CASES.update({op: (lambda build: lambda *a: Case(**build(*a)))(build) for op, build in MODERN_CASES.items()})
 
 
 def make_case(op: str, B: int, N: int, C: int, kt: int, dtype, device) -> Case:
@@ -169,7 +173,9 @@ def make_case(op: str, B: int, N: int, C: int, kt: int, dtype, device) -> Case:
     return CASES[op](B, N, C, kt, r, e)
 
 
-def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def _max_rel_diff(a, b) -> float:
+    if isinstance(a, tuple):  # several outputs (q' and k' of the QK op): the worst
+        return max(_max_rel_diff(x, y) for x, y in zip(a, b))
     if a.numel() == 0:
         return 0.0
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
@@ -223,11 +229,11 @@ def run(quick: bool, ops: list[str] | None = None) -> list[dict]:
                     record("autograd", "fwd_jvp", timer(lambda: autograd(primals, tangents)))
 
                 leaves = [p.detach().requires_grad_() for p in primals]
-                dy = torch.randn_like(y_e)
+                dy = tuple(torch.randn_like(y) for y in y_e) if isinstance(y_e, tuple) else torch.randn_like(y_e)
                 for provider, fn in (("fused", fused), ("eager", eager)):
                     def step(fn=fn):
                         y, _ = fn(leaves, tangents)
-                        y.backward(dy)
+                        torch.autograd.backward(y, dy)  # y may be a tuple (q', k')
 
                     record(provider, "fwd_bwd", timer(step, grad_to_none=leaves))
                 del primals, tangents, leaves, y_f, yd_f, y_e, yd_e
