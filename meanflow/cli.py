@@ -223,8 +223,10 @@ def _print_summary(summary: dict) -> None:
 
 
 def _print_metrics(metrics: dict) -> None:
-    """The same block for `train` and `eval`: floats to 4 significant digits (the JSON files keep full precision)."""
-    print("metrics:", json.dumps(_rounded(metrics), indent=2, ensure_ascii=False))
+    """The same block for `train` and `eval`: JSON with one top-level key per line, floats to 4 significant digits
+    (the JSON files keep full precision)."""
+    rows = [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in _rounded(metrics).items()]
+    print("metrics: {\n" + ",\n".join(rows) + "\n}")
 
 
 def _rounded(obj):
