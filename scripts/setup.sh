@@ -18,9 +18,9 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-python3}"
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
-# Prints why an install is needed (one line), or nothing when this checkout is installed and built.
+# One line: 'install: WHY' when an install is needed, else 'ok: VERSIONS' (one Python start, one torch import).
 install_needed() {
-  MFKERNELS_NATIVE=prebuilt "$PY" - <<'PY' 2>/dev/null || echo "the check itself failed"
+  MFKERNELS_NATIVE=prebuilt "$PY" - <<'PY' 2>/dev/null || echo "install: the check itself failed"
 import importlib.metadata as md
 import json
 import sys
@@ -30,7 +30,7 @@ here = Path.cwd().resolve()
 
 
 def need(why: str) -> None:
-    print(why)
+    print(f"install: {why}")
     sys.exit(0)
 
 
@@ -71,26 +71,31 @@ import mfkernels.target  # noqa: E402
 
 if not mfkernels.target.native_available():
     need("the native op mfkernels._C does not load against the installed torch")
+import torch  # noqa: E402  (already imported by mfkernels)
+
+print(f"ok: torch {torch.__version__}, triton {md.version('triton')}, numpy {md.version('numpy')}, native op built")
 PY
 }
 
-why="$(install_needed)"
-if [[ -z "$why" && -z "${SETUP_FORCE:-}" ]]; then
+check="$(install_needed)"
+if [[ "$check" == ok:* && -z "${SETUP_FORCE:-}" ]]; then
   echo "setup: this checkout is already installed (editable, requirements met, native op built): nothing to install"
-else
-  echo "setup: installing (${why:-SETUP_FORCE is set})"
-  if ! "$PY" -c "import torch" >/dev/null 2>&1; then
-    echo "setup: installing torch==2.13.0 (CPU build)"
-    pip_install "torch==2.13.0"
-  fi
-  if ! "$PY" -c "import triton" >/dev/null 2>&1; then
-    echo "setup: installing triton==3.6.0"
-    pip_install "triton==3.6.0"
-  fi
-  pip_install "setuptools>=64" wheel "numpy<2.4"
-  echo "setup: installing meanflow-engine (editable, native extension built against torch $("$PY" -c 'import torch; print(torch.__version__)'))"
-  pip_install --no-build-isolation -e ".[test]"
+  echo "setup: ok  ${check#ok: }"
+  exit 0
 fi
+if [[ "$check" == ok:* ]]; then why="SETUP_FORCE is set"; else why="${check#install: }"; fi
+echo "setup: installing ($why)"
+if ! "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "setup: installing torch==2.13.0 (CPU build)"
+  pip_install "torch==2.13.0"
+fi
+if ! "$PY" -c "import triton" >/dev/null 2>&1; then
+  echo "setup: installing triton==3.6.0"
+  pip_install "triton==3.6.0"
+fi
+pip_install "setuptools>=64" wheel "numpy<2.4"
+echo "setup: installing meanflow-engine (editable, native extension built against torch $("$PY" -c 'import torch; print(torch.__version__)'))"
+pip_install --no-build-isolation -e ".[test]"
 "$PY" - <<'PY'
 import torch, triton, numpy
 import mfkernels.target as target

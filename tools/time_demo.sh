@@ -87,7 +87,8 @@ result = {
     "printed": shown,
 }
 print(f"\ntime_demo: setup {result['setup_s']:.0f} s (again: {result['setup_again_s']:.0f} s), training "
-      f"{result['train_s']:.0f} s ({result['steps']} steps, {result['threads']} threads), evaluation "
+      f"{result['train_s']:.0f} s ({result['steps']} steps, {result['threads']} thread"
+      f"{'' if result['threads'] == 1 else 's'}), evaluation "
       f"{result['eval_s'] or 0:.0f} s, demo command {result['demo_s']:.0f} s end to end; load average "
       f"{e['LOAD0']} -> {e['LOAD1']} on {os.cpu_count()} cores")
 if e["WRITE"] == "1":

@@ -280,8 +280,8 @@ class Trainer(TrainerState, TrainerReporting):
                     row = self._log(window, t_start)
                     # raw_loss and v_loss show learning; the weighted loss sits near 1 by construction (adaptive
                     # weighting) and stays in metrics.jsonl only
-                    bar.set_postfix(raw_loss=f"{row['raw_loss']:.4g}", v_loss=f"{row['v_loss']:.4g}",
-                                    samples_s=f"{row['samples_per_s']:.0f}")
+                    bar.set_postfix_str(f"raw_loss={row['raw_loss']:.4g}, v_loss={row['v_loss']:.4g}, "
+                                        f"{row['samples_per_s']:.0f} samples/s")
                 if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                     ema = self.ema_model()  # under FSDP a collective (the EMA is gathered to rank 0)
                     if self.is_main:
