@@ -66,7 +66,7 @@ e = os.environ
 tmp, clone = Path(e["TMP"]), Path(e["TMP"]) / "meanflow-engine"
 summary = json.loads((clone / "runs" / "mnist" / "summary.json").read_text())
 lines = (tmp / "demo.log").read_text().splitlines()
-shown = [lines[0]] + lines[next(i for i, l in enumerate(lines) if l.startswith("run directory:")):]
+shown = [lines[0], "..."] + lines[next(i for i, l in enumerate(lines) if l.startswith("run directory:")):]
 cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
             if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
 t = [float(e[k]) for k in ("T0", "T1", "T2", "T3")]
