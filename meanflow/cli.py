@@ -129,7 +129,7 @@ def _weights_arg(text: str) -> str:
 
 
 def _new_file(path: str | None, what: str, suffixes: tuple[str, ...] | None = None) -> Path | None:
-    """An output file: right suffix, not a directory; its folder is created."""
+    """An output file: right suffix, not a directory (its folder is made when it is written, not here)."""
     if not path:
         return None
     p = Path(path)
@@ -138,7 +138,6 @@ def _new_file(path: str | None, what: str, suffixes: tuple[str, ...] | None = No
                          f"{suffixes[-1]}; got {path}")
     if p.is_dir():
         raise ValueError(f"{what} {path} is a directory; give a file name")
-    p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
 
@@ -411,6 +410,7 @@ def cmd_sample(args) -> int:
         if decode is not None:
             x, kind = decode(x), "image"
         nrow = 10 if labels is not None and mode is None and classes <= 10 else None
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         save_samples(x.cpu(), args.out, kind=kind, nrow=nrow,
                      title=f"{_plural(args.steps, 'step')} sampling (step {step})")
         print(f"wrote {args.out} ({_plural(args.num, 'sample')}, {_plural(args.steps, 'step')}, {args.weights} "
@@ -434,7 +434,8 @@ def cmd_eval(args) -> int:
         _existing(args.samples, "--samples file")
         _existing(args.fid_ref, "--fid-ref file")
         _existing(args.inception, "--inception file")
-        _new_file(args.save_stats, "--save-stats", (".npz",))
+        if _new_file(args.save_stats, "--save-stats", (".npz",)):
+            Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
         device = resolve_device(args.device)
         set_threads(0)
         metrics = fid_of_samples(args.samples, args.fid_ref, args.inception, batch_size=args.batch_size or 250,
@@ -458,6 +459,7 @@ def cmd_eval(args) -> int:
                    **evaluate_model(model, cfg.data, cfg.eval, device, progress=True)}
         _print_metrics(metrics)
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {out}")
     return EXIT_OK

@@ -135,6 +135,8 @@ BAD_ARGUMENTS = [  # argv, what the one-line error says; none of these gets as f
     (["sample", "--ckpt", MISSING, "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     (["sample", "--ckpt", MISSING, "--out", "grid.gif"], "--out must end in .png, .jpg, .jpeg or .npz; got grid.gif"),
     (["sample", "--ckpt", MISSING], f"checkpoint {MISSING} does not exist"),
+    (["sample", "--ckpt", MISSING, "--out", "new/dir/x.png"], f"checkpoint {MISSING} does not exist"),
+    (["eval", "--ckpt", MISSING, "--out", "new/dir/m.json"], f"checkpoint {MISSING} does not exist"),
     (["sample"], "the following arguments are required: --ckpt"),
     (["eval"], "meanflow eval needs --ckpt RUN (evaluate a model) or --samples X.npz"),
     (["eval", "--ckpt", MISSING, "--batch-size", "0"], "argument --batch-size: must be >= 1; got 0"),
