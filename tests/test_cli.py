@@ -211,7 +211,8 @@ BAD_ARGUMENTS = [  # argv, what the one-line error says; none of these gets as f
 ]
 
 
-@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in BAD_ARGUMENTS])
+@pytest.mark.parametrize("argv, message", BAD_ARGUMENTS,
+                         ids=[" ".join(a).replace(MISSING, "X") or "(no command)" for a, _ in BAD_ARGUMENTS])
 def test_bad_input_is_one_line_and_exit_status_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written anywhere else
     assert main(argv) == 2

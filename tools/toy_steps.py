@@ -11,9 +11,10 @@ should land at any time; the model's average-velocity jumps are compared with th
   own z_m (what the sampler does) and from the exact z_m (the model's accuracy on [0, m] alone);
 - sliced Wasserstein (SW_2) of every schedule's samples to held-out data, as `meanflow eval` reports.
 
-    python tools/toy_steps.py --seeds 0 1 2 --out docs/toy_steps.json          # ~1-2 min per seed on 2 CPU cores
-    python tools/toy_steps.py --seeds 0 --train-steps 12000 --out /tmp/long.json
-    python tools/toy_steps.py --seeds 0 --set loss.ratio=0.25 --set loss.p=1.0 --out /tmp/paper.json
+    python tools/toy_steps.py --seeds 0 1 2 --out docs/toy_steps/preset.json   # ~1-2 min per seed on 2 CPU cores
+    python tools/toy_steps.py --seeds 0 --train-steps 12000 --out docs/toy_steps/preset_12000_steps.json
+    python tools/toy_steps.py --seeds 0 --set loss.ratio=0.25 --set loss.p=1.0 --out docs/toy_steps/ratio0.25_p1.json
+    python tools/toy_steps.py --seeds 0 --set loss.time_sampler=uniform --out docs/toy_steps/uniform_times.json
 
 Writes one JSON (per seed and their mean) and prints a table.
 """
