@@ -439,7 +439,7 @@ def cmd_eval(args) -> int:
         device = resolve_device(args.device)
         set_threads(0)
         metrics = fid_of_samples(args.samples, args.fid_ref, args.inception, batch_size=args.batch_size or 250,
-                                 device=device, save_stats=args.save_stats)
+                                 device=device, save_stats=args.save_stats, progress=True)
         _print_metrics(metrics)
     else:
         if not args.ckpt:

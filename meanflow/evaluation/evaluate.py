@@ -212,18 +212,21 @@ def load_image_batch(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
-def image_batch_statistics(extractor: InceptionFeatures, images: np.ndarray,
-                           batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the feature extractor over uint8 (N, H, W, C) images, streamed in batches."""
+def image_batch_statistics(extractor: InceptionFeatures, images: np.ndarray, batch_size: int = 250,
+                           progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the feature extractor over uint8 (N, H, W, C) images, streamed in batches. `progress`: the label
+    of a tqdm bar (stderr), None for none."""
     feats = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        feats.append(extractor.features(x, batch_size))
+    with progress_bar(len(images), progress or "", progress is not None, unit="image") as bar:
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            feats.append(extractor.features(x, batch_size))
+            bar.update(len(x))
     return feature_statistics(torch.cat(feats))
 
 
-def reference_statistics(ref: str | os.PathLike, extractor: InceptionFeatures,
-                         batch_size: int = 250) -> tuple[np.ndarray, np.ndarray, str]:
+def reference_statistics(ref: str | os.PathLike, extractor: InceptionFeatures, batch_size: int = 250,
+                         progress: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
     """(mu, sigma, what) from an .npz holding 'mu' and 'sigma' (precomputed statistics, e.g. ADM's reference batches,
     which carry both), or else 'arr_0' reference images whose statistics are computed here."""
     p = Path(ref)
@@ -233,13 +236,13 @@ def reference_statistics(ref: str | os.PathLike, extractor: InceptionFeatures,
         if "mu" in z.files and "sigma" in z.files:
             return z["mu"], z["sigma"], f"statistics in {p}"
     images = load_image_batch(p)
-    mu, sigma = image_batch_statistics(extractor, images, batch_size)
+    mu, sigma = image_batch_statistics(extractor, images, batch_size, "FID: reference features" if progress else None)
     return mu, sigma, f"{len(images)} reference images in {p}"
 
 
 def fid_of_samples(samples: str | os.PathLike, ref: str | os.PathLike | None, inception: str | os.PathLike | None,
                    *, batch_size: int = 250, device: str | torch.device = "cpu",
-                   save_stats: str | os.PathLike | None = None) -> dict:
+                   save_stats: str | os.PathLike | None = None, progress: bool = False) -> dict:
     """FID of an image batch (.npz, arr_0 uint8 NHWC, as `meanflow sample --out X.npz` writes) against reference
     statistics, with a LOCAL Inception file (`inception`, else $MEANFLOW_INCEPTION). Without one, FID is skipped and the
     reason is printed and returned. `save_stats` writes the samples' (mu, sigma) as an .npz usable as a reference."""
@@ -250,13 +253,13 @@ def fid_of_samples(samples: str | os.PathLike, ref: str | os.PathLike | None, in
         return {"fid_skipped": reason}
     extractor = InceptionFeatures(path, device) if torch.device(device).type != "cpu" else extractor
     images = load_image_batch(samples)
-    mu, sigma = image_batch_statistics(extractor, images, batch_size)
+    mu, sigma = image_batch_statistics(extractor, images, batch_size, "FID: sample features" if progress else None)
     out = {"samples": str(samples), "num_samples": len(images), "inception": str(path)}
     if save_stats:
         np.savez(save_stats, mu=mu, sigma=sigma)
         out["saved_stats"] = str(save_stats)
     if ref:
-        mu_ref, sigma_ref, what = reference_statistics(ref, extractor, batch_size)
+        mu_ref, sigma_ref, what = reference_statistics(ref, extractor, batch_size, progress)
         if mu_ref.shape != mu.shape:
             raise ValueError(f"reference statistics have {mu_ref.shape[0]} features but {path} gives {mu.shape[0]}: "
                              f"the reference was made with another feature network")
