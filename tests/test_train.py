@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from meanflow import euler_sample, sample
-from meanflow.checkpoint import list_checkpoints, load_checkpoint
-from meanflow.config import apply_overrides
-from meanflow.data import build_dataset
-from meanflow.ema import EMA
-from meanflow.loss import MeanFlowLoss
-from meanflow.metrics import sliced_wasserstein
-from meanflow.presets import get_preset
-from meanflow.train import NonFiniteLossError, Trainer
+from meanflow.training.checkpoint import list_checkpoints, load_checkpoint
+from meanflow.training.config import apply_overrides
+from meanflow.data.datasets import build_dataset
+from meanflow.training.ema import EMA
+from meanflow.objectives.meanflow import MeanFlowLoss
+from meanflow.evaluation.metrics import sliced_wasserstein
+from meanflow.training.presets import get_preset
+from meanflow.training.trainer import NonFiniteLossError, Trainer
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
 QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1"]
@@ -144,6 +144,34 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
     with pytest.raises(Exception, match="does not fit this run's config: data position was saved with seed 0 and "
                                         "batch size 32"):
         Trainer(toy_config("train.batch_size=16"), tmp_path, resume=tmp_path)
+
+
+def test_what_the_user_watches_moves(tmp_path, capsys):
+    """The progress bar and the loss curve's first panel show raw_loss and v_loss (the weighted loss sits near 1 by
+    construction and stays in metrics.jsonl); the stages after the bar announce themselves and show progress."""
+    import re
+
+    from meanflow.evaluation.plotting import loss_curve_figure
+
+    Trainer(toy_config("train.progress=true", "train.log_every=3"), tmp_path).train()
+    out, err = capsys.readouterr()
+    assert "raw_loss=" in err and "v_loss=" in err and not re.search(r"(?<![_a-z])loss=", err)
+    assert "toy: final sample grids, loss curve, weights ..." in out and "toy: evaluation ..." in out
+    assert "evaluation: sampling (1, 2-step): 100%" in err and "400/400" in err  # 200 samples x 2 step counts
+    rows = losses(tmp_path)
+    assert {"loss", "v_loss", "raw_loss"} <= set(rows[0])
+    first, second = loss_curve_figure(rows).axes
+    assert [line.get_label() for line in first.get_lines()] == ["raw_loss", "v_loss"]
+    assert [line.get_label() for line in second.get_lines()] == ["loss (weighted)"]
+
+
+def test_classifier_training_shows_progress(capsys):
+    from meanflow.evaluation.classifier import train_classifier
+
+    x, y = torch.rand(40, 1, 8, 8) * 2 - 1, torch.arange(40) % 4
+    train_classifier(x, y, epochs=1, min_steps=3, batch_size=16, progress=True)
+    err = capsys.readouterr().err
+    assert "digit classifier (trained once, then cached): 100%" in err and "3/3" in err
 
 
 @pytest.mark.slow

@@ -1,0 +1,121 @@
+"""Named run configurations. `get_preset(name)` returns a fresh RunConfig; `meanflow presets` lists them.
+
+| preset            | data                      | model                      | budget (2 shared CPU cores)   |
+|-------------------|---------------------------|----------------------------|-------------------------------|
+| toy, checkerboard | 2-D checkerboard          | MLP 256 x 4                | 3000 steps, ~30 s on 1 core   |
+| moons, 8gaussians | 2-D toys                  | MLP 256 x 4                | 3000 steps, ~30 s on 1 core   |
+| digits            | sklearn 8x8 digits        | DiT 64 wide, 3 blocks, p 2 | 1500 steps, ~1 min            |
+| mnist (the demo)  | 5,000 MNIST digits, 32 px | DiT-Tiny/4 (96 wide, 4)    | 2500 steps, ~7-10 min         |
+| imagenet-B/2, -L/2, -XL/2 | SD-VAE latents 4x32x32 | DiT-B/2, L/2, XL/2 | 240 epochs (1,201,095 steps) |
+
+The ImageNet presets carry the official hyperparameters (DESIGN.md 1) and need `--set data.path=...` (latent shards
+from `meanflow prepare-latents`). train.batch_size is the global batch (256): under
+`torchrun --nproc_per_node=8 -m meanflow train --preset imagenet-XL/2 ...` each GPU takes 32 rows; train.parallel picks
+DDP (default) or FSDP2, and train.grad_accum splits each GPU's rows further when memory is short.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from ..objectives.meanflow import MeanFlowConfig
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    summary: str
+    build: Callable[[], RunConfig]
+
+
+def _toy(data: str) -> Callable[[], RunConfig]:
+    def build() -> RunConfig:
+        return RunConfig(
+            preset=data if data != "checkerboard" else "toy",
+            description=f"2-D {data}, unconditional MLP (256 x 4), explicit JVP backend",
+            model=ModelConfig(arch="mlp", hidden=256, depth=4, backend="auto"),
+            data=DataConfig(name=data),
+            # Unconditional, so no guidance. Tuned by 30-second runs scored by SW_2 at 1 step (0.127 -> 0.063 on
+            # checkerboard): a softer adaptive weight (p 0.5, the paper's CIFAR-style range) helped most, then more
+            # r != t rows than ImageNet's 0.25 (JVP rows are cheap for an MLP) and a longer EMA.
+            loss=MeanFlowConfig(ratio=0.75, p=0.5, eps=0.01, label_dropout=0.0),
+            train=TrainConfig(steps=3000, batch_size=256, lr=1e-3, warmup_steps=100, ema_decays=(0.995,),
+                              log_every=100, sample_every=1000),
+            eval=EvalConfig(num_samples=5000, steps=(1, 2)),
+        )
+    return build
+
+
+def _digits() -> RunConfig:
+    # The mnist recipe (see below) on 8x8 digits: 16 tokens of 2x2 pixels, so every step is cheap.
+    return RunConfig(
+        preset="digits", description="sklearn 8x8 digits, class-conditional micro DiT (64 wide, 3 blocks, patch 2)",
+        model=ModelConfig(arch="dit", name="DiT-Micro/2", hidden=64, depth=3, heads=4),
+        data=DataConfig(name="digits"),
+        loss=MeanFlowConfig(ratio=0.25, omega=2.0, kappa=0.0, p=1.0, eps=0.01),
+        train=TrainConfig(steps=1500, batch_size=32, lr=4e-3, warmup_steps=100, grad_clip=1.0, ema_decays=(0.995,),
+                          log_every=50, sample_every=500),
+        eval=EvalConfig(num_samples=1000),
+    )
+
+
+def _mnist() -> RunConfig:
+    # Calibrated on 2 CPU cores shared with other jobs (130-150 samples/s on one thread, ~210 on two;
+    # docs/mnist_metrics.json), by 5-minute runs scored with the digit classifier. What mattered, in order: a high learning rate (4e-3 >> 2e-3 >>
+    # 1e-3), many small steps (batch 32 beats 64 at equal time), ratio 0.25 with kappa = 0 (cheaper guidance forwards
+    # than kappa > 0, so more steps, and better samples), a short EMA. Patch 2 costs 4x per step and loses at equal time;
+    # the sampling guidance is omega / (1 - kappa) = 2.
+    return RunConfig(
+        preset="mnist", description="THE DEMO: 5,000 real MNIST digits, class-conditional DiT-Tiny/4, ~10 min on CPU",
+        model=ModelConfig(arch="dit", name="DiT-Tiny/4"),
+        data=DataConfig(name="mnist"),
+        loss=MeanFlowConfig(ratio=0.25, omega=2.0, kappa=0.0, p=1.0, eps=0.01),
+        train=TrainConfig(steps=2500, batch_size=32, lr=4e-3, warmup_steps=100, grad_clip=1.0,
+                          ema_decays=(0.995, 0.99), log_every=50, sample_every=500),
+        eval=EvalConfig(num_samples=1000),
+    )
+
+
+def _imagenet(size: str, omega: float, kappa: float, t_end: float) -> Callable[[], RunConfig]:
+    def build() -> RunConfig:
+        return RunConfig(
+            preset=f"imagenet-{size}/2",
+            description=f"ImageNet-256 SD-VAE latents, DiT-{size}/2, official MeanFlow settings "
+                        f"(omega {omega}, kappa {kappa}, [0, {t_end}]); needs --set data.path=...",
+            model=ModelConfig(arch="dit", name=f"DiT-{size}/2", backend="fused"),
+            data=DataConfig(name="latents", path="", latent_scale=0.18215, num_classes=1000),
+            loss=MeanFlowConfig(time_sampler="logit_normal", t_mean=-0.4, t_std=1.0, ratio=0.25, p=1.0, eps=0.01,
+                                omega=omega, kappa=kappa, t_start=0.0, t_end=t_end, label_dropout=0.1),
+            # 240 epochs at batch 256: ceil(240 * 1,281,167 / 256) = 1,201,095 steps
+            train=TrainConfig(steps=-(-240 * IMAGENET_TRAIN_IMAGES // 256), batch_size=256, lr=1e-4, betas=(0.9, 0.95),
+                              weight_decay=0.0, ema_decays=(0.9999,), precision="bf16", log_every=100,
+                              sample_every=10_000, ckpt_every=10_000, keep_ckpts=3),
+            eval=EvalConfig(num_samples=50_000, batch_size=250),
+        )
+    return build
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    Preset("toy", "2-D checkerboard, MLP, ~30 s of training on 1 CPU core (MeanFlow 1-step vs the data; "
+                  "more sampling steps score worse on this preset, see the README)", _toy("checkerboard")),
+    Preset("checkerboard", "alias of toy", _toy("checkerboard")),
+    Preset("moons", "2-D two moons, MLP, ~30 s of training on 1 CPU core", _toy("moons")),
+    Preset("8gaussians", "2-D eight Gaussians, MLP, ~30 s of training on 1 CPU core", _toy("8gaussians")),
+    Preset("digits", "sklearn 8x8 digits, tiny class-conditional DiT, ~1 min on CPU", _digits),
+    Preset("mnist", "THE DEMO: real MNIST digits, class-conditional DiT-Tiny/4, ~10 min on 2 CPU cores", _mnist),
+    Preset("imagenet-B/2", "ImageNet-256 latents, DiT-B/2, official settings (omega 1.0, kappa 0.5); "
+                           "needs data.path", _imagenet("B", 1.0, 0.5, 1.0)),
+    Preset("imagenet-L/2", "ImageNet-256 latents, DiT-L/2, official settings (omega 0.2, kappa 0.92, [0, 0.8]); "
+                           "needs data.path", _imagenet("L", 0.2, 0.92, 0.8)),
+    Preset("imagenet-XL/2", "ImageNet-256 latents, DiT-XL/2, official settings (omega 0.2, kappa 0.92, "
+                            "[0, 0.75]); needs data.path", _imagenet("XL", 0.2, 0.92, 0.75)),
+]}
+
+
+def get_preset(name: str) -> RunConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(PRESETS)}")
+    return PRESETS[name].build()
