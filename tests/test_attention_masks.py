@@ -97,6 +97,10 @@ def _make_mask(kind, b, hq, nq, nk, dtype, device):
         keep = torch.rand(nq, nk, generator=gen) > 0.5
         keep[:, 0] = True
         return keep.to(device)
+    if kind == "bool_strided":  # a non-contiguous view: (B, Hq, Nk, Nq) transposed; rows 0 and 2 of head 1 dead
+        keep = torch.rand(b, hq, nk, nq, generator=gen) > 0.5
+        keep[:, 1, :, ::2] = False
+        return keep.to(device).transpose(-1, -2)
     if kind == "additive":  # (1, Hq, Nq, Nk) float bias, -inf holes and a fully -inf row
         bias = torch.randn(1, hq, nq, nk, generator=gen, dtype=torch.float64)
         bias[torch.rand(1, hq, nq, nk, generator=gen) < 0.2] = float("-inf")
@@ -125,6 +129,7 @@ MASK_CASES = [
     ("additive", 2, 2, 1, 11, 14, 40, 16, 0),
     ("additive_finfo_min", 2, 2, 2, 9, 21, 16, 16, 2),
     ("additive_keypad", 2, 2, 1, 10, 23, 16, 32, 1),
+    ("bool_strided", 1, 2, 2, 7, 12, 8, 8, 1),
 ]
 
 
@@ -149,9 +154,9 @@ def test_masked_forward_jvp_and_backward(device, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
-def test_masked_low_precision(device, dtype):
-    """Key padding + GQA in 16-bit: within 2x torch's own math-SDPA error in that dtype (+ floor)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
+def test_masked_dtypes(device, dtype):
+    """Key padding + GQA in fp32 / 16-bit: within 2x torch's own math-SDPA error in that dtype (+ floor)."""
     b, hq, hkv, nq, nk, d, dv, kt = 2, 4, 2, _n(13, device), _n(22, device), 32, 32, 1
     q, k, v, q_dot, k_dot, v_dot = _inputs(b, hq, hkv, nq, nk, d, dv, kt, dtype, device)
     keep = _make_mask("keypad", b, hq, nq, nk, dtype, device)
