@@ -40,7 +40,7 @@ script imports it from site-packages or straight from that wheel (pure Python). 
 the reason, never silently absent.
 
 Without CUDA it runs the Triton interpreter on tiny shapes, timed with time.perf_counter over one run after a warm-up
-(a dry run of the GPU suite; the numbers mean nothing); the new cases and the slowest providers run at the first shape only.
+  keypad30  a bool key-padding mask (B, 1, 1, N): the last 30% of each row's keys padded (FLOPs counted as dense)
 """
 from __future__ import annotations
 
