@@ -1,8 +1,9 @@
 """The attention kernels compile for the H100/H200 (sm_90) and fit: every kernel (forward + JVP with and without
 tangent rows, the flash backward, the tangent backward with and without G) with each mask kind (none, 2-D additive,
-key padding bool and additive), mu saved, Dv != D, bf16 and fp32, D = 64 and 128, with each autotune list's first config (what runs with
-MFKERNELS_AUTOTUNE=0, and the autotuner's fallback). bf16 must not spill registers; nothing may exceed Hopper's shared
-memory. MFKERNELS_AOT_ALL_CONFIGS=1 compiles every config of every list instead (minutes; run before changing a list).
+key padding bool and additive), mu saved, Dv != D, bf16 and fp32, D = 64 and 128, with each autotune list's first
+config (what runs with MFKERNELS_AUTOTUNE=0, and the autotuner's fallback). bf16 must not spill registers; nothing may
+exceed Hopper's shared memory. MFKERNELS_AOT_ALL_CONFIGS=1 compiles every config of every list instead (minutes; run
+before changing a list).
 
 An H200 run once failed here: the fp32 D = 128 forward + JVP config needed 233472 B of the 232448 available.
 """
