@@ -154,7 +154,8 @@ def test_masked_forward_jvp_and_backward(device, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float32", "bfloat16", "float16"])
 def test_masked_dtypes(device, dtype):
     """Key padding + GQA in fp32 / 16-bit: within 2x torch's own math-SDPA error in that dtype (+ floor)."""
     b, hq, hkv, nq, nk, d, dv, kt = 2, 4, 2, _n(13, device), _n(22, device), 32, 32, 1

@@ -85,7 +85,7 @@ def test_attention_jvp_tangent_grad(device, case):
 def test_tangent_grad_low_precision(device, dtype):
     """bf16: within 2x torch's own math-SDPA error in bf16 (+ floor), GQA with a key-padding mask without dead rows."""
     b, hq, hkv, nq, nk, d, kt = 2, 4, 2, _n(12, device), _n(18, device), 32, 2
-    q, k, v, q_dot, k_dot, v_dot = args = _inputs(b, hq, hkv, nq, nk, d, d, kt, dtype, device)
+    args = _inputs(b, hq, hkv, nq, nk, d, d, kt, dtype, device)
     keep = torch.rand(b, 1, 1, nk, device=device) > 0.3
     keep[..., 0] = True
     leaves = [t.clone().requires_grad_() for t in args]
