@@ -37,6 +37,8 @@ class ModelConfig:
     heads: int = _f(0, "attention heads (0: from `name`)")
     patch: int = _f(0, "patch size (0: from `name`)")
     mlp_ratio: float = _f(4.0, "DiT MLP hidden size / width")
+    v_depth: int = _f(0, "iMF's v-branch: blocks (DiT) / layers (MLP) forking before the last ones (0: auto = "
+                         "min(8, depth // 2) for DiT, depth // 2 for the MLP); only built for loss.objective=imf")
     backend: str = _f("auto", "JVP backend: 'autograd', 'explicit', 'fused', or 'auto' (fused on CUDA, explicit on CPU)")
 
 
