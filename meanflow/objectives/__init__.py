@@ -6,15 +6,18 @@
     registry.py       objectives by name (loss.objective): build_objective, default_config, network_spec
     flow_matching.py  flow matching (the baseline)
     meanflow.py       MeanFlow (DESIGN.md 1), with MeanFlow's own ratio-0 flow-matching flag
+    imf.py            improved MeanFlow (two heads, omega / interval conditioning)
     guidance.py       classifier-free guidance folded into training, with the extra forwards kept small
     time_sampling.py  (t, r) samplers, rows ordered so that the tangent rows come first
 """
 from .base import Objective, ObjectiveConfig
 from .flow_matching import FlowMatchingConfig, FlowMatchingLoss
+from .imf import IMFConfig, IMFLoss
 from .meanflow import MeanFlowConfig, MeanFlowLoss
 from .registry import OBJECTIVES, build_objective, config_from_dict, default_config, network_spec
 from .time_sampling import num_jvp_rows, sample_t_r
 
 __all__ = ["Objective", "ObjectiveConfig", "MeanFlowConfig", "MeanFlowLoss", "FlowMatchingConfig", "FlowMatchingLoss",
+           "IMFConfig", "IMFLoss",
            "OBJECTIVES", "build_objective", "config_from_dict", "default_config", "network_spec", "num_jvp_rows",
            "sample_t_r"]

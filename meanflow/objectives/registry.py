@@ -8,15 +8,17 @@ from __future__ import annotations
 
 from .base import Objective
 from .flow_matching import FlowMatchingConfig, FlowMatchingLoss
+from .imf import IMFConfig, IMFLoss
 from .meanflow import MeanFlowConfig, MeanFlowLoss
 from ..models.heads import NetworkSpec
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "fm": FlowMatchingLoss,
     "meanflow": MeanFlowLoss,
+    "imf": IMFLoss,
 }
 CONFIGS: dict[str, type] = {name: cls.config_class for name, cls in OBJECTIVES.items()}
-ObjectiveConfigs = FlowMatchingConfig | MeanFlowConfig
+ObjectiveConfigs = FlowMatchingConfig | MeanFlowConfig | IMFConfig
 
 
 def check_name(name: str) -> str:
