@@ -7,6 +7,7 @@
     flow_matching.py  flow matching (the baseline)
     meanflow.py       MeanFlow (DESIGN.md 1), with MeanFlow's own ratio-0 flow-matching flag
     imf.py            improved MeanFlow (two heads, omega / interval conditioning)
+    scm.py            sCM: continuous-time consistency training on TrigFlow, learned logvar(t)
     guidance.py       classifier-free guidance folded into training, with the extra forwards kept small
     time_sampling.py  (t, r) samplers, rows ordered so that the tangent rows come first
 """
@@ -15,9 +16,10 @@ from .flow_matching import FlowMatchingConfig, FlowMatchingLoss
 from .imf import IMFConfig, IMFLoss
 from .meanflow import MeanFlowConfig, MeanFlowLoss
 from .registry import OBJECTIVES, build_objective, config_from_dict, default_config, network_spec
+from .scm import SCMConfig, SCMLoss
 from .time_sampling import num_jvp_rows, sample_t_r
 
 __all__ = ["Objective", "ObjectiveConfig", "MeanFlowConfig", "MeanFlowLoss", "FlowMatchingConfig", "FlowMatchingLoss",
-           "IMFConfig", "IMFLoss",
+           "IMFConfig", "IMFLoss", "SCMConfig", "SCMLoss",
            "OBJECTIVES", "build_objective", "config_from_dict", "default_config", "network_spec", "num_jvp_rows",
            "sample_t_r"]

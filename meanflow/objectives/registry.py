@@ -10,15 +10,17 @@ from .base import Objective
 from .flow_matching import FlowMatchingConfig, FlowMatchingLoss
 from .imf import IMFConfig, IMFLoss
 from .meanflow import MeanFlowConfig, MeanFlowLoss
+from .scm import SCMConfig, SCMLoss
 from ..models.heads import NetworkSpec
 
 OBJECTIVES: dict[str, type[Objective]] = {
     "fm": FlowMatchingLoss,
     "meanflow": MeanFlowLoss,
     "imf": IMFLoss,
+    "scm": SCMLoss,
 }
 CONFIGS: dict[str, type] = {name: cls.config_class for name, cls in OBJECTIVES.items()}
-ObjectiveConfigs = FlowMatchingConfig | MeanFlowConfig | IMFConfig
+ObjectiveConfigs = FlowMatchingConfig | MeanFlowConfig | IMFConfig | SCMConfig
 
 
 def check_name(name: str) -> str:
