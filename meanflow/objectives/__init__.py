@@ -8,9 +8,11 @@
     meanflow.py       MeanFlow (DESIGN.md 1), with MeanFlow's own ratio-0 flow-matching flag
     imf.py            improved MeanFlow (two heads, omega / interval conditioning)
     scm.py            sCM: continuous-time consistency training on TrigFlow, learned logvar(t)
+    alphaflow.py      alpha-Flow: flow matching -> MeanFlow by training step
     guidance.py       classifier-free guidance folded into training, with the extra forwards kept small
     time_sampling.py  (t, r) samplers, rows ordered so that the tangent rows come first
 """
+from .alphaflow import AlphaFlowConfig, AlphaFlowLoss, alpha_at
 from .base import Objective, ObjectiveConfig
 from .flow_matching import FlowMatchingConfig, FlowMatchingLoss
 from .imf import IMFConfig, IMFLoss
@@ -20,6 +22,6 @@ from .scm import SCMConfig, SCMLoss
 from .time_sampling import num_jvp_rows, sample_t_r
 
 __all__ = ["Objective", "ObjectiveConfig", "MeanFlowConfig", "MeanFlowLoss", "FlowMatchingConfig", "FlowMatchingLoss",
-           "IMFConfig", "IMFLoss", "SCMConfig", "SCMLoss",
+           "IMFConfig", "IMFLoss", "SCMConfig", "SCMLoss", "AlphaFlowConfig", "AlphaFlowLoss", "alpha_at",
            "OBJECTIVES", "build_objective", "config_from_dict", "default_config", "network_spec", "num_jvp_rows",
            "sample_t_r"]

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+from .alphaflow import AlphaFlowConfig, AlphaFlowLoss
 from .base import Objective
 from .flow_matching import FlowMatchingConfig, FlowMatchingLoss
 from .imf import IMFConfig, IMFLoss
@@ -18,9 +19,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "meanflow": MeanFlowLoss,
     "imf": IMFLoss,
     "scm": SCMLoss,
+    "alphaflow": AlphaFlowLoss,
 }
 CONFIGS: dict[str, type] = {name: cls.config_class for name, cls in OBJECTIVES.items()}
-ObjectiveConfigs = FlowMatchingConfig | MeanFlowConfig | IMFConfig | SCMConfig
+ObjectiveConfigs = FlowMatchingConfig | MeanFlowConfig | IMFConfig | SCMConfig | AlphaFlowConfig
 
 
 def check_name(name: str) -> str:
@@ -50,6 +52,8 @@ def config_from_dict(d: dict):
 def build_objective(config, *, model=None, total_steps: int | None = None) -> Objective:
     """The objective of a loss config; `model` is checked (a clear error if it lacks what the objective needs)."""
     cls = OBJECTIVES[check_name(getattr(config, "objective", "meanflow"))]
+    if cls is AlphaFlowLoss:
+        return cls(config, model=model, total_steps=total_steps)
     return cls(config, model=model)
 
 
