@@ -123,3 +123,22 @@ def test_cuda_graph_wrapper_passes_heads_and_conditions_through_on_cpu():
     tangents = (torch.randn(2, 3, dtype=F64), torch.randn(2, dtype=F64), torch.randn(2, dtype=F64))
     u2, u_dot, v2 = graphed(z, t, h, tangents=tangents, **cond)
     assert torch.equal(u2, u) and torch.equal(v2, v) and u_dot.shape == (2, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graphs_replay_two_heads_with_conditions():
+    """Conditions are static inputs of the graph and (u, u_dot, v) its outputs; gradients flow from u and v."""
+    net = randomize_(TwoHeadNet().cuda())
+    graphed = CUDAGraphModel(net, warmup=1)
+    z, t, h = (a.float().cuda() for a in _inputs())
+    cond = {k: c.float().cuda() for k, c in _conditions(4).items()}
+    tangents = (torch.randn(2, 3, device="cuda"), torch.ones(2, device="cuda"), torch.ones(2, device="cuda"))
+    for _ in range(3):  # eager warm-up, capture, replay
+        u, u_dot, v = graphed(z, t, h, tangents=tangents, **cond)
+        grads = torch.autograd.grad(u.square().sum() + v.sum(), list(net.parameters()))
+    u_e, u_dot_e, v_e = net(z, t, h, tangents=tangents, **cond)
+    grads_e = torch.autograd.grad(u_e.square().sum() + v_e.sum(), list(net.parameters()))
+    assert graphed.captures_made == 1
+    assert max_rel_err(u, u_e) < 1e-5 and max_rel_err(u_dot, u_dot_e) < 1e-5 and max_rel_err(v, v_e) < 1e-5
+    assert all(max_rel_err(g, r) < 1e-5 for g, r in zip(grads, grads_e))
