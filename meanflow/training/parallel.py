@@ -34,11 +34,13 @@ PARALLEL_MODES = ("ddp", "fsdp", "none")
 
 # ------------------------------------------------------------------------------------------------- wrapping
 def _shard_units(net: nn.Module) -> list[nn.Module]:
-    """The modules fully_shard wraps one by one (then the root): a DiT's blocks, an MLPNet's layers."""
-    for name in ("blocks", "layers"):
+    """The modules fully_shard wraps one by one (then the root): a DiT's blocks, an MLPNet's layers, and the blocks of
+    an iMF v-branch (v_blocks / v_layers)."""
+    for name, branch in (("blocks", "v_blocks"), ("layers", "v_layers")):
         units = getattr(net, name, None)
         if isinstance(units, nn.ModuleList) and len(units):
-            return list(units)
+            extra = getattr(net, branch, None)
+            return list(units) + (list(extra) if isinstance(extra, nn.ModuleList) else [])
     return []
 
 
