@@ -61,11 +61,11 @@ def independent_alphaflow(net, x, y, noise, t, r, drop, cfg: AlphaFlowConfig, al
             target[d] = tgt.clamp(-cfg.clamp, cfg.clamp)
     pred = net._forward_plain(z, t, t - r, labels)
     L = (pred - target).pow(2).flatten(1).mean(1)
-    weight = torch.where(mask_c, torch.ones_like(t), alpha * torch.ones_like(t)) / (L.detach() + cfg.eps)
+    weight = torch.where(mask_c, torch.ones_like(t), alpha * torch.ones_like(t)) / (L.detach() + cfg.eps) ** cfg.p
     return (weight * L).mean()
 
 
-GUIDANCE = [dict(), dict(omega=0.6), dict(omega=1.0, kappa=0.5, t_start=0.1, t_end=0.8)]
+GUIDANCE = [dict(), dict(omega=0.6, p=0.5), dict(omega=1.0, kappa=0.5, t_start=0.1, t_end=0.8)]
 CASES = [("dit", "explicit"), ("dit", "autograd"), ("mlp", "explicit"), ("mlp", "fused"), ("mlp", "autograd")]
 
 
@@ -142,14 +142,18 @@ def test_alpha_one_is_flow_matching():
     assert [c["kt"] for c in spy.calls] == [None] and stats["extra_rows"] == 0
 
 
-def test_native_op_used_at_the_limits_gives_the_same_loss():
+@pytest.mark.parametrize("p", [1.0, 0.5])
+def test_native_op_used_at_the_limits_gives_the_mean_form(p):
     net = af_net("mlp")
     x, y = data(net)
     noise, (t, r), drop = torch.randn_like(x), ragged_times(), drop_mask()
+    cfg = AlphaFlowConfig(p=p, clamp=2.0)
     for alpha in (0.0, 1.0):
-        a = AlphaFlowLoss(loss_op="torch")(net, x, y, noise=noise, t=t, r=r, drop=drop, alpha=alpha)[0]
-        b = AlphaFlowLoss(loss_op="native")(net, x, y, noise=noise, t=t, r=r, drop=drop, alpha=alpha)[0]
+        a = AlphaFlowLoss(cfg.replace(loss_op="torch"))(net, x, y, noise=noise, t=t, r=r, drop=drop, alpha=alpha)[0]
+        b = AlphaFlowLoss(cfg.replace(loss_op="native"))(net, x, y, noise=noise, t=t, r=r, drop=drop, alpha=alpha)[0]
         assert abs(a.item() - b.item()) < 1e-12
+        assert_same_loss_and_grads(a, independent_alphaflow(net, x, y, noise, t, r, drop, cfg, alpha),
+                                   list(net.parameters()), 1e-9)
 
 
 def test_schedule_follows_the_official_sigmoid():

@@ -1,4 +1,4 @@
-"""Every objective beyond MeanFlow under torch.distributed on CPU (2 gloo ranks, one spawn: tests/_objective_dist_worker.py):
+"""The objectives beyond MeanFlow under torch.distributed on CPU (2 gloo ranks, one spawn: tests/_objective_dist_worker.py):
 DDP and FSDP2 runs with 2 micro-batches per rank equal one process on the same global batch (the objective's draws are
 made for the global batch by `objective.draw` and split over the ranks; the v-branch, the condition embedders and the
 logvar head are wrapped, synchronised and EMA'd like the rest), and a run resumed from the FSDP run's distributed
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meanflow.training.trainer import Trainer
-from tests._objective_dist_worker import OBJECTIVES, SCENARIOS, objective_config, run
+from tests._objective_dist_worker import DDP, OBJECTIVES, RESUMED, SCENARIOS, objective_config, run
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 from tests.utils import free_port
 
@@ -48,8 +48,7 @@ def runs(tmp_path_factory):
     return out, refs, results
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("objective,mode", [(o, "ddp") for o in DDP] + [(o, "fsdp") for o in OBJECTIVES])
 def test_two_ranks_equal_one_process(runs, objective, mode):
     out, refs, results = runs
     got, ref = results[f"{objective}_{mode}"], refs[objective]
@@ -65,7 +64,7 @@ def test_two_ranks_equal_one_process(runs, objective, mode):
         assert [r["alpha"] for r in logged][0] == 1.0 and logged[-1]["alpha"] == 0.0
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("objective", RESUMED)
 def test_resume_from_a_distributed_checkpoint_is_exact(runs, objective):
     _, _, results = runs
     a, b = results[f"{objective}_fsdp_resumed"], results[f"{objective}_fsdp"]

@@ -22,7 +22,7 @@ OBJECTIVES = ["fm", "imf", "scm", "alphaflow"]
 
 def toy_config(objective: str, *extra: str) -> RunConfig:
     return apply_overrides(get_preset(f"toy-{objective}"), QUIET + [
-        "train.steps=6", "train.batch_size=16", "model.hidden=16", "model.depth=3", "train.ckpt_every=3",
+        "train.steps=4", "train.batch_size=16", "model.hidden=16", "model.depth=3", "train.ckpt_every=2",
         "train.keep_ckpts=0", "train.warmup_steps=0", *extra])
 
 
@@ -83,15 +83,15 @@ def test_resume_is_exact_and_accumulation_equals_one_batch(tmp_path, objective):
     a = Trainer(toy_config(objective), tmp_path / "a")
     a.train()
     resumed = Trainer(toy_config(objective), tmp_path / "b", resume=tmp_path / "a" / "checkpoints" /
-                      "ckpt_00000003.pt")
-    assert resumed.step == 3
+                      "ckpt_00000002.pt")
+    assert resumed.step == 2
     resumed.train()
     assert all(torch.equal(x, y) for x, y in zip(weights(resumed).values(), weights(a).values()))
     straight, again = lines(tmp_path / "a"), lines(tmp_path / "b")
-    assert [r["loss"] for r in again] == [r["loss"] for r in straight[3:]]
+    assert [r["loss"] for r in again] == [r["loss"] for r in straight[2:]]
     keys = {"fm": set(), "imf": {"loss_u", "loss_v"}, "scm": {"logvar"}, "alphaflow": {"alpha"}}[objective]
-    assert keys <= set(straight[0]) and all(r[k] == s[k] for r, s in zip(again, straight[3:]) for k in keys)
-    if objective == "alphaflow":  # the schedule over the run's 6 steps: 1 -> 0, continued exactly by the resume
+    assert keys <= set(straight[0]) and all(r[k] == s[k] for r, s in zip(again, straight[2:]) for k in keys)
+    if objective == "alphaflow":  # the schedule over the run's 4 steps: 1 -> 0, continued exactly by the resume
         assert straight[0]["alpha"] == 1.0 and straight[-1]["alpha"] == 0.0
     accum = Trainer(toy_config(objective, "train.grad_accum=2"), tmp_path / "c")
     accum.train()

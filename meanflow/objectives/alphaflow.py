@@ -7,12 +7,13 @@ A curriculum from flow matching to MeanFlow, driven by alpha in [0, 1] as a func
         u_tgt = v_g - (t - r) du/dt                      (only the r != t rows need a tangent; none when r = t)
     the other rows ("discrete", 0 < alpha <= 1): dt = alpha (t - r), one extra no-grad forward where alpha < 1,
         u_tgt = clip((dt v_g + (t - dt - r) u(z - dt v_g, r, t - dt)) / (t - r), -clamp, clamp)
-    L_i = mean_D (u(z, r, t) - u_tgt)^2,  loss = mean_i w_i L_i / (sg(L_i) + eps),  w_i = alpha on discrete rows, else 1
+    L_i = mean_D (u(z, r, t) - u_tgt)^2,  loss = mean_i w_i L_i / sg((L_i + eps)^p),  w_i = alpha on discrete rows, else 1
+(p = 1 in the official code; p < 1, a softer weighting, is this engine's generalisation, as MeanFlow's p)
 
 alpha = 1: u_tgt = v_g on every row (trajectory flow matching: no tangent, no extra forward; r != t rows clipped as
 every discrete target); alpha = 0: MeanFlow with
-p = 1 and eps scaled by D (mean instead of sum over the sample). Both limits run through the native target/loss op
-(with eps * D, which gives the same loss and gradient as the mean form); the weighted middle in torch.
+eps scaled by D (mean instead of sum over the sample). Both limits run through the native target/loss op (with
+eps * D and the constant factor D^(p - 1), which give the mean form's loss and gradient); the weighted middle in torch.
 
 alpha by step (the official get_ratio): before alpha_start_step alpha_start, after alpha_end_step alpha_end, between
     "sigmoid": alpha_start + (alpha_end - alpha_start) sigmoid(gamma (step - mid) / (alpha_end_step - alpha_start_step))
@@ -49,7 +50,8 @@ class AlphaFlowConfig(ObjectiveConfig):
     r_mean: float = knob(-0.4, "v1 only: logit-normal mean of r")
     r_std: float = knob(1.0, "v1 only: logit-normal std of r")
     ratio: float = knob(0.75, "fraction of rows with r != t (official ratio_fm = 1 - ratio = 0.25)")
-    eps: float = knob(1e-3, "adaptive weight offset: w / (L_i + eps), L_i the per-sample MEAN squared error")
+    eps: float = knob(1e-3, "adaptive weight offset: w / (L_i + eps)^p, L_i the per-sample MEAN squared error")
+    p: float = knob(1.0, "adaptive weight power (official: 1; < 1 weights softer, as MeanFlow's p)")
     alpha_schedule: str = knob("sigmoid", "alpha by training step: sigmoid | linear | constant")
     alpha_start: float = knob(1.0, "alpha before alpha_start_step (1: trajectory flow matching)")
     alpha_end: float = knob(0.0, "alpha after alpha_end_step (0: MeanFlow)")
@@ -219,14 +221,16 @@ class AlphaFlowLoss(Objective):
             tgt = v_g.to(acc)
             if a == 1.0 and k > 0:  # discrete rows with dt = t - r: the target v_g, clipped like every discrete one
                 tgt = torch.cat([tgt[:k].clamp(-c.clamp, c.clamp), tgt[k:]])
-            loss, per_sum, _ = loss_op(c.loss_op)(u.to(acc), tgt, du, t.to(acc), r.to(acc), p=1.0, eps=c.eps * D)
+            loss, per_sum, _ = loss_op(c.loss_op)(u.to(acc), tgt, du, t.to(acc), r.to(acc), p=c.p, eps=c.eps * D)
+            if c.p != 1.0:  # sum form -> mean form: L/D / ((L + D eps)/D)^p = D^(p - 1) L / (L + D eps)^p
+                loss = loss * D ** (c.p - 1.0)
             per_row = per_sum / D
         else:
             tgt = torch.cat([target.to(acc), v_g[k:].to(acc)])
             per_row = (u.to(acc) - tgt).pow(2).reshape(batch, -1).mean(1)
             weight = torch.ones_like(per_row)
             weight[:k] = a
-            loss = (weight * per_row / (per_row.detach() + c.eps)).mean()
+            loss = (weight * per_row / (per_row.detach() + c.eps) ** c.p).mean()
         with torch.no_grad():
             v_loss = (u.detach().to(acc) - v.to(acc)).pow(2).reshape(batch, -1).sum(1).mean()
         stats = {"loss": loss.detach(), "raw_loss": per_row.detach().mean(), "v_loss": v_loss, "alpha": a,
