@@ -49,7 +49,7 @@ class SCMConfig(ObjectiveConfig):
     g_norm_eps: float = knob(0.1, "tangent normalisation g / (rms(g) + g_norm_eps)")
     label_dropout: float = knob(0.0, "fraction of labels replaced by the null class")
     parametrization: str = knob("direct", "F = net(x_t / sigma_d, 2t/pi) ('direct') or from a flow-matching "
-                                          "velocity at the same SNR ('flow'; for model.init_from an FM run)")
+                                          "velocity at the same SNR ('flow'; for train.init_from an FM run)")
     sample_t_mid: float = knob(1.1, "sampling: the TrigFlow time 2-step sampling re-noises to (sCM: 1.1)")
 
     def __post_init__(self):
