@@ -111,6 +111,15 @@ def test_conditional_dit_with_heads_trains_and_resumes(tmp_path, objective):
     assert set(ema.state_dict()) == set(a.net.state_dict())           # the heads are EMA'd with the rest
 
 
+def test_imf_trains_the_imf_network_by_name(tmp_path):
+    """model.arch=imf_dit (meanflow.models.imf_dit) with loss.objective=imf: built by the registry with the spec."""
+    cfg = digits_config("imf", "model.arch=imf_dit", "model.name=iMF-Micro/2", "model.hidden=0", "model.depth=0",
+                        "model.heads=0", "train.steps=2")
+    t = Trainer(cfg, tmp_path / "imfdit")
+    t.train()
+    assert type(t.net).__name__ == "IMFDiT" and t.net.heads == ("u", "v") and t.step == 2
+
+
 def test_cuda_graph_wrapper_passes_through_on_cpu(tmp_path):
     with pytest.warns(RuntimeWarning, match="CUDA graphs need a GPU"):
         t = Trainer(digits_config("imf", "train.cuda_graphs=true", "train.steps=1"), tmp_path / "g")

@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .dit import DIT_MODELS, DiT
 from .heads import NetworkSpec
+from .imf_dit import build_imf_from_config
 from .mlp_net import MLPNet
 
 Builder = Callable[..., nn.Module]
@@ -57,7 +58,8 @@ def _build_dit(cfg, data_shape, num_classes: int, backend: str, spec: NetworkSpe
                cfg.mlp_ratio, num_classes=num_classes, backend=backend, **extra)
 
 
-ARCHS: dict[str, Builder] = {"dit": _build_dit, "mlp": _build_mlp}
+# imf_dit: iMF's own network (meanflow.models.imf_dit: in-context conditioning, RMSNorm / SwiGLU / QK-norm + RoPE)
+ARCHS: dict[str, Builder] = {"dit": _build_dit, "mlp": _build_mlp, "imf_dit": build_imf_from_config}
 
 
 def register_arch(name: str, builder: Builder) -> None:

@@ -6,10 +6,11 @@ RunConfigs; the command line changes single fields with dotted keys:
     apply_overrides(cfg, ["loss.omega=0.5", "model.name=DiT-S/2", "train.steps=100", "train.betas=0.9,0.99"])
     apply_overrides(cfg, ["loss.objective=imf", "loss.omega_max=4"])     # another objective, then its knobs
 
-Values are parsed by the field's declared type; an unknown key is an error that lists the valid ones. The loss section
-IS the objective's own config (meanflow.objectives: MeanFlowConfig, IMFConfig, SCMConfig, AlphaFlowConfig,
-FlowMatchingConfig, picked by its `objective` field), so every objective knob is settable and validated by its own
-`__post_init__`. `loss.objective=NAME` is applied before the other overrides and starts from that objective's defaults.
+Values are parsed by the field's declared type and checked against the field's rule (validation.py); an unknown key is
+an error that lists the valid ones. The loss section IS the objective's own config (meanflow.objectives:
+MeanFlowConfig, IMFConfig, SCMConfig, AlphaFlowConfig, FlowMatchingConfig, picked by its `objective` field), so every
+objective knob is settable and validated by its own `__post_init__`. `loss.objective=NAME` is applied before the other
+overrides and starts from that objective's defaults.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from typing import Any
 
 from ..objectives.meanflow import MeanFlowConfig
 from ..objectives.registry import CONFIGS, ObjectiveConfigs, config_from_dict, default_config
+from .validation import check_field
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -85,7 +87,8 @@ class TrainConfig:
     cuda_graphs: bool = _f(False, "replay the training call (forward + JVP + backward) from CUDA graphs: CUDA, one "
                                   "process or DDP (not FSDP); removes the host overhead of small models "
                                   "(meanflow/training/cuda_graphs.py)")
-    threads: int = _f(0, "CPU threads (0: auto = cores not busy with other processes; bit-exact resume needs the "
+    threads: int = _f(0, "CPU threads (0: auto = cores not busy with other processes); the count a run used is saved "
+                         "in its checkpoints and reused by --resume unless this is set (bit-exact resume needs the "
                          "same count)")
     log_every: int = _f(50, "steps between metrics.jsonl lines")
     sample_every: int = _f(0, "steps between sample grids (0: only at the end)")
@@ -215,7 +218,7 @@ def parse_value(text: str, tp, key: str):
         try:
             return tp(text)
         except ValueError:
-            raise ValueError(f"{key} takes a {tp.__name__}; got {text!r}") from None
+            raise ValueError(f"{key} takes {'an integer' if tp is int else 'a number'}; got {text!r}") from None
     return text
 
 
@@ -242,6 +245,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         section_name, name = key.split(".", 1)
         section = getattr(cfg, section_name)
         value = parse_value(text, typing.get_type_hints(type(section))[name], key)
+        check_field(key, value)
         # dataclasses.replace re-runs __post_init__, so the section (e.g. the objective's config) validates the value
         setattr(cfg, section_name, dataclasses.replace(section, **{name: value}))
     return cfg

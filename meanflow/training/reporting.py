@@ -129,11 +129,16 @@ class TrainerReporting:
 
     def evaluate(self, model: nn.Module | None = None) -> dict:
         from ..evaluation.evaluate import evaluate_model
-
         from ..evaluation.samplers import sampler_for
 
         return evaluate_model(model or self.ema.default, self.config.data, self.config.eval, self.device,
-                              autocast=self._autocast, sampler=sampler_for(self.config.loss))
+                              autocast=self._autocast, progress=self.config.train.progress,
+                              sampler=sampler_for(self.config.loss))
+
+    def _stage(self, what: str) -> None:
+        """One line when a stage after the progress bar starts (with train.progress, on the main process)."""
+        if self.config.train.progress and self.is_main:
+            print(f"{self.config.preset or 'run'}: {what} ...", flush=True)
 
 
 def _logged_step(line: str) -> float:
