@@ -7,9 +7,10 @@
 patch, mlp_ratio, v_depth, backend). `spec` (meanflow.models.heads.NetworkSpec) says which heads and conditions the
 objective calls the network with; meanflow.objectives gives it (`network_spec(cfg.loss)`).
 
-Architectures are a table, `ARCHS`: arch name -> builder(cfg, data_shape, num_classes, backend, spec) -> JVPNetwork.
-Add one with `register_arch("my_arch", builder)`; a builder that cannot give what `spec` asks for should raise a
-ValueError saying so (the objective checks the built network again and names what is missing).
+Architectures are a table, `ARCHS`: arch name -> builder(cfg, data_shape, num_classes, backend, spec) -> JVPNetwork
+(spec None: the architecture's default). Add one with `register_arch("my_arch", builder)`; a builder that cannot give
+what `spec` asks for should raise a ValueError saying so (the objective checks the built network again and names what
+is missing).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ def _extra_options(cfg, spec: NetworkSpec, depth: int, *, default_v_depth: int) 
     return {"v_depth": v_depth, "logvar": "logvar" in spec.heads, "conditions": tuple(spec.conditions)}
 
 
-def _build_mlp(cfg, data_shape, num_classes: int, backend: str, spec: NetworkSpec) -> nn.Module:
+def _build_mlp(cfg, data_shape, num_classes: int, backend: str, spec: NetworkSpec | None) -> nn.Module:
+    spec = spec or NetworkSpec()
     if len(data_shape) != 1:
         raise ValueError(f"model.arch=mlp needs vector data (D,); the dataset gives {data_shape}")
     depth = cfg.depth or 4
@@ -43,7 +45,8 @@ def _build_mlp(cfg, data_shape, num_classes: int, backend: str, spec: NetworkSpe
     return MLPNet(data_shape[0], cfg.hidden or 256, depth, num_classes=num_classes, backend=backend, **extra)
 
 
-def _build_dit(cfg, data_shape, num_classes: int, backend: str, spec: NetworkSpec) -> nn.Module:
+def _build_dit(cfg, data_shape, num_classes: int, backend: str, spec: NetworkSpec | None) -> nn.Module:
+    spec = spec or NetworkSpec()
     if len(data_shape) != 3:
         raise ValueError(f"model.arch=dit needs image-like data (C, H, W); the dataset gives {data_shape} "
                          f"(use model.arch=mlp for 2-D toys)")
@@ -75,7 +78,8 @@ def build_model(cfg, data_shape: tuple[int, ...], num_classes: int, device: torc
         backend = "fused" if device.type == "cuda" else "explicit"
     if cfg.arch not in ARCHS:
         raise ValueError(f"model.arch must be one of {sorted(ARCHS)}; got {cfg.arch!r}")
-    return ARCHS[cfg.arch](cfg, tuple(data_shape), num_classes, backend, spec or NetworkSpec())
+    # spec None: the architecture's own default (DiT / MLP: one head; iMF's network: both heads and its conditions)
+    return ARCHS[cfg.arch](cfg, tuple(data_shape), num_classes, backend, spec)
 
 
 __all__ = ["ARCHS", "build_model", "register_arch"]
