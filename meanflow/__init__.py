@@ -14,9 +14,9 @@ Training: `Trainer(get_preset("mnist"), "runs/mnist").train()`, or the `meanflow
 Layout (imports only point down the list):
     cli.py        the command line
     training/     the trainer, run configs, presets, checkpoints, EMA, CUDA graphs, DDP / FSDP2
-    evaluation/   samplers, metrics, evaluation, plots
-    objectives/   the training objectives (MeanFlow, flow matching), guidance, time sampling
-    models/       the network protocol (JVPNetwork), DiT, MLPNet, layers with a tangent, the backends' op tables
+    evaluation/   samplers (one per objective), metrics, evaluation, plots
+    objectives/   the training objectives (flow matching, MeanFlow, iMF, sCM, alpha-Flow), guidance, time sampling
+    models/       the network protocol (JVPNetwork), DiT, the iMF network, MLPNet, heads, layers with a tangent, op tables
     data/         datasets, batches, latents
     runtime/      process groups, atomic writes, seeds, devices
 """
