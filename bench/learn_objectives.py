@@ -146,9 +146,9 @@ def readme_table(rows: dict) -> None:
     start, end = "<!-- objectives-table:start -->", "<!-- objectives-table:end -->"
     if start not in text or end not in text:
         return
-    lines = ["Equal budget per data set (the `toy-OBJ` / `mnist-OBJ` presets: same network, optimizer, batch and steps); "
-             "toy: SW_2 to held-out data (lower is better), MNIST: the digit classifier's label match (higher) and FD "
-             "(lower). From `docs/objectives_learning.json`; commands, machine and findings in "
+    lines = ["Equal budget per data set (the `toy-OBJ` / `mnist-OBJ` presets: same network, optimizer, batch and "
+             "steps); toy: SW_2 to held-out data (lower is better), MNIST: the digit classifier's label match "
+             "(higher) and FD (lower). From `docs/objectives_learning.json`; commands, machine and findings in "
              "[`docs/objectives.md`](docs/objectives.md).", "",
              "| objective | steps (NFE) | toy SW_2 | MNIST label match | MNIST FD |", "|---|---|---|---|---|"]
     floor = []

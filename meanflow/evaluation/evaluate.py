@@ -140,7 +140,8 @@ def evaluate_images(model, dataset: Dataset, eval_cfg, device, autocast=None, pr
 
 
 def evaluate_model(model: nn.Module, data_cfg, eval_cfg, device: str | torch.device = "cpu",
-                   autocast: Callable | None = None, progress: bool = False, sampler: Callable | None = None) -> dict:
+                   autocast: Callable | None = None, progress: bool = False,
+                   sampler: Callable | None = None) -> dict:
     """Metrics of `model` for the dataset in `data_cfg` (see the module docstring for what each kind reports).
     `progress`: tqdm bars (stderr) for the sampling and for a first-use classifier training. `sampler`: the
     objective's (meanflow.evaluation.samplers.sampler_for(cfg.loss)); default MeanFlow's."""

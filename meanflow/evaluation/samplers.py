@@ -3,12 +3,10 @@
     sampler = sampler_for(cfg.loss)                      # from a run's loss config
     x = sampler(model, noise, y, steps=1)
 
-| objective           | sampler                                                                                 |
-|---------------------|-----------------------------------------------------------------------------------------|
-| meanflow, alphaflow | average-velocity jumps z_r = z_t - (t - r) u(z_t, t, t - r) (meanflow.evaluation.sampling.sample) |
-| fm                  | Euler steps with v = u(z, t, 0), optionally classifier-free guided (FlowMatchingConfig.sample_cfg) |
-| imf                 | average-velocity jumps with the network conditioned on (omega, t_min, t_max) = the config's sample_* |
-| scm                 | TrigFlow consistency steps: x0 = f(sigma_d e, t_max); step 2 re-noises to sample_t_mid and applies f |
+- meanflow, alphaflow: average-velocity jumps z_r = z_t - (t - r) u(z_t, t, t - r) (sampling.sample);
+- fm: Euler steps with v = u(z, t, 0), classifier-free guided when FlowMatchingConfig.sample_cfg != 1;
+- imf: average-velocity jumps with the network conditioned on (omega, t_min, t_max) = the config's sample_*;
+- scm: TrigFlow consistency steps: x0 = f(sigma_d e, t_max); a second step re-noises to sample_t_mid and applies f.
 
 Every sampler takes the same call; `steps` is the number of network evaluations per sample (x2 for guided Euler).
 """

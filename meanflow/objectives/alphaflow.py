@@ -1,4 +1,5 @@
-"""alpha-Flow (DESIGN.md 6; official code: snap-research/alphaflow src/training/loss.py, AlphaFlowLoss), on the same ops.
+"""alpha-Flow (DESIGN.md 6; official code: snap-research/alphaflow src/training/loss.py, AlphaFlowLoss), on the same
+fused ops.
 
 A curriculum from flow matching to MeanFlow, driven by alpha in [0, 1] as a function of the training step:
 
@@ -7,7 +8,8 @@ A curriculum from flow matching to MeanFlow, driven by alpha in [0, 1] as a func
         u_tgt = v_g - (t - r) du/dt                      (only the r != t rows need a tangent; none when r = t)
     the other rows ("discrete", 0 < alpha <= 1): dt = alpha (t - r), one extra no-grad forward where alpha < 1,
         u_tgt = clip((dt v_g + (t - dt - r) u(z - dt v_g, r, t - dt)) / (t - r), -clamp, clamp)
-    L_i = mean_D (u(z, r, t) - u_tgt)^2,  loss = mean_i w_i L_i / sg((L_i + eps)^p),  w_i = alpha on discrete rows, else 1
+    L_i = mean_D (u(z, r, t) - u_tgt)^2,  loss = mean_i w_i L_i / sg((L_i + eps)^p),
+    w_i = alpha on discrete rows, else 1
 (p = 1 in the official code; p < 1, a softer weighting, is this engine's generalisation, as MeanFlow's p)
 
 alpha = 1: u_tgt = v_g on every row (trajectory flow matching: no tangent, no extra forward; r != t rows clipped as

@@ -113,8 +113,9 @@ class Objective:
             raise ValueError(f"the {self.name} objective needs a network with head(s) {missing} (heads = "
                              f"{spec.heads}); {who} has heads {heads}. {why}")
         if heads != spec.heads:
+            extra = [h for h in heads if h not in spec.heads]
             raise ValueError(f"the {self.name} objective calls the network with heads {spec.heads}; {who} has heads "
-                             f"{heads} (build it without the extra head(s) {[h for h in heads if h not in spec.heads]})")
+                             f"{heads} (build it without the extra head(s) {extra})")
         conditions = tuple(getattr(net, "conditions", ()))
         if set(conditions) != set(spec.conditions):
             lacking = [c for c in spec.conditions if c not in conditions]
@@ -142,14 +143,16 @@ class Objective:
              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _draw_missing(self, given: dict, batch: int, x: torch.Tensor, conditional: bool, generator) -> tuple[dict, bool]:
+    def _draw_missing(self, given: dict, batch: int, x: torch.Tensor, conditional: bool,
+                      generator) -> tuple[dict, bool]:
         """All draws: the given ones, or (none given) the objective's own. Returns (draws, drawn_here). Partial sets
         are refused: the missing draws could not be made consistently with the given ones."""
         names = [n for n in self.draw_names if n != "drop" or conditional]
         passed = {k: v for k, v in given.items() if v is not None}
         unknown = sorted(set(passed) - set(self.draw_names))
         if unknown:
-            raise TypeError(f"{type(self).__name__} got unknown draw(s) {unknown}; its draws are {list(self.draw_names)}")
+            raise TypeError(f"{type(self).__name__} got unknown draw(s) {unknown}; its draws are "
+                            f"{list(self.draw_names)}")
         if not conditional and "drop" in passed:
             raise ValueError("the model is unconditional: drop must be None")
         if not passed:
@@ -170,7 +173,8 @@ class Objective:
         check_float("x", x)
         expected = tuple(net.data_shape)
         if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}) for this model; got {describe(x)}")
+            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}) for this model; got "
+                             f"{describe(x)}")
         if noise is not None and (noise.shape != x.shape or noise.dtype != x.dtype or noise.device != x.device):
             raise ValueError(f"noise must match x ({describe(x)}); got {describe(noise)}")
         return x.shape[0]

@@ -98,8 +98,8 @@ class FlowMatchingLoss(Objective):
         u = model(z, t, torch.zeros_like(t), null_labels(net, y, draws.get("drop")))
         acc = torch.promote_types(torch.promote_types(u.dtype, v.dtype), torch.float32)
         ta = t.to(acc)
-        loss, per_sample, _ = loss_op(self.config.loss_op)(u.to(acc), v.to(acc), u.new_zeros((0,) + u.shape[1:]).to(acc),
-                                                           ta, ta, p=0.0, eps=1.0)
+        no_tangent = u.new_zeros((0,) + u.shape[1:]).to(acc)
+        loss, per_sample, _ = loss_op(self.config.loss_op)(u.to(acc), v.to(acc), no_tangent, ta, ta, p=0.0, eps=1.0)
         raw = per_sample.mean()
         return loss, {"loss": loss.detach(), "v_loss": raw, "raw_loss": raw, "jvp_rows": 0, "guidance_rows": 0}
 

@@ -9,7 +9,8 @@ conditioned on the guidance scale omega and interval [t_min, t_max]:  (u, v) = n
     vhead(z, t | w, y) = net(z, t, h = 0, y, w, 0, 1)[v]              (no grad)
     v_c = vhead(w, y),  v_u = vhead(1, null),  v_g = v + (1 - 1/w)(v_c - v_u);  dropped labels: null label, v_g = v
     (u, du_dt, v_pred) = net(z, t, t - r, y_in, omega, t_min, t_max) with tangents (v_c, 1, 1) on (z, t, h)
-    loss_u = adp(sum (u + (t - r) sg(du_dt) - v_g)^2),  loss_v = adp(sum (v_pred - v_g)^2),  adp(L) = L / sg((L + eps)^p)
+    loss_u = adp(sum (u + (t - r) sg(du_dt) - v_g)^2),  loss_v = adp(sum (v_pred - v_g)^2),
+    adp(L) = L / sg((L + eps)^p)
     loss = mean_i (loss_u + loss_v)
 
 The tangent is the model's own guided velocity v_c (not v_g, not e - x). Because du_dt is stop-gradient, loss_u is the

@@ -162,9 +162,8 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                            "needs data.path", _imagenet("L", 0.2, 0.92, 0.8)),
     Preset("imagenet-XL/2", "ImageNet-256 latents, DiT-XL/2, official settings (omega 0.2, kappa 0.92, "
                             "[0, 0.75]); needs data.path", _imagenet("XL", 0.2, 0.92, 0.75)),
-    *[Preset(f"toy-{o}", f"2-D checkerboard, MLP, objective {o} (the toy's budget)", _with_objective(_toy("checkerboard"),
-                                                                                               "toy", o))
-      for o in OBJECTIVE_NAMES],
+    *[Preset(f"toy-{o}", f"2-D checkerboard, MLP, objective {o} (the toy's budget)",
+             _with_objective(_toy("checkerboard"), "toy", o)) for o in OBJECTIVE_NAMES],
     *[Preset(f"mnist-{o}", f"real MNIST digits, DiT-Tiny/4, objective {o} (the demo's budget, ~10 min on 2 cores)",
              _with_objective(_mnist, "mnist", o)) for o in OBJECTIVE_NAMES],
 ]}
