@@ -2,8 +2,7 @@
 tests/_objective_dist_worker.py): DDP and FSDP2 runs with 2 micro-batches per rank equal one process on the same
 global batch (the objective's draws are made for the global batch by `objective.draw` and split over the ranks; the
 v-branch, the condition embedders and the logvar head are wrapped, synchronised and EMA'd like the rest), and a run
-resumed from the FSDP run's distributed
-checkpoint ends with the same weights bit for bit."""
+resumed from the FSDP run's distributed checkpoint ends with the same weights bit for bit."""
 import json
 
 import pytest
