@@ -120,6 +120,16 @@ def test_tangent_is_a_finite_difference_along_the_trigflow_path(parametrization)
     assert (F_jvp - fd).abs().max() < 1e-7 * fd.abs().max()
 
 
+def test_times_at_the_ends_are_refused():
+    net = scm_net("mlp")
+    x, y = data(net)
+    for bad in (0.0, math.pi / 2):
+        t = torch.full((8,), 0.5, dtype=F64)
+        t[3] = bad
+        with pytest.raises(ValueError, match=r"must lie in \(0, pi/2\) strictly"):
+            SCMLoss()(net, x, y, noise=torch.randn_like(x), t=t, drop=drop_mask())
+
+
 def test_warmup_scales_the_tangent_term():
     obj = SCMLoss(warmup_steps=1000)
     assert [obj.warmup(s) for s in (0, 250, 1000, 5000, None)] == [0.0, 0.25, 1.0, 1.0, 1.0]

@@ -208,6 +208,9 @@ class SCMLoss(Objective):
         self.check_labels(net, y, d.get("drop"), batch)
         if not drawn:
             self.check_rows("t", d["t"], batch, x, 0.0, math.pi / 2)
+            if bool(((d["t"] <= 0) | (d["t"] >= math.pi / 2)).any()):  # the weight 1 / tan(t) needs 0 < t < pi/2
+                raise ValueError("t (TrigFlow time) must lie in (0, pi/2) strictly: the weight 1 / (sigma_d tan t) is "
+                                 "infinite at 0 and the path has no data at pi/2")
         sd = c.sigma_data
         t = d["t"].to(x.dtype)
         cos, sin = as_rows(torch.cos(t), x), as_rows(torch.sin(t), x)
