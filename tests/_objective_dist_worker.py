@@ -35,7 +35,9 @@ def objective_config(objective: str, *extra: str):
 # DCP checkpoint where the loss follows the step (sCM's warm-up, alpha-Flow's schedule)
 DDP = ("imf", "scm", "alphaflow")
 RESUMED = ("scm", "alphaflow")
-SCENARIOS = {}
+# iMF's own network (meanflow.models.imf_dit: shared / u / v blocks, each an FSDP2 unit)
+IMF_DIT = ("model.arch=imf_dit", "model.name=iMF-Micro/2", "model.hidden=0", "model.depth=0", "model.heads=0")
+SCENARIOS = {"imfdit_fsdp": ("imf", ["train.parallel=fsdp", "train.grad_accum=2", *IMF_DIT], None)}
 for _o in OBJECTIVES:
     if _o in DDP:
         SCENARIOS[f"{_o}_ddp"] = (_o, ["train.parallel=ddp", "train.grad_accum=2"], None)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meanflow.training.trainer import Trainer
-from tests._objective_dist_worker import DDP, OBJECTIVES, RESUMED, SCENARIOS, objective_config, run
+from tests._objective_dist_worker import DDP, IMF_DIT, OBJECTIVES, RESUMED, SCENARIOS, objective_config, run
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 from tests.utils import free_port
 
@@ -39,6 +39,9 @@ def runs(tmp_path_factory):
         single = Trainer(objective_config(o), out / f"{o}_single")
         single.train()
         refs[o] = snapshot(single)
+    single = Trainer(objective_config("imf", *IMF_DIT), out / "imfdit_single")
+    single.train()
+    refs["imfdit"] = snapshot(single)
     try:
         mp.spawn(run, args=(2, free_port(), str(out)), nprocs=2, join=True)
     except Exception:
@@ -62,6 +65,28 @@ def test_two_ranks_equal_one_process(runs, objective, mode):
         assert set(a) == set(b)                                      # the objective's own keys (alpha, logvar, ...)
     if objective == "alphaflow":
         assert [r["alpha"] for r in logged][0] == 1.0 and logged[-1]["alpha"] == 0.0
+
+
+def test_imf_network_sharded_per_block_equals_one_process(runs):
+    """iMF's own network under FSDP2: its shared, u and v blocks are sharded one by one (parallel._shard_units)."""
+    out, refs, results = runs
+    got = results["imfdit_fsdp"]
+    assert_close(got["model"], refs["imfdit"]["model"])
+    assert_close(got["ema"]["0.9"], refs["imfdit"]["ema"]["0.9"])
+
+
+def test_shard_units_of_each_network():
+    from meanflow.models.imf_dit import build_imf_dit
+    from meanflow.training.parallel import _shard_units
+
+    net = build_imf_dit("iMF-Micro/2", input_size=8, in_channels=1, num_classes=10)
+    assert len(_shard_units(net)) == len(net.shared_blocks) + len(net.u_blocks) + len(net.v_blocks) == 3
+    cfg = objective_config("imf")
+    from meanflow.models import build_model
+    from meanflow.objectives import network_spec
+
+    dit = build_model(cfg.model, (1, 8, 8), 10, torch.device("cpu"), spec=network_spec(cfg.loss))
+    assert _shard_units(dit) == list(dit.blocks) + list(dit.v_blocks)
 
 
 @pytest.mark.parametrize("objective", RESUMED)
