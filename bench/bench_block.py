@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import is_oom, peak_memory_mb, time_fn, write_results  # noqa: E402
-from meanflow.backends import ops_for  # noqa: E402
-from meanflow.layers import DiTBlock  # noqa: E402
+from meanflow.models.backends import ops_for  # noqa: E402
+from meanflow.models.layers import DiTBlock  # noqa: E402
 from mfkernels.nn import math_attention  # noqa: E402
 
 WIDTHS = {"DiT-B": (768, 12), "DiT-XL": (1152, 16)}

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import is_oom, peak_memory_mb, time_fn, time_interleaved, write_results  # noqa: E402
 from meanflow import MeanFlowLoss, build_dit  # noqa: E402
-from meanflow.cuda_graphs import CUDAGraphModel  # noqa: E402
+from meanflow.training.cuda_graphs import CUDAGraphModel  # noqa: E402
 
 GUIDANCE = {"off": {}, "on": {"omega": 1.0, "kappa": 0.5}}  # the official DiT-B/2 guidance setting
 

@@ -1,4 +1,4 @@
-"""meanflow: a thin PyTorch training stack for MeanFlow (one-step generative models).
+"""meanflow: a thin PyTorch training stack for MeanFlow and other JVP-based one-step generative models.
 
     from meanflow import build_dit, MeanFlowLoss, MeanFlowConfig, sample
     model = build_dit("DiT-B/2", input_size=32, in_channels=4, num_classes=1000, backend="fused")
@@ -6,20 +6,24 @@
     images = sample(model, noise, y, steps=1)
 
 Training: `Trainer(get_preset("mnist"), "runs/mnist").train()`, or the `meanflow` command (meanflow.cli).
+
+Layout (imports only point down the list):
+    cli.py        the command line
+    training/     the trainer, run configs, presets, checkpoints, EMA, CUDA graphs, DDP / FSDP2
+    evaluation/   samplers, metrics, evaluation, plots
+    objectives/   the training objectives (MeanFlow, flow matching), guidance, time sampling
+    models/       the network protocol (JVPNetwork), DiT, MLPNet, layers with a tangent, the backends' op tables
+    data/         datasets, batches, latents
+    runtime/      process groups, atomic writes, seeds, devices
 """
-from .backends import BACKENDS
-from .config import RunConfig, apply_overrides
-from .cuda_graphs import CUDAGraphModel, graphed_ddp
 from .data import BatchIterator, build_dataset
-from .loss import MeanFlowConfig, MeanFlowLoss
-from .model import DIT_MODELS, DiT, MLPNet, build_dit, count_parameters, unwrap
-from .presets import PRESETS, get_preset
-from .sample import draw_noise, euler_sample, make_schedule, sample
-from .time_sampling import sample_t_r
-from .train import TrainConfig, Trainer
+from .evaluation import draw_noise, euler_sample, make_schedule, sample
+from .models import BACKENDS, DIT_MODELS, DiT, JVPNetwork, MLPNet, build_dit, build_model, count_parameters, unwrap
+from .objectives import MeanFlowConfig, MeanFlowLoss, sample_t_r
+from .training import (PRESETS, CUDAGraphModel, NonFiniteLossError, RunConfig, TrainConfig, Trainer,
+                       apply_overrides, get_preset, graphed_ddp)
 
 __all__ = ["BACKENDS", "CUDAGraphModel", "graphed_ddp", "MeanFlowConfig", "MeanFlowLoss", "DIT_MODELS", "DiT",
-           "MLPNet", "build_dit",
-           "count_parameters", "unwrap", "draw_noise", "euler_sample", "make_schedule", "sample", "sample_t_r",
-           "RunConfig", "TrainConfig", "Trainer", "apply_overrides", "get_preset", "PRESETS", "build_dataset",
-           "BatchIterator"]
+           "JVPNetwork", "MLPNet", "build_dit", "build_model", "count_parameters", "unwrap", "draw_noise",
+           "euler_sample", "make_schedule", "sample", "sample_t_r", "RunConfig", "TrainConfig", "Trainer",
+           "NonFiniteLossError", "apply_overrides", "get_preset", "PRESETS", "build_dataset", "BatchIterator"]

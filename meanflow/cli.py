@@ -27,9 +27,9 @@ from pathlib import Path
 # ------------------------------------------------------------------------------------------------- helpers
 def _run_config(args):
     """The RunConfig of `train`: the resumed run's config or the preset, with --set applied."""
-    from .checkpoint import load_checkpoint, resolve_checkpoint
-    from .config import RunConfig, apply_overrides
-    from .presets import get_preset
+    from .training.checkpoint import load_checkpoint, resolve_checkpoint
+    from .training.config import RunConfig, apply_overrides
+    from .training.presets import get_preset
 
     if args.resume:
         cfg = RunConfig.from_dict(load_checkpoint(resolve_checkpoint(args.resume))["config"])
@@ -39,7 +39,7 @@ def _run_config(args):
 
 
 def _run_dir(args, cfg) -> Path:
-    from .checkpoint import list_checkpoints, resolve_checkpoint
+    from .training.checkpoint import list_checkpoints, resolve_checkpoint
 
     if args.out:
         out = Path(args.out)
@@ -79,9 +79,9 @@ def _rounded(obj):
 
 def _load_for_inference(path: str, which: str, device):
     """(model, config) of a checkpoint / run directory / exported .safetensors, in eval mode."""
-    from .checkpoint import load_weights
-    from .config import RunConfig
-    from .train import build_model
+    from .training.checkpoint import load_weights
+    from .training.config import RunConfig
+    from .models.registry import build_model
 
     state_dict, cfg_dict, step = load_weights(path, which)
     cfg = RunConfig.from_dict(cfg_dict)
@@ -93,7 +93,7 @@ def _load_for_inference(path: str, which: str, device):
 
 def _data_signature(cfg) -> tuple[tuple[int, ...], int]:
     """The data shape and class count the model was built for, without loading a large dataset when avoidable."""
-    from .data import TOYS, dataset_from_config
+    from .data.datasets import TOYS, dataset_from_config
 
     if cfg.data.name in TOYS:
         return (2,), 0
@@ -116,14 +116,15 @@ def _data_signature(cfg) -> tuple[tuple[int, ...], int]:
 
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
-    from .config import describe_config
+    from .training.config import describe_config
 
     cfg = _run_config(args)
     if args.help_config:
         print(describe_config(cfg))
         return 0
-    from . import distributed
-    from .train import Trainer, set_threads
+    from .runtime import distributed
+    from .runtime.host import set_threads
+    from .training.trainer import Trainer
 
     out = _run_dir(args, cfg)
     # process-wide, so the entry point decides, not the library; the ranks of a node share its cores
@@ -176,7 +177,7 @@ def _decoder(args, cfg, device):
         return None
     if not vae_path:
         return None
-    from .latents import decode_latents, load_vae
+    from .data.latents import decode_latents, load_vae
 
     vae = load_vae(vae_path, device)
     return lambda z: decode_latents(vae, z, cfg.data.latent_scale, batch_size=args.decode_batch_size)
@@ -187,10 +188,10 @@ def cmd_sample(args) -> int:
 
     import torch
 
-    from . import distributed
-    from .plotting import save_samples
-    from .sample import draw_noise, generate_uint8, sample, sample_labels, save_npz
-    from .train import set_threads
+    from .runtime import distributed
+    from .evaluation.plotting import save_samples
+    from .evaluation.sampling import draw_noise, generate_uint8, sample, sample_labels, save_npz
+    from .runtime.host import set_threads
 
     ctx = distributed.setup(args.device)
     try:
@@ -238,9 +239,9 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .config import apply_overrides
-    from .evaluate import evaluate_model, fid_of_samples
-    from .train import resolve_device, set_threads
+    from .training.config import apply_overrides
+    from .evaluation.evaluate import evaluate_model, fid_of_samples
+    from .runtime.host import resolve_device, set_threads
 
     device = resolve_device(args.device)
     set_threads(0)
@@ -271,8 +272,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_prepare_latents(args) -> int:
-    from .latents import prepare_latents
-    from .train import set_threads
+    from .data.latents import prepare_latents
+    from .runtime.host import set_threads
 
     set_threads(0, share=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     prepare_latents(args.images, args.vae, args.out, image_size=args.image_size, flip=args.flip,
@@ -282,8 +283,8 @@ def cmd_prepare_latents(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    from .config import describe_config
-    from .presets import PRESETS
+    from .training.config import describe_config
+    from .training.presets import PRESETS
 
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
@@ -391,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `meanflow` console script; errors print one clear line and exit with status 2 (usage)
     or 1 (a failed run). MEANFLOW_DEBUG=1 shows full tracebacks instead."""
     args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
+    from .training.checkpoint import CheckpointError
 
     if os.environ.get("MEANFLOW_DEBUG"):  # full tracebacks instead of one-line errors
         return args.func(args)
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meanflow {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except RuntimeError as exc:
-        from .train import NonFiniteLossError
+        from .training.trainer import NonFiniteLossError
 
         if isinstance(exc, NonFiniteLossError):
             print(f"meanflow {args.command}: error: {exc}", file=sys.stderr)

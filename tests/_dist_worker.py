@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from meanflow.config import apply_overrides
-from meanflow.presets import get_preset
+from meanflow.training.config import apply_overrides
+from meanflow.training.presets import get_preset
 
 # device=cpu: gloo ranks on CPU even where a GPU is visible (two ranks cannot share one GPU)
 QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1", "eval.enabled=false", "train.device=cpu"]
@@ -67,7 +67,7 @@ SCENARIOS = {
 
 
 def run(rank: int, world: int, port: int, out: str) -> None:
-    from meanflow.train import Trainer
+    from meanflow.training.trainer import Trainer
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -84,7 +84,7 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         # prepare-latents over the 2 ranks (each encodes its shards, rank 0 writes the manifest)
         src = out_dir / "latent_src"
         if (src / "vae").is_dir():
-            from meanflow.latents import prepare_latents
+            from meanflow.data.latents import prepare_latents
 
             prepare_latents(src / "images", src / "vae", out_dir / "latents_2ranks", image_size=16, flip=True,
                             batch_size=2, shard_size=2, workers=0, device="cpu", log=lambda *a, **k: None)

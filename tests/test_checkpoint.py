@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from meanflow import checkpoint as ck
+from meanflow.training import checkpoint as ck
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -88,7 +88,7 @@ def test_sigkill_during_write_leaves_a_loadable_checkpoint(tmp_path):
     child = textwrap.dedent(f"""
         import os, sys, time, torch
         sys.path.insert(0, {str(REPO)!r})
-        from meanflow import checkpoint as ck
+        from meanflow.training import checkpoint as ck
         real_fsync = os.fsync
         def slow_fsync(fd):
             time.sleep(0.3)        # widen the window between 'bytes written' and 'renamed'

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from meanflow.cli import main
-from meanflow.config import apply_overrides, valid_keys
-from meanflow.presets import PRESETS, get_preset
+from meanflow.training.config import apply_overrides, valid_keys
+from meanflow.training.presets import PRESETS, get_preset
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,7 +149,7 @@ def test_imagenet_preset_on_tiny_latent_shards(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "FID skipped: FID on latents needs the decoded images" in out and "latents" in out
     assert (tmp_path / "run" / "final_1step.png").is_file()
-    from meanflow.checkpoint import load_checkpoint
+    from meanflow.training.checkpoint import load_checkpoint
 
     state = load_checkpoint(tmp_path / "run")
     assert state["model"]["y_embedder.weight"].shape[0] == 1001  # 1000 classes + the null class
@@ -162,13 +162,13 @@ def test_non_finite_loss_via_cli(tmp_path, capsys):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "at step 2: training stopped without saving; the last good checkpoint" in err and "ckpt_00000001.pt" in err
-    from meanflow.checkpoint import load_checkpoint
+    from meanflow.training.checkpoint import load_checkpoint
 
     assert load_checkpoint(run)["step"] == 1
 
 
 def test_ctrl_c_tells_how_to_resume(tmp_path, capsys, monkeypatch):
-    from meanflow.train import Trainer
+    from meanflow.training.trainer import Trainer
 
     def interrupted(self):
         raise KeyboardInterrupt

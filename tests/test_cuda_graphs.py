@@ -141,7 +141,7 @@ def test_backward_after_a_later_call_raises_and_new_shapes_recapture():
 
 
 def test_trainer_option(tmp_path):
-    from meanflow.train import Trainer
+    from meanflow.training.trainer import Trainer
     from tests.test_train import digits_config
 
     cfg = digits_config("train.steps=2", "train.cuda_graphs=true")

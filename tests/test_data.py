@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from meanflow.data import TOYS, BatchIterator, ImageFolder, LatentShards, build_dataset, split_indices
+from meanflow.data.datasets import TOYS, BatchIterator, ImageFolder, LatentShards, build_dataset, split_indices
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
 

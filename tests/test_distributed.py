@@ -17,14 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from meanflow import distributed
-from meanflow.checkpoint import (
+from meanflow.runtime import distributed
+from meanflow.training import parallel
+from meanflow.training.checkpoint import (
     is_dcp_checkpoint,
     list_checkpoints,
     load_checkpoint,
     load_weights,
 )
-from meanflow.train import Trainer
+from meanflow.training.trainer import Trainer
 from tests._dist_worker import SCENARIOS, dit_config, run
 from tests._latent_fixtures import make_image_folder, make_tiny_vae
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
@@ -158,10 +159,10 @@ def test_fsdp_bf16_mixed_precision(runs):
     """train.precision=bf16 under FSDP: bf16 compute copies of the weights (MixedPrecisionPolicy) and autocast, fp32
     master weights and gradient reduction; the times stay fp32 (no input casting)."""
     out, _, results = runs
-    policy = distributed.mixed_precision_policy("bf16")
+    policy = parallel.mixed_precision_policy("bf16")
     assert (policy.param_dtype, policy.reduce_dtype, policy.cast_forward_inputs) == (torch.bfloat16, torch.float32,
                                                                                      False)
-    assert distributed.mixed_precision_policy("fp32") is None
+    assert parallel.mixed_precision_policy("fp32") is None
     assert all(v.dtype == torch.float32 and v.isfinite().all() for v in results["fsdp_bf16"]["model"].values())
     for a, b in zip(losses(out / "fsdp_bf16"), losses(out / "single")[:2], strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-3) and a["v_loss"] == pytest.approx(b["v_loss"], rel=0.05)
@@ -214,7 +215,7 @@ def test_prepare_latents_over_two_ranks_equals_one_process(runs):
     image, so the shards are those of a one-process run (made here with another batch size)."""
     import numpy as np
 
-    from meanflow.latents import prepare_latents
+    from meanflow.data.latents import prepare_latents
 
     out, _, _ = runs
     src, two = out / "latent_src", out / "latents_2ranks"
@@ -236,9 +237,9 @@ def test_single_process_context_and_helpers(tmp_path, monkeypatch):
     ctx = distributed.setup("cpu")
     assert (ctx.rank, ctx.world_size, ctx.distributed, ctx.is_main, ctx.owned) == (0, 1, False, True, False)
     net = torch.nn.Linear(2, 2)
-    assert distributed.wrap_model(net, "fsdp", ctx) is net                     # one process: nothing to wrap
+    assert parallel.wrap_model(net, "fsdp", ctx) is net                     # one process: nothing to wrap
     with pytest.raises(ValueError, match="train.parallel must be one of"):
-        distributed.wrap_model(net, "zero3", ctx)
+        parallel.wrap_model(net, "zero3", ctx)
     assert distributed.all_reduce_mean(torch.tensor([1.0, 2.0])).tolist() == [1.0, 2.0]
     assert distributed.rank_seed(0, 10, 1) == distributed.rank_seed(0, 10, 1) != distributed.rank_seed(0, 10, 0)
     monkeypatch.setenv("WORLD_SIZE", "2")

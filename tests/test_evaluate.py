@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from meanflow.config import DataConfig, EvalConfig
-from meanflow.evaluate import evaluate_model, load_inception
-from meanflow.metrics import (
+from meanflow.training.config import DataConfig, EvalConfig
+from meanflow.evaluation.evaluate import evaluate_model, load_inception
+from meanflow.evaluation.metrics import (
     feature_statistics,
     frechet_distance,
     frechet_distance_of_features,
@@ -109,7 +109,7 @@ def test_fid_reasons_when_no_file(tmp_path, feature_file):
 def test_image_folder_evaluation_uses_the_feature_file(tmp_path, feature_file, monkeypatch, capsys):
     from PIL import Image
 
-    from meanflow.model import DiT
+    from meanflow.models import DiT
 
     for k in range(2):
         (tmp_path / "imgs" / f"c{k}").mkdir(parents=True)
@@ -137,8 +137,8 @@ def fresh_cache(tmp_path_factory):
 
 
 def test_digit_classifier_caches_and_is_accurate(fresh_cache):
-    from meanflow.classifier import accuracy, load_or_train
-    from meanflow.data import build_dataset
+    from meanflow.evaluation.classifier import accuracy, load_or_train
+    from meanflow.data.datasets import build_dataset
 
     _, meta = load_or_train("digits", verbose=False)
     assert meta["trained"] and meta["test_accuracy"] > 0.9 and meta["path"].startswith(fresh_cache)
@@ -152,9 +152,9 @@ def test_digit_classifier_caches_and_is_accurate(fresh_cache):
 
 def test_digit_metrics_of_real_and_untrained_samples(fresh_cache):
     """The metric separates real digits from noise: an untrained model's samples score far below real digits."""
-    from meanflow.classifier import load_or_train, predict
-    from meanflow.data import build_dataset
-    from meanflow.model import DiT
+    from meanflow.evaluation.classifier import load_or_train, predict
+    from meanflow.data.datasets import build_dataset
+    from meanflow.models import DiT
 
     model = DiT(8, 1, hidden=16, depth=1, heads=2, patch=2, num_classes=10)  # adaLN-zero: samples = the noise
     out = evaluate_model(model, DataConfig(name="digits"), EvalConfig(num_samples=200, steps=(1,)))
@@ -169,7 +169,7 @@ def test_digit_metrics_of_real_and_untrained_samples(fresh_cache):
 
 @pytest.mark.slow
 def test_mnist_classifier_reaches_high_accuracy(fresh_cache):
-    from meanflow.classifier import load_or_train
+    from meanflow.evaluation.classifier import load_or_train
 
     _, meta = load_or_train("mnist", verbose=False)
     assert meta["test_accuracy"] > 0.93

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from meanflow import MeanFlowLoss, MLPNet, sample
-from meanflow.model import JVPNetwork
+from meanflow.models import JVPNetwork
 
 F64 = torch.float64
 MU, S = 1.5, 0.5

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from meanflow.cli import main
-from meanflow.data import ImageFolder, LatentShards
-from meanflow.latents import (
+from meanflow.data.datasets import ImageFolder, LatentShards
+from meanflow.data.latents import (
     VAEError,
     decode_latents,
     encode_images,
@@ -82,9 +82,9 @@ def test_prepare_train_sample_end_to_end(src, tmp_path, capsys):
     assert Image.open(tmp_path / "g.png").size[1] == 4 * (16 + 4)
 
     # with data.vae set, the trainer's sample grids are decoded as well
-    from meanflow.checkpoint import load_checkpoint
-    from meanflow.config import RunConfig, apply_overrides
-    from meanflow.train import Trainer
+    from meanflow.training.checkpoint import load_checkpoint
+    from meanflow.training.config import RunConfig, apply_overrides
+    from meanflow.training.trainer import Trainer
 
     cfg = apply_overrides(RunConfig.from_dict(load_checkpoint(run)["config"]), [f"data.vae={vae_dir}"])
     trainer = Trainer(cfg, tmp_path / "run2", resume=run)

@@ -4,8 +4,8 @@ import torch
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from meanflow.backends import ops_for
-from meanflow.layers import Attention, DiTBlock, FinalLayer, Linear, TimestepEmbedder, timestep_embedding_jvp
+from meanflow.models.backends import ops_for
+from meanflow.models.layers import Attention, DiTBlock, FinalLayer, Linear, TimestepEmbedder, timestep_embedding_jvp
 from mfkernels.nn import MLP as Mlp
 from tests.utils import max_rel_err, randomize_
 

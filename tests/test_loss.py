@@ -6,7 +6,7 @@ from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from meanflow import MeanFlowConfig, MeanFlowLoss, MLPNet, build_dit, sample_t_r
-from meanflow.time_sampling import num_jvp_rows
+from meanflow.objectives.time_sampling import num_jvp_rows
 from tests.utils import randomize_
 
 F64 = torch.float64

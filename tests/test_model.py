@@ -3,7 +3,7 @@ batch k in {0, 1, B}, with and without classes; and the registry builds every si
 import pytest
 import torch
 
-from meanflow.model import DIT_MODELS, MLPNet, build_dit, count_parameters
+from meanflow.models import DIT_MODELS, MLPNet, build_dit, count_parameters
 from tests.utils import max_rel_err, randomize_
 
 F64 = torch.float64

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from meanflow.cli import main
-from meanflow.sample import per_sample_noise, rank_rounds, sample_labels
+from meanflow.evaluation.sampling import per_sample_noise, rank_rounds, sample_labels
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,9 +34,9 @@ class TinyFeatures(torch.nn.Module):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny class-conditional DiT on 8x8 digits, one training step (enough to sample from)."""
-    from meanflow.config import apply_overrides
-    from meanflow.presets import get_preset
-    from meanflow.train import Trainer
+    from meanflow.training.config import apply_overrides
+    from meanflow.training.presets import get_preset
+    from meanflow.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("sample_run")
     torch.set_num_threads(1)

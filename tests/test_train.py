@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from meanflow import euler_sample, sample
-from meanflow.checkpoint import list_checkpoints, load_checkpoint
-from meanflow.config import apply_overrides
-from meanflow.data import build_dataset
-from meanflow.ema import EMA
-from meanflow.loss import MeanFlowLoss
-from meanflow.metrics import sliced_wasserstein
-from meanflow.presets import get_preset
-from meanflow.train import NonFiniteLossError, Trainer
+from meanflow.training.checkpoint import list_checkpoints, load_checkpoint
+from meanflow.training.config import apply_overrides
+from meanflow.data.datasets import build_dataset
+from meanflow.training.ema import EMA
+from meanflow.objectives.meanflow import MeanFlowLoss
+from meanflow.evaluation.metrics import sliced_wasserstein
+from meanflow.training.presets import get_preset
+from meanflow.training.trainer import NonFiniteLossError, Trainer
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
 QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1"]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from .loss import MeanFlowConfig
+from ..objectives.meanflow import MeanFlowConfig
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 

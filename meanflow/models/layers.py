@@ -3,7 +3,7 @@
 The generic pieces (Linear, MLP, Attention, LayerNormModulate) come from `mfkernels.nn`; this file adds what is
 specific to the DiT: timestep embedders, the adaLN-Zero block and the final layer.
 
-`ops` is a backend's op table (meanflow.backends.JVPOps). Tangents follow the mfkernels contract: batch kt <= B, the
+`ops` is a backend's op table (meanflow.models.backends.JVPOps). Tangents follow the mfkernels contract: batch kt <= B, the
 first kt rows of the primal batch; kt = 0 works. Parameters have zero tangent.
 """
 from __future__ import annotations

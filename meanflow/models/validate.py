@@ -53,3 +53,32 @@ def check_network_inputs(model, z, t, h, y, tangents, *, check_values: bool = Tr
     check_tangent("t_dot", t_dot, "t", t)
     check_tangent("h_dot", h_dot, "h", h)
     return kt
+
+
+def check_conditions(model, conditions: dict, batch: int, device) -> None:
+    """The network's extra per-row inputs (model.conditions): all present, none unknown, each a float (B,) tensor."""
+    expected = tuple(getattr(model, "conditions", ()))
+    unknown = sorted(set(conditions) - set(expected))
+    if unknown:
+        have = f"its conditions are {list(expected)}" if expected else "it takes no extra conditions"
+        raise TypeError(f"{type(model).__name__} got unexpected keyword argument(s) {unknown}; {have}")
+    missing = [name for name in expected if name not in conditions]
+    if missing:
+        raise TypeError(f"{type(model).__name__} needs the condition(s) {missing} (per-row float tensors of shape "
+                        f"(B,)); pass them as keywords, e.g. model(z, t, h, y, {missing[0]}=...)")
+    for name in expected:
+        c = conditions[name]
+        check_float(name, c)
+        if c.shape != (batch,):
+            raise ValueError(f"{name} must have shape (B,) = ({batch},); got {describe(c)}")
+        if c.device != device:
+            raise ValueError(f"{name} is on {c.device} but z is on {device}")
+
+
+def check_head(model, head, tangents) -> None:
+    """head selects one output of a multi-head network; only 'u' carries a tangent."""
+    heads = tuple(model.heads)
+    if head is not None and head not in heads:
+        raise ValueError(f"head must be None (all heads) or one of {list(heads)}; got {head!r}")
+    if tangents is not None and head not in (None, heads[0]):
+        raise ValueError(f"only the {heads[0]!r} head has a tangent: head={head!r} cannot be combined with tangents")

@@ -1,13 +1,8 @@
-"""Networks u(z, t, h | y) for MeanFlow: a DiT with adaLN-Zero, and a small MLP for 2-D toy data.
+"""DiT with adaLN-Zero (DESIGN.md 2): u(z, t, h | y) for images or latents, with a registry of sizes.
 
-Both share one call:
-
-    u = model(z, t, h, y)                                                   # plain forward, h = t - r
-    u, u_dot = model(z, t, h, y, tangents=(z_dot, t_dot, h_dot), backend="explicit")
-
-The tangent batch k = z_dot.shape[0] may be anything from 0 to B and stands for the FIRST k rows of the primal batch.
-u is differentiable; u_dot is detached (MeanFlow's target is stop-gradient, so no tangent graph is ever kept).
-Because the tangents are ordinary forward arguments, DDP / FSDP wrap the model as usual and gradient sync stays right.
+    model = build_dit("DiT-B/2", input_size=32, in_channels=4, num_classes=1000, backend="fused")
+    u = model(z, t, h, y)                                                       # plain forward, h = t - r
+    u, u_dot = model(z, t, h, y, tangents=(z_dot, t_dot, h_dot))                # forward + JVP
 """
 from __future__ import annotations
 
@@ -18,63 +13,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from mfkernels.nn import math_attention
-
-from ._validate import check_network_inputs
-from .backends import JVPOps, check_backend, ops_for
+from .backends import JVPOps
 from .layers import DiTBlock, FinalLayer, Linear, TimestepEmbedder
+from .network import JVPNetwork
 
-
-class JVPNetwork(nn.Module):
-    """Base class: dispatches between the plain forward and the three JVP backends, and validates inputs.
-
-    Subclasses implement `_forward_plain(z, t, h, y)` and `_forward_jvp(z, t, h, y, z_dot, t_dot, h_dot, ops)`.
-    """
-
-    num_classes: int = 0
-    data_shape: tuple[int, ...] = ()
-
-    def __init__(self, backend: str = "explicit"):
-        super().__init__()
-        self.backend = check_backend(backend)
-        self.check_inputs = True  # the range checks of t and h cost one host sync per call; trainers may turn it off
-
-    @property
-    def null_class(self) -> int:
-        return self.num_classes
-
-    def forward(self, z, t, h, y=None, tangents=None, backend: str | None = None):
-        backend = check_backend(backend or self.backend)
-        kt = check_network_inputs(self, z, t, h, y, tangents, check_values=self.check_inputs)
-        if tangents is None:
-            # The primal alone (guidance forwards, sampling, flow matching) is the plain forward on every backend:
-            # cuBLAS + torch's flash SDPA + eager glue. On an H200 the fused kernels at kt = 0 were host-bound here
-            # (DiT-B/2, 80 rows, bf16: 19-21 ms a call against 15.7 ms; bench/results/h200-2026-11-26-b).
-            return self._forward_plain(z, t, h, y)
-        z_dot, t_dot, h_dot = tangents
-        if backend == "autograd":
-            return self._forward_autograd_jvp(z, t, h, y, z_dot, t_dot, h_dot, kt)
-        u, u_dot = self._forward_jvp(z, t, h, y, z_dot, t_dot, h_dot, ops_for(backend))
-        return u, u_dot.detach()
-
-    def _forward_autograd_jvp(self, z, t, h, y, z_dot, t_dot, h_dot, kt):
-        """What peers do: torch.func.jvp over the plain forward on the WHOLE batch (tangents zero-padded to B)."""
-        pad = z.shape[0] - kt
-        tangents = tuple(torch.cat([d, d.new_zeros((pad,) + d.shape[1:])]) for d in (z_dot, t_dot, h_dot))
-        # torch's fused SDPA kernels have no forward-mode rule, and its math SDPA breaks under CUDA autocast in forward
-        # mode (softmax's tangent comes out fp32 for a bf16 primal): attention runs as the plain math formula here.
-        with math_attention():
-            u, u_dot = torch.func.jvp(lambda z_, t_, h_: self._forward_plain(z_, t_, h_, y), (z, t, h), tangents)
-        return u, u_dot[:kt].detach()
-
-    def _forward_plain(self, z, t, h, y):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _forward_jvp(self, z, t, h, y, z_dot, t_dot, h_dot, ops: JVPOps):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-
-# ---------------------------------------------------------------------------------------------------------- DiT
 @dataclass(frozen=True)
 class DiTConfig:
     hidden: int
@@ -196,54 +138,5 @@ def build_dit(name: str, *, input_size=32, in_channels=4, num_classes=0, backend
                backend=backend, **kwargs)
 
 
-# ----------------------------------------------------------------------------------------------------- toy MLP
-class MLPNet(JVPNetwork):
-    """A small MLP u(z, t, h | y) for low-dimensional toy data: [z, t, h] -> (Linear -> SiLU) x depth -> Linear.
 
-    Times enter raw: the average velocity is smooth in (t, h), and high-frequency time features would only make
-    du/dt (and so the target's variance) large. A label embedding is added after the first layer.
-    """
-
-    def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, num_classes: int = 0,
-                 backend: str = "explicit"):
-        super().__init__(backend)
-        self.dim, self.num_classes = dim, num_classes
-        self.data_shape = (dim,)
-        self.y_embedder = nn.Embedding(num_classes + 1, hidden) if num_classes > 0 else None
-        widths = [dim + 2] + [hidden] * depth
-        self.layers = nn.ModuleList(Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-        self.out = Linear(hidden, dim)
-
-    def _forward_plain(self, z, t, h, y):
-        x = torch.cat([z, t[:, None].to(z.dtype), h[:, None].to(z.dtype)], dim=-1)
-        for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i == 0 and self.y_embedder is not None:
-                x = x + self.y_embedder(y)
-            x = F.silu(x)
-        return self.out(x)
-
-    def _forward_jvp(self, z, t, h, y, z_dot, t_dot, h_dot, ops: JVPOps):
-        x = torch.cat([z, t[:, None].to(z.dtype), h[:, None].to(z.dtype)], dim=-1)
-        x_dot = torch.cat([z_dot, t_dot[:, None].to(z.dtype), h_dot[:, None].to(z.dtype)], dim=-1)
-        for i, layer in enumerate(self.layers):
-            x, x_dot = layer.forward_jvp(x, x_dot, ops)
-            if i == 0 and self.y_embedder is not None:
-                x = x + self.y_embedder(y)
-            x, x_dot = ops.silu(x, x_dot)
-        return self.out.forward_jvp(x, x_dot, ops)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside DDP / torch.compile wrappers."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model
-
-
-__all__ = ["JVPNetwork", "DiT", "DiTConfig", "DIT_MODELS", "build_dit", "MLPNet", "count_parameters", "unwrap",
-           "sincos_pos_embed_2d"]
+__all__ = ["DiT", "DiTConfig", "DIT_SIZES", "DIT_MODELS", "build_dit", "sincos_pos_embed_2d"]

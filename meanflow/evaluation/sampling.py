@@ -70,11 +70,11 @@ def draw_noise(num: int, shape: Sequence[int], *, seed: int = 0, device="cpu", d
 
 def per_sample_noise(indices, shape: Sequence[int], seed: int = 0) -> torch.Tensor:
     """Noise of samples `indices`, each from its own generator seeded by (seed, index): (len(indices), *shape)."""
-    from .data import _seed_of
+    from ..runtime.seeding import seed_of
 
     out = torch.empty((len(indices),) + tuple(shape))
     for row, i in enumerate(indices):
-        out[row] = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(_seed_of(seed, int(i), 1)))
+        out[row] = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed_of(seed, int(i), 1)))
     return out
 
 
@@ -86,9 +86,9 @@ def sample_labels(num: int, num_classes: int, mode="uniform", seed: int = 0) -> 
             raise ValueError("the model is unconditional: --labels does not apply")
         return None
     if mode in (None, "uniform"):
-        from .data import _seed_of
+        from ..runtime.seeding import seed_of
 
-        return torch.randint(0, num_classes, (num,), generator=torch.Generator().manual_seed(_seed_of(seed, 2)))
+        return torch.randint(0, num_classes, (num,), generator=torch.Generator().manual_seed(seed_of(seed, 2)))
     if mode == "balanced":
         return torch.arange(num) % num_classes
     values = [int(v) for v in mode]
@@ -111,7 +111,7 @@ def generate_uint8(model, num: int, data_shape: Sequence[int], labels: torch.Ten
     """`num` samples as uint8 images (N, H, W, C), spread over the ranks, gathered on rank 0 (the others get None).
 
     `decode`: latents -> images in [-1, 1] (a VAE decoder) for latent models; images are stored as
-    round((x + 1) * 127.5), the convention of meanflow.plotting and of the FID code. Under torchrun every rank must call
+    round((x + 1) * 127.5), the convention of meanflow.evaluation.plotting and of the FID code. Under torchrun every rank must call
     this (the gathering is a collective).
     """
     import contextlib
@@ -119,7 +119,7 @@ def generate_uint8(model, num: int, data_shape: Sequence[int], labels: torch.Ten
 
     import numpy as np
 
-    from .distributed import gather_rows
+    from ..runtime.distributed import gather_rows
     from .plotting import to_uint8
 
     if num < 1 or batch_size < 1:
@@ -139,7 +139,7 @@ def generate_uint8(model, num: int, data_shape: Sequence[int], labels: torch.Ten
                 x = decode(x)
             out = torch.from_numpy(to_uint8(x))
         if q == 0:  # every rank learns the image shape from rank 0's first batch (rank 0 always has one)
-            from .distributed import broadcast_object
+            from ..runtime.distributed import broadcast_object
 
             shape = broadcast_object(tuple(out.shape[1:]) if rank == 0 else None)
         if out.numel() == 0:

@@ -17,7 +17,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .loss import MeanFlowConfig
+from ..objectives.meanflow import MeanFlowConfig
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -75,7 +75,7 @@ class TrainConfig:
                               "weights / optimizer / EMA sharded per DiT block); ignored in one process")
     cuda_graphs: bool = _f(False, "replay the training call (forward + JVP + backward) from CUDA graphs: CUDA, one "
                                   "process or DDP (not FSDP); removes the host overhead of small models "
-                                  "(meanflow/cuda_graphs.py)")
+                                  "(meanflow/training/cuda_graphs.py)")
     threads: int = _f(0, "CPU threads (0: auto = cores not busy with other processes; bit-exact resume needs the "
                          "same count)")
     log_every: int = _f(50, "steps between metrics.jsonl lines")

@@ -104,8 +104,8 @@ def load_or_train(name: str, *, verbose: bool = True) -> tuple[DigitClassifier, 
     Returns (model, meta) with meta['test_accuracy'] measured on the held-out split and meta['trained'] telling
     whether this call trained it.
     """
-    from . import checkpoint
-    from .data import build_dataset
+    from ..runtime import files
+    from ..data.datasets import build_dataset
 
     if name not in ("mnist", "digits"):
         raise ValueError(f"the digit classifier exists for 'mnist' and 'digits'; not {name!r}")
@@ -128,5 +128,5 @@ def load_or_train(name: str, *, verbose: bool = True) -> tuple[DigitClassifier, 
     meta = {"dataset": name, "test_accuracy": accuracy(model, test.x, test.y), "train_size": len(train),
             "test_size": len(test)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_atomic({"state_dict": model.state_dict(), "meta": meta}, path)
+    files.save_atomic({"state_dict": model.state_dict(), "meta": meta}, path)
     return model, {**meta, "trained": True, "path": str(path)}

@@ -131,9 +131,9 @@ def decode_latents(vae, z: torch.Tensor, scale: float, batch_size: int = 64) -> 
 
 
 def _eps(shape: tuple[int, ...], seed: int, index: int, copy: int) -> torch.Tensor:
-    from .data import _seed_of
+    from ..runtime.seeding import seed_of
 
-    return torch.randn(shape, generator=torch.Generator().manual_seed(_seed_of(seed, index, copy)))
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed_of(seed, index, copy)))
 
 
 # ------------------------------------------------------------------------------------------------------ shards
@@ -151,7 +151,7 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 
 
 def _write_shard(out: Path, s: int, fmt: str, latents: np.ndarray, labels: np.ndarray) -> None:
-    from .checkpoint import write_bytes_atomic
+    from ..runtime.files import write_bytes_atomic
 
     files = _shard_files(out, s, fmt)
     if fmt == "npy":  # labels first: a finished latents file means a finished shard
@@ -187,9 +187,9 @@ def prepare_latents(images: str | os.PathLike, vae_path: str | os.PathLike, out:
     Under torchrun every rank encodes the shards s with s % world_size == rank and rank 0 writes the manifest; in
     one process it does everything. Returns the manifest (on every rank).
     """
-    from . import distributed
-    from .checkpoint import write_bytes_atomic
-    from .data import ImageFolder
+    from ..runtime import distributed
+    from ..runtime.files import write_bytes_atomic
+    from .datasets import ImageFolder
 
     if fmt not in LATENT_FORMATS:
         raise ValueError(f"--format must be one of {LATENT_FORMATS}; got {fmt!r}")
@@ -264,6 +264,6 @@ def prepare_latents(images: str | os.PathLike, vae_path: str | os.PathLike, out:
 
 def _first_shape(path: Path, fmt: str) -> tuple[int, ...]:
     """The latent shape of a shard this rank did not write (a rank with no shard of its own, or a rerun)."""
-    from .data import _read_shard
+    from .datasets import _read_shard
 
     return tuple(_read_shard(path)[0].shape[1:])

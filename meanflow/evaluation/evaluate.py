@@ -2,7 +2,7 @@
 
 - 2-D toys: sliced Wasserstein distance (SW_2) of 1-step and 2-step samples to held-out data, next to the SW of two
   independent data draws of the same size (the floor a perfect model would reach).
-- mnist / digits: the project's cached CNN classifier (meanflow.classifier): confident share (max prob > 0.9),
+- mnist / digits: the project's cached CNN classifier (meanflow.evaluation.classifier): confident share (max prob > 0.9),
   label match (predicted class == conditioning label) and a Fréchet distance on its penultimate features against the
   held-out real digits, next to the same distance between real train and real held-out digits (the floor).
 - image folders: FID with a LOCAL Inception feature extractor (TorchScript), skipped with the reason when there is none.
@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import TOYS, Dataset, dataset_from_config
+from ..data.datasets import TOYS, Dataset, dataset_from_config
 from .metrics import feature_statistics, frechet_distance, frechet_distance_of_features, sliced_wasserstein
-from .sample import sample
+from .sampling import sample
 
 INCEPTION_ENV = "MEANFLOW_INCEPTION"
 
@@ -67,7 +67,7 @@ def evaluate_toy(model, dataset: Dataset, eval_cfg, device, autocast=None) -> di
 
 def evaluate_digits(model, name: str, eval_cfg, device, autocast=None) -> dict:
     from .classifier import load_or_train, predict
-    from .data import build_dataset
+    from ..data.datasets import build_dataset
 
     clf, meta = load_or_train(name)
     train, test = build_dataset(name, split="train"), build_dataset(name, split="test")

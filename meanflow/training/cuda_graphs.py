@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from torch.autograd.function import once_differentiable
 
-from ._validate import check_network_inputs
+from ..models.validate import check_conditions, check_network_inputs
 
 __all__ = ["CUDAGraphModel", "capture_stream", "graphed_ddp"]
 
@@ -164,16 +164,21 @@ class _Replay(torch.autograd.Function):
 
 
 class _Call(nn.Module):
-    """The network call with positional tensors only (what a graph can take as static inputs)."""
+    """The network call with positional tensors only (what a graph can take as static inputs): z, t, h, then y,
+    then the conditions in the network's order, then the three tangents."""
 
-    def __init__(self, net: nn.Module, backend: str, has_y: bool, has_tangents: bool):
+    def __init__(self, net: nn.Module, backend: str, has_y: bool, has_tangents: bool, head: str | None):
         super().__init__()
-        self.net, self.backend, self.has_y, self.has_tangents = net, backend, has_y, has_tangents
+        self.net, self.backend, self.has_y, self.has_tangents, self.head = net, backend, has_y, has_tangents, head
+        self.condition_names = tuple(getattr(net, "conditions", ()))
 
     def forward(self, z, t, h, *rest):
-        y = rest[0] if self.has_y else None
-        tangents = tuple(rest[-3:]) if self.has_tangents else None
-        out = self.net(z, t, h, y, tangents=tangents, backend=self.backend)
+        rest = list(rest)
+        y = rest.pop(0) if self.has_y else None
+        conditions = {name: rest.pop(0) for name in self.condition_names}
+        tangents = tuple(rest) if self.has_tangents else None
+        kwargs = {"head": self.head} if self.head is not None else {}
+        out = self.net(z, t, h, y, tangents=tangents, backend=self.backend, **kwargs, **conditions)
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
@@ -181,7 +186,7 @@ class CUDAGraphModel(nn.Module):
     """Wraps a JVPNetwork so that its training calls (grad enabled, CUDA) replay from CUDA graphs (module docstring).
 
     Same call as the network: `model(z, t, h, y, tangents=..., backend=...)`. `module` is the network (so
-    `meanflow.model.unwrap` and the loss find it); the wrapper has no state of its own in `state_dict`.
+    `meanflow.unwrap` and the loss find it); the wrapper has no state of its own in `state_dict`.
     `warmup`: eager runs before a capture. `max_graphs`: captured keys kept (least recently used dropped first).
     """
 
@@ -207,31 +212,37 @@ class CUDAGraphModel(nn.Module):
         self._captures.clear()
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def forward(self, z, t, h, y=None, tangents=None, backend: str | None = None):
+    def forward(self, z, t, h, y=None, tangents=None, backend: str | None = None, *, head: str | None = None,
+                **conditions):
         params = [p for p in self.module.parameters() if p.requires_grad]
+        kwargs = {"head": head} if head is not None else {}
         if not (z.is_cuda and torch.is_grad_enabled() and params):
-            return self.module(z, t, h, y, tangents=tangents, backend=backend)
+            return self.module(z, t, h, y, tangents=tangents, backend=backend, **kwargs, **conditions)
         backend = backend or self.module.backend
         check_network_inputs(self.module, z, t, h, y, tangents, check_values=self.module.check_inputs)
-        args = (z, t, h) + ((y,) if y is not None else ()) + (tuple(tangents) if tangents is not None else ())
-        key = (backend, y is not None, tangents is not None, self.module.training, _autocast_state(),
+        check_conditions(self.module, conditions, z.shape[0], z.device)
+        names = tuple(getattr(self.module, "conditions", ()))
+        args = ((z, t, h) + ((y,) if y is not None else ()) + tuple(conditions[n] for n in names)
+                + (tuple(tangents) if tangents is not None else ()))
+        key = (backend, y is not None, tangents is not None, head, self.module.training, _autocast_state(),
                tuple((a.shape, a.dtype, a.device) for a in args), tuple(p.data_ptr() for p in params))
         capture = self._captures.get(key)
         if capture is None:
-            capture = self._capture(key, args, params, backend, y is not None, tangents is not None)
+            capture = self._capture(key, args, params, backend, y is not None, tangents is not None, head)
         else:
             self._captures.move_to_end(key)
         outs = _Replay.apply(capture, *args, *params)
-        return outs if tangents is not None else outs[0]
+        return outs if len(outs) > 1 else outs[0]
 
-    def _capture(self, key, args, params, backend: str, has_y: bool, has_tangents: bool) -> _Capture:
+    def _capture(self, key, args, params, backend: str, has_y: bool, has_tangents: bool,
+                 head: str | None) -> _Capture:
         live_params = {id(p) for p in params}
         for old in list(self._captures):  # parameters were replaced: graphs reading the old ones are stale
             if any(id(p) not in live_params for p in self._captures[old].params):
                 del self._captures[old]
         while len(self._captures) >= self.max_graphs:
             self._captures.popitem(last=False)
-        call = _Call(self.module, backend, has_y, has_tangents)
+        call = _Call(self.module, backend, has_y, has_tangents, head)
         checks = self.module.check_inputs
         self.module.check_inputs = False  # value checks sync with the host: not allowed while capturing
         try:

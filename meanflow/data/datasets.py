@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..runtime.seeding import seed_of
+
 TOYS = ("checkerboard", "moons", "8gaussians")
 DATASETS = TOYS + ("digits", "mnist", "folder", "latents")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -342,11 +344,6 @@ def dataset_from_config(cfg, split: str | None = None) -> Dataset:
 
 
 # ------------------------------------------------------------------------------------------- batch iterator
-def _seed_of(*parts: int) -> int:
-    """A 63-bit seed mixed from integers (numpy's SeedSequence: different parts give independent streams)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
 class BatchIterator:
     """Endless, deterministic batches with a resumable position.
 
@@ -372,7 +369,7 @@ class BatchIterator:
         self._perm: np.ndarray | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(_seed_of(self.seed, epoch)).permutation(len(self.dataset))
+        return np.random.default_rng(seed_of(self.seed, epoch)).permutation(len(self.dataset))
 
     def next_indices(self) -> np.ndarray:
         """The global batch's indices (finite data), advancing the position."""
@@ -396,7 +393,7 @@ class BatchIterator:
             idx = self.next_indices()[self.rank::self.world_size]
             x, y = self.dataset.get(idx)
         else:
-            g = torch.Generator().manual_seed(_seed_of(self.seed, self.batches))
+            g = torch.Generator().manual_seed(seed_of(self.seed, self.batches))
             x, y = self.dataset.sample(self.batch_size, g)
             x = x[self.rank::self.world_size]
             y = y[self.rank::self.world_size] if y is not None else None

@@ -19,7 +19,7 @@ import torch
 from mfkernels._checks import check_float, describe
 
 from .guidance import guided_velocity
-from .model import unwrap
+from ..models.network import unwrap
 from .time_sampling import TIME_SAMPLERS, num_jvp_rows, sample_t_r
 
 LOSS_OPS = ("auto", "native", "torch")

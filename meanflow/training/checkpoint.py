@@ -25,17 +25,16 @@ kill at any moment leaves either the old or the new checkpoint complete, never a
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from ..runtime.files import fsync_dir, save_atomic, write_bytes_atomic
 
 FORMAT = "meanflow-ckpt-v1"
 DCP_FORMAT = "meanflow-dcp-v1"
@@ -46,50 +45,6 @@ DCP_META = "meta.pt"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path."""
-
-
-# ---------------------------------------------------------------------------------------------- atomic writing
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` so that a crash leaves either the old file or the complete new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the final file the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then os.replace onto `path`."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes_atomic(path, buf.getvalue())
 
 
 # -------------------------------------------------------------------------------------------- run directories
@@ -250,13 +205,13 @@ def save_dcp_checkpoint(run_dir: str | os.PathLike, step: int, tensors: dict, me
     _barrier(on)
     if rank == 0:
         save_atomic({"format": DCP_FORMAT, "step": step, **meta}, tmp / DCP_META)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. a resumed run that stops where it started)
             aside = final.parent / f".tmp_old_{final.name}"
             os.replace(final, aside)
             _remove(aside)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         _point_latest_and_prune(final, run_dir, keep)
     _barrier(on)
     return final
