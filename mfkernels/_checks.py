@@ -5,6 +5,8 @@ to read a kernel to find out why a call was refused.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -109,3 +111,18 @@ def check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot) -> int:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must be on the same device")
     return kt
+
+
+def require_values(ok: torch.Tensor, message: str, details: Callable[[], str] | None = None) -> None:
+    """A check on tensor VALUES (ok: a bool tensor, all of it must be True); a ValueError naming what is wrong.
+
+    Eagerly it reads ok on the host (one sync) and the error adds details() (e.g. the offending range). While
+    torch.compile traces, reading a value would break the graph (or sync the host), so the check becomes a device-side
+    assert, torch._assert_async (no sync, no graph break; a RuntimeError with the message on CPU, a device assert on
+    CUDA).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), message)
+        return
+    if not bool(ok.all()):
+        raise ValueError(message + (details() if details is not None else ""))
