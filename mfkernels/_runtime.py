@@ -87,3 +87,18 @@ def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch grids. Plain Python: triton.cdiv is a ConstexprFunction in Triton 3.6 and costs ~2 us per
     host call, paid on every launch."""
     return -(-a // b)
+
+
+_PROMOTED: dict = {}
+
+
+def promote(*dtypes: torch.dtype) -> torch.dtype:
+    """torch.promote_types over several dtypes, memoised: torch.promote_types is an aten op (a dispatcher call of a
+    microsecond or two on every op call otherwise)."""
+    out = _PROMOTED.get(dtypes)
+    if out is None:
+        out = dtypes[0]
+        for d in dtypes[1:]:
+            out = torch.promote_types(out, d)
+        _PROMOTED[dtypes] = out
+    return out

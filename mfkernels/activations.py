@@ -159,6 +159,7 @@ def _bwd_fake(a, grad_y):
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(inputs[0])
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for y_dot (a launch and a write per call)
 
 
 def _act_ops(name: str, fwd_launcher, bwd_launcher) -> FusedOp:
@@ -174,7 +175,7 @@ def _act_ops(name: str, fwd_launcher, bwd_launcher) -> FusedOp:
 
     def backward(ctx, grad_y, _grad_y_dot):
         (a,) = ctx.saved_tensors
-        return (bwd(a, grad_y) if ctx.needs_input_grad[0] else None), None
+        return (bwd(a, grad_y) if ctx.needs_input_grad[0] and grad_y is not None else None), None
 
     def check(a, a_dot):
         check_tangent("a_dot", a_dot, "a", a)

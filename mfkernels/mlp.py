@@ -119,11 +119,14 @@ def _mlp_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, output[2], w1, b1, w2)
     ctx.has_b2 = b2 is not None
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for y_dot and h (a launch and a write each)
 
 
 def _mlp_backward(ctx, grad_y, _grad_y_dot, _grad_h):
     """dW2 = dy^T g, db2 = sum dy, dg = dy W2; [g = gelu(a), da = dg gelu'(a)] in one kernel (da overwrites dg);
     dW1 = da^T x, db1 = sum da, dx = da W1   (a = h + b1, dy = grad_y as (M, out))."""
+    if grad_y is None:  # y took no part in what is differentiated
+        return (None,) * 7
     x, h, w1, b1, w2 = ctx.saved_tensors
     need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
     need_b1 = need_b1 and b1 is not None

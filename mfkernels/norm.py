@@ -169,7 +169,7 @@ def layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps
 
 
 def layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx: bool, compute_dmod: bool):
-    """Launch the backward kernel. Returns (dx or None, dshift or None, dscale or None)."""
+    """Launch the backward kernel. Returns (dx or None, dmod = stack([dshift, dscale]) (2, B, C) or None)."""
     batch, tokens, c = x.shape
     grad_y, x = grad_y.contiguous(), x.contiguous()
     scale, s_scale = row_stride(scale)
@@ -177,22 +177,18 @@ def layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx: bool, compu
     block_c = row_block(c, "layernorm_modulate_jvp")
     rows_per_program = reduction_rows_per_program(batch, tokens, 1, x.device)
     n_chunks = _runtime.cdiv(tokens, rows_per_program)
-    part_dtype = torch_acc_dtype(x.dtype)
-    if compute_dmod:
-        dshift_part = _runtime.new_output((batch, n_chunks, c), dtype=part_dtype, device=x.device)
-        dscale_part = _runtime.new_output((batch, n_chunks, c), dtype=part_dtype, device=x.device)
-    else:
-        dshift_part = dscale_part = None
+    # dshift and dscale partials in one buffer (2, B, n_chunks, C): one reduction over the chunks for both
+    parts = _runtime.new_output((2, batch, n_chunks, c), dtype=torch_acc_dtype(x.dtype), device=x.device) \
+        if compute_dmod else None
     _layernorm_modulate_bwd_kernel[(n_chunks, batch)](
         grad_y, x, scale, mean, rstd,
-        dx if compute_dx else grad_y, dshift_part if compute_dmod else grad_y, dscale_part if compute_dmod else grad_y,
+        dx if compute_dx else grad_y, parts[0] if compute_dmod else grad_y, parts[1] if compute_dmod else grad_y,
         tokens, c, n_chunks, rows_per_program, s_scale,
         BLOCK_C=block_c, ACC=acc_dtype(x.dtype), COMPUTE_DX=compute_dx, COMPUTE_DMOD=compute_dmod,
         num_warps=row_warps(block_c),
     )
-    dshift = dshift_part.sum(1).to(scale.dtype) if compute_dmod else None
-    dscale = dscale_part.sum(1).to(scale.dtype) if compute_dmod else None
-    return dx, dshift, dscale
+    dmod = parts.sum(2).to(scale.dtype) if compute_dmod else None  # fixed order over chunks: deterministic
+    return dx, dmod
 
 
 # ------------------------------------------------------------------------------------------------------ custom ops
@@ -211,21 +207,21 @@ def _fwd_fake(x, shift, scale, x_dot, shift_dot, scale_dot, eps, save_stats):
 
 
 def _bwd_impl(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-              compute_dx: bool, compute_dmod: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dx, dshift, dscale); the ones not asked for are empty (0,). No tokens or no features: zeros."""
+              compute_dx: bool, compute_dmod: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dmod = stack([dshift, dscale]) (2, B, C)); the ones not asked for are empty (0,). One output for both
+    modulation gradients: they come from one reduction, and a custom op may not return two views of one tensor.
+    No tokens or no features: zeros."""
     if x.numel():
-        dx, dshift, dscale = layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx, compute_dmod)
+        dx, dmod = layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx, compute_dmod)
     else:
         dx = torch.zeros_like(x) if compute_dx else None
-        dshift = torch.zeros_like(scale) if compute_dmod else None
-        dscale = torch.zeros_like(scale) if compute_dmod else None
-    return (dx if compute_dx else x.new_empty((0,)), dshift if compute_dmod else scale.new_empty((0,)),
-            dscale if compute_dmod else scale.new_empty((0,)))
+        dmod = scale.new_zeros((2, *scale.shape)) if compute_dmod else None
+    return (dx if compute_dx else x.new_empty((0,)), dmod if compute_dmod else scale.new_empty((0,)))
 
 
 def _bwd_fake(grad_y, x, scale, mean, rstd, compute_dx, compute_dmod):
-    mod_shape = (x.shape[0], x.shape[2]) if compute_dmod else (0,)
-    return x.new_empty(x.shape if compute_dx else (0,)), scale.new_empty(mod_shape), scale.new_empty(mod_shape)
+    dmod_shape = (2, x.shape[0], x.shape[2]) if compute_dmod else (0,)
+    return x.new_empty(x.shape if compute_dx else (0,)), scale.new_empty(dmod_shape)
 
 
 _bwd = FusedOp("layernorm_modulate_bwd", _bwd_impl, _bwd_fake)
@@ -236,6 +232,7 @@ def _setup_context(ctx, inputs, output):
     _, y_dot, mean, rstd = output
     ctx.save_for_backward(x, scale, mean, rstd)
     ctx.mark_non_differentiable(y_dot, mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for y_dot, mean, rstd (a launch and a write each)
 
 
 def _backward(ctx, grad_y, _grad_y_dot, _grad_mean, _grad_rstd):
@@ -243,9 +240,10 @@ def _backward(ctx, grad_y, _grad_y_dot, _grad_mean, _grad_rstd):
     x, scale, mean, rstd = ctx.saved_tensors
     need_dx, need_dshift, need_dscale = ctx.needs_input_grad[:3]
     need_dmod = need_dshift or need_dscale
-    if not (need_dx or need_dmod):
+    if grad_y is None or not (need_dx or need_dmod):
         return (None,) * 8
-    dx, dshift, dscale = _bwd(grad_y, x, scale, mean, rstd, need_dx, need_dmod)
+    dx, dmod = _bwd(grad_y, x, scale, mean, rstd, need_dx, need_dmod)
+    dshift, dscale = dmod.unbind(0) if need_dmod else (None, None)
     return (dx if need_dx else None, dshift if need_dshift else None, dscale if need_dscale else None,
             None, None, None, None, None)
 

@@ -84,7 +84,7 @@ def _tile(c: int) -> tuple[int, int, int]:
 def gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot) -> tuple[torch.Tensor, torch.Tensor]:
     batch, tokens, c = x.shape
     kt = x_dot.shape[0]
-    out_dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), f.dtype)
+    out_dtype = _runtime.promote(x.dtype, gate.dtype, f.dtype)
     x, f, x_dot, f_dot = x.contiguous(), f.contiguous(), x_dot.contiguous(), f_dot.contiguous()
     gate, s_gate = row_stride(gate)
     gate_dot, s_gate_dot = row_stride(gate_dot)
@@ -111,7 +111,7 @@ def gated_residual_bwd(grad_y, gate, f, compute_df: bool, compute_dgate: bool):
     df = (grad_y * gate[:, None, :]).to(f.dtype) if compute_df else None
     dgate = None
     if compute_dgate:
-        acc = torch.promote_types(torch.promote_types(grad_y.dtype, f.dtype), torch.float32)
+        acc = _runtime.promote(grad_y.dtype, f.dtype, torch.float32)
         dgate = (grad_y * f).sum(1, dtype=acc).to(gate.dtype)  # products as eager autograd, fp32 accumulation
     return df, dgate
 
@@ -123,7 +123,7 @@ def _fwd_impl(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, x_dot: torch
 
 
 def _fwd_fake(x, gate, f, x_dot, gate_dot, f_dot):
-    out_dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), f.dtype)
+    out_dtype = _runtime.promote(x.dtype, gate.dtype, f.dtype)
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x_dot.shape, dtype=out_dtype)
 
 
@@ -132,6 +132,7 @@ def _setup_context(ctx, inputs, output):
     ctx.x_dtype = x.dtype
     ctx.save_for_backward(gate, f)  # df needs gate, dgate needs f; nothing of the tangents is kept
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for y_dot (a launch and a write per call)
 
 
 def _backward(ctx, grad_y, _grad_y_dot):
@@ -139,6 +140,8 @@ def _backward(ctx, grad_y, _grad_y_dot):
     gate, f = ctx.saved_tensors
     need_dx, need_dgate, need_df = ctx.needs_input_grad[:3]
     grad_x = grad_gate = grad_f = None
+    if grad_y is None:  # y took no part in what is differentiated
+        return (None,) * 6
     if need_dx:  # y = x + ...: dy is dx (in x's dtype if the output dtype was promoted)
         grad_x = grad_y if grad_y.dtype == ctx.x_dtype else grad_y.to(ctx.x_dtype)
     if need_dgate or need_df:
