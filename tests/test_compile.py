@@ -14,6 +14,15 @@ from tests.utils import max_rel_err, randomize_
 B, KT, CLASSES = 4, 2, 3
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_aot_autograd_cache(monkeypatch):
+    """AOTAutogradCache keys a compiled graph on the Dynamo graph, not on a custom op's Python autograd formula: after
+    an edit of an op's backward (or with another checkout's cache in a shared /tmp) it could replay the old one."""
+    import torch._functorch.config
+
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+
+
 def make_model(arch: str, backend: str = "fused"):
     torch.manual_seed(0)
     if arch == "dit":  # one block, 4 tokens of width 16: every op of the DiT once

@@ -10,6 +10,15 @@ OPS = torch.ops.mfkernels
 F64 = torch.float64
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_aot_autograd_cache(monkeypatch):
+    """AOTAutogradCache keys a compiled graph on the Dynamo graph, not on a custom op's Python autograd formula: after
+    an edit of an op's backward (or with another checkout's cache in a shared /tmp) it could replay the old one."""
+    import torch._functorch.config
+
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+
+
 def r(*shape, grad=False, dtype=F64):
     return torch.randn(*shape, dtype=dtype).requires_grad_(grad)
 

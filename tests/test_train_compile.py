@@ -15,6 +15,15 @@ from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1", "eval.enabled=false"]
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_aot_autograd_cache(monkeypatch):
+    """AOTAutogradCache keys a compiled graph on the Dynamo graph, not on a custom op's Python autograd formula: after
+    an edit of an op's backward (or with another checkout's cache in a shared /tmp) it could replay the old one."""
+    import torch._functorch.config
+
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+
+
 def digits_config(*extra):
     # class-conditional DiT, guidance with kappa > 0 over part of the interval, label dropout
     return apply_overrides(get_preset("digits"), QUIET + [
