@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,11 +22,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import is_oom, peak_memory_mb, time_fn, write_results  # noqa: E402
+from bench.modern_cases import BLOCKS as IMF_BLOCKS, TINY_BLOCKS as IMF_TINY  # noqa: E402
 from meanflow.models.backends import ops_for  # noqa: E402
 from meanflow.models.layers import DiTBlock  # noqa: E402
 from mfkernels.nn import math_attention  # noqa: E402
 
-WIDTHS = {"DiT-B": (768, 12), "DiT-XL": (1152, 16)}
+# The benchmarked blocks: name -> (width, heads, factory(width, heads) -> a module with forward(x, c) and
+# forward_jvp(x, x_dot, c, c_dot, ops)). A new block type: add a row here ("tiny" is the CPU dry run's).
+BLOCKS: dict[str, tuple[int, int, Callable[[int, int], torch.nn.Module]]] = {
+    "DiT-B": (768, 12, DiTBlock),
+    "DiT-XL": (1152, 16, DiTBlock),
+    **IMF_BLOCKS,  # iMF's block (RMSNorm, QK-norm + RoPE attention, SwiGLU): iMF-B 768/12, iMF-XL 1024/16
+}
+TINY = {"tiny": (48, 2, DiTBlock), **IMF_TINY}
 
 
 def block_flops(batch: int, kt: int, tokens: int, dim: int, with_jvp: bool) -> float:
@@ -44,7 +53,7 @@ def block_flops(batch: int, kt: int, tokens: int, dim: int, with_jvp: bool) -> f
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--models", nargs="+", default=list(WIDTHS))
+    ap.add_argument("--models", nargs="+", default=list(BLOCKS), help=f"a subset of {', '.join(BLOCKS)}")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--ratio", type=float, default=0.25)
@@ -53,17 +62,17 @@ def main(argv=None):
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    widths = dict(WIDTHS)
+    blocks = dict(BLOCKS)
     if args.quick and not cuda:
-        widths, args.models, args.batch, args.tokens = {"tiny": (48, 2)}, ["tiny"], 4, 12
+        blocks, args.models, args.batch, args.tokens = TINY, list(TINY), 4, 12
     # As in training: fp32 parameters, bf16 autocast on CUDA (fp32 on CPU).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
     dtype = torch.float32
     rows = []
     for name in args.models:
-        dim, heads = widths[name]
+        dim, heads, factory = blocks[name]
         torch.manual_seed(0)
-        block = DiTBlock(dim, heads).to(args.device, dtype)
+        block = factory(dim, heads).to(args.device, dtype)
         with torch.no_grad():
             for p in block.parameters():
                 p.normal_(0, 0.02)

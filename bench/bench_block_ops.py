@@ -3,7 +3,8 @@
     python bench/bench_block_ops.py --out results.json [--quick]
 
 Ops: LayerNorm + adaLN modulate, GELU(tanh) on the MLP hidden activation, the MLP (Linear-GELU-Linear), the gated
-residual. Providers, all timed in the same run on the same fresh random inputs (bf16):
+residual; RMSNorm, QK-norm + RoPE of q and k, RoPE and the SwiGLU MLP (cases in bench/modern_cases.py). Providers, all
+timed in the same run on the same fresh random inputs (bf16):
 
 * ``fused``:    the mfkernels op (Triton kernels; cuBLAS for the MLP's GEMMs).
 * ``eager``:    the pure-torch ``<op>_ref`` from mfkernels.reference (ragged tangents, tangent under no_grad).
@@ -26,9 +27,9 @@ Self-contained: needs only torch, triton and this repository (put on sys.path he
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 import sys
 from pathlib import Path
 
@@ -41,9 +42,9 @@ if not ON_CUDA:
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 
-from bench.common import time_fn  # noqa: E402
+from bench.common import time_fn, write_results  # noqa: E402
+from bench.modern_cases import CASES as MODERN_CASES  # noqa: E402
 from mfkernels import reference as ref  # noqa: E402
 from mfkernels.activations import gelu_tanh_jvp  # noqa: E402
 from mfkernels.mlp import mlp_jvp  # noqa: E402
@@ -74,100 +75,115 @@ def _plain_residual(x, gate, f):
     return x + gate[:, None, :] * f
 
 
-def make_case(op: str, B: int, N: int, C: int, kt: int, dtype, device):
-    """Returns (primals, tangents, fused, eager, autograd, rate(pass, ms) -> (key, value))."""
-    e = torch.tensor([], dtype=dtype).element_size()
+@dataclass
+class Case:
+    """One op at one shape: inputs, the three providers (each (primals, tangents) -> (y, y_dot)) and the useful work
+    (`fwd_bytes`/`bwd_bytes` for memory-bound ops, `fwd_flops`/`bwd_flops` for GEMM-bound ones)."""
+
+    primals: list
+    tangents: list
+    fused: Callable
+    eager: Callable
+    autograd: Callable
+    fwd_bytes: int = 0
+    bwd_bytes: int = 0
+    fwd_flops: int = 0
+    bwd_flops: int = 0
+
+    def rate(self, kind: str, ms: float) -> tuple[str, float]:
+        """("tflops", TFLOP/s) for GEMM-bound cases, else ("gbps", GB/s), of the fwd_jvp or fwd_bwd pass."""
+        if self.fwd_flops:
+            flops = self.fwd_flops + (self.bwd_flops if kind == "fwd_bwd" else 0)
+            return "tflops", flops / (ms * 1e-3) / 1e12
+        nbytes = self.fwd_bytes + (self.bwd_bytes if kind == "fwd_bwd" else 0)
+        return "gbps", nbytes / (ms * 1e-3) / 1e9
+
+
+def _ln_modulate(B, N, C, kt, r, e) -> Case:
     M, Mt = B * N, kt * N
+    return Case(
+        primals=[r(B, N, C), r(B, C), r(B, C, scale=0.5)], tangents=[r(kt, N, C), r(kt, C), r(kt, C)],
+        fused=lambda p, t: layernorm_modulate_jvp(*p, *t, eps=EPS),
+        eager=lambda p, t: ref.layernorm_modulate_jvp_ref(*p, *t, eps=EPS),
+        autograd=lambda p, t: torch.func.jvp(_plain_ln_modulate, tuple(p), tuple(_padded(x, B) for x in t)),
+        fwd_bytes=e * (2 * M * C + 2 * B * C + 2 * Mt * C + 2 * kt * C),
+        bwd_bytes=8 * M + e * (3 * M * C + 3 * B * C) + 8 * M)  # stats written + (dy, x, dx; scale, dshift, dscale)
+
+
+def _gelu_tanh(B, N, C, kt, r, e) -> Case:
+    M, Mt, H = B * N, kt * N, 4 * C
+    return Case(
+        primals=[r(B, N, H, scale=2.0)], tangents=[r(kt, N, H)],
+        fused=lambda p, t: gelu_tanh_jvp(*p, *t),
+        eager=lambda p, t: ref.gelu_tanh_jvp_ref(*p, *t),
+        autograd=lambda p, t: torch.func.jvp(lambda a: F.gelu(a, approximate="tanh"), tuple(p), (_padded(t[0], B),)),
+        fwd_bytes=e * (2 * M * H + 2 * Mt * H),
+        bwd_bytes=e * 3 * M * H)  # a, dy read; da written
+
+
+def _mlp(B, N, C, kt, r, e) -> Case:
+    M, Mt, H = B * N, kt * N, 4 * C
+
+    def autograd(p, t):
+        x, *params = p
+        return torch.func.jvp(lambda z: _plain_mlp(z, *params), (x,), (_padded(t[0], B),))
+
+    return Case(
+        primals=[r(B, N, C), r(H, C, scale=C ** -0.5), r(H, scale=0.1), r(C, H, scale=H ** -0.5), r(C, scale=0.1)],
+        tangents=[r(kt, N, C)],
+        fused=lambda p, t: mlp_jvp(*p, *t),
+        eager=lambda p, t: ref.mlp_jvp_ref(*p, *t),
+        autograd=autograd,
+        fwd_flops=2 * (M + Mt) * C * H * 2,
+        bwd_flops=2 * M * C * H * 4)
+
+
+def _gated_residual(B, N, C, kt, r, e) -> Case:
+    M, Mt = B * N, kt * N
+    return Case(
+        primals=[r(B, N, C), r(B, C), r(B, N, C)], tangents=[r(kt, N, C), r(kt, C), r(kt, N, C)],
+        fused=lambda p, t: gated_residual_jvp(*p, *t),
+        eager=lambda p, t: ref.gated_residual_jvp_ref(*p, *t),
+        autograd=lambda p, t: torch.func.jvp(_plain_residual, tuple(p), tuple(_padded(x, B) for x in t)),
+        fwd_bytes=e * (3 * M * C + B * C + 3 * Mt * C + kt * C),
+        bwd_bytes=e * (3 * M * C + 2 * B * C))  # dy, f read, df written (dx = dy: no traffic); gate, dgate
+
+
+# The benchmarked ops, in table order. A new op: write `_myop(B, N, C, kt, r, e) -> Case` (r(*shape, scale=...)
+# draws an input, e is the element size) and add it here; its rows then appear in the JSON and in report.py.
+CASES: dict[str, Callable[..., Case]] = {
+    "ln_modulate": _ln_modulate,
+    "gelu_tanh": _gelu_tanh,
+    "mlp": _mlp,
+    "gated_residual": _gated_residual,
+}
+# RMSNorm, QK-norm + RoPE, RoPE, SwiGLU (issue 16): bench/modern_cases.py gives Case's fields as a dict
+CASES.update({op: (lambda build: lambda *a: Case(**build(*a)))(build) for op, build in MODERN_CASES.items()})
+
+
+def make_case(op: str, B: int, N: int, C: int, kt: int, dtype, device) -> Case:
+    """The inputs and providers of `op` (a key of CASES) at B x N x C with kt tangent rows, fresh random inputs."""
+    if op not in CASES:
+        raise ValueError(f"unknown op {op!r}; known: {', '.join(CASES)}")
+    e = torch.tensor([], dtype=dtype).element_size()
 
     def r(*shape, scale=1.0):
         return torch.randn(*shape, dtype=dtype, device=device) * scale
 
-    if op == "ln_modulate":
-        primals = [r(B, N, C), r(B, C), r(B, C, scale=0.5)]
-        tangents = [r(kt, N, C), r(kt, C), r(kt, C)]
-
-        def fused(p, t):
-            return layernorm_modulate_jvp(*p, *t, eps=EPS)
-
-        def eager(p, t):
-            return ref.layernorm_modulate_jvp_ref(*p, *t, eps=EPS)
-
-        def autograd(p, t):
-            return torch.func.jvp(_plain_ln_modulate, tuple(p), tuple(_padded(x, B) for x in t))
-
-        fwd_bytes = e * (2 * M * C + 2 * B * C + 2 * Mt * C + 2 * kt * C)
-        bwd_bytes = 8 * M + e * (3 * M * C + 3 * B * C) + 8 * M  # stats written + (dy, x, dx; scale, dshift, dscale)
-
-    elif op == "gelu_tanh":
-        H = 4 * C
-        primals, tangents = [r(B, N, H, scale=2.0)], [r(kt, N, H)]
-
-        def fused(p, t):
-            return gelu_tanh_jvp(*p, *t)
-
-        def eager(p, t):
-            return ref.gelu_tanh_jvp_ref(*p, *t)
-
-        def autograd(p, t):
-            return torch.func.jvp(lambda a: F.gelu(a, approximate="tanh"), tuple(p), (_padded(t[0], B),))
-
-        fwd_bytes = e * (2 * M * H + 2 * Mt * H)
-        bwd_bytes = e * 3 * M * H  # a, dy read; da written
-
-    elif op == "mlp":
-        H = 4 * C
-        primals = [r(B, N, C), r(H, C, scale=C ** -0.5), r(H, scale=0.1), r(C, H, scale=H ** -0.5), r(C, scale=0.1)]
-        tangents = [r(kt, N, C)]
-
-        def fused(p, t):
-            return mlp_jvp(*p, *t)
-
-        def eager(p, t):
-            return ref.mlp_jvp_ref(*p, *t)
-
-        def autograd(p, t):
-            x, *params = p
-            return torch.func.jvp(lambda z: _plain_mlp(z, *params), (x,), (_padded(t[0], B),))
-
-        fwd_flops = 2 * (M + Mt) * C * H * 2
-        bwd_flops = 2 * M * C * H * 4
-
-    elif op == "gated_residual":
-        primals = [r(B, N, C), r(B, C), r(B, N, C)]
-        tangents = [r(kt, N, C), r(kt, C), r(kt, N, C)]
-
-        def fused(p, t):
-            return gated_residual_jvp(*p, *t)
-
-        def eager(p, t):
-            return ref.gated_residual_jvp_ref(*p, *t)
-
-        def autograd(p, t):
-            return torch.func.jvp(_plain_residual, tuple(p), tuple(_padded(x, B) for x in t))
-
-        fwd_bytes = e * (3 * M * C + B * C + 3 * Mt * C + kt * C)
-        bwd_bytes = e * (3 * M * C + 2 * B * C)  # dy, f read, df written (dx = dy: no traffic); gate, dgate
-
-    else:
-        raise ValueError(op)
-
-    def rate(kind: str, ms: float):
-        if op == "mlp":
-            flops = fwd_flops + (bwd_flops if kind == "fwd_bwd" else 0)
-            return "tflops", flops / (ms * 1e-3) / 1e12
-        nbytes = fwd_bytes + (bwd_bytes if kind == "fwd_bwd" else 0)
-        return "gbps", nbytes / (ms * 1e-3) / 1e9
-
-    return primals, tangents, fused, eager, autograd, rate
+    return CASES[op](B, N, C, kt, r, e)
 
 
-def _max_rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+def _max_rel_diff(a, b) -> float:
+    if isinstance(a, tuple):  # several outputs (q' and k' of the QK op): the worst
+        return max(_max_rel_diff(x, y) for x, y in zip(a, b))
     if a.numel() == 0:
         return 0.0
     return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12)).item()
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, ops: list[str] | None = None) -> list[dict]:
+    """Rows for every op in `ops` (default: all of CASES) at the benchmark shapes."""
+    ops = list(CASES) if ops is None else ops
     device = "cuda" if ON_CUDA else "cpu"
     dtype = torch.bfloat16
     if ON_CUDA:
@@ -186,9 +202,11 @@ def run(quick: bool) -> dict:
     rows = []
     for name, B, N, C in shapes:
         for kt in kts(B):
-            for op in ("ln_modulate", "gelu_tanh", "mlp", "gated_residual"):
+            for op in ops:
                 torch.manual_seed(len(rows))  # fresh inputs for every case, reproducible
-                primals, tangents, fused, eager, autograd, rate = make_case(op, B, N, C, kt, dtype, device)
+                case = make_case(op, B, N, C, kt, dtype, device)
+                primals, tangents, fused, eager, autograd = (case.primals, case.tangents, case.fused, case.eager,
+                                                             case.autograd)
                 # sanity: the timed fused op agrees with the reference (bf16: loose)
                 with torch.no_grad():
                     y_f, yd_f = fused(primals, tangents)
@@ -199,7 +217,7 @@ def run(quick: bool) -> dict:
 
                 def record(provider, kind, times, extra=None):
                     ms, p20, p80 = times
-                    key, value = rate(kind, ms)
+                    key, value = case.rate(kind, ms)
                     rows.append({**base, "provider": provider, "pass": kind, "ms": ms, "ms_p20": p20,
                                  "ms_p80": p80, key: value, **(extra or {})})
                     print(f"{name:9s} kt={kt:3d} {op:15s} {kind:8s} {provider:9s} {ms:9.4f} ms  {key} {value:8.2f}",
@@ -211,35 +229,31 @@ def run(quick: bool) -> dict:
                     record("autograd", "fwd_jvp", timer(lambda: autograd(primals, tangents)))
 
                 leaves = [p.detach().requires_grad_() for p in primals]
-                dy = torch.randn_like(y_e)
+                dy = tuple(torch.randn_like(y) for y in y_e) if isinstance(y_e, tuple) else torch.randn_like(y_e)
                 for provider, fn in (("fused", fused), ("eager", eager)):
                     def step(fn=fn):
                         y, _ = fn(leaves, tangents)
-                        y.backward(dy)
+                        torch.autograd.backward(y, dy)  # y may be a tuple (q', k')
 
                     record(provider, "fwd_bwd", timer(step, grad_to_none=leaves))
                 del primals, tangents, leaves, y_f, yd_f, y_e, yd_e
                 if ON_CUDA:
                     torch.cuda.empty_cache()
 
-    return {
-        "device": torch.cuda.get_device_name() if ON_CUDA else "cpu (Triton interpreter: dry run, not a measurement)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "rows": rows,
-    }
+    return rows
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="where to write the JSON results")
     parser.add_argument("--quick", action="store_true", help="fewer cases (kt = B/4 only; on CPU one tiny shape)")
+    parser.add_argument("--ops", nargs="+", default=None, choices=list(CASES), help="a subset of the ops")
     args = parser.parse_args(argv)
-    results = run(args.quick)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {len(results['rows'])} rows to {args.out}")
+    rows = run(args.quick, args.ops)
+    device = "cuda" if ON_CUDA else "cpu"
+    note = None if ON_CUDA else "Triton interpreter on CPU: a dry run of the script, not a measurement"
+    write_results(args.out, "block_ops", device, rows, note=note)
+    print(f"wrote {len(rows)} rows to {args.out}")
 
 
 if __name__ == "__main__":

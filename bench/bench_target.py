@@ -4,19 +4,27 @@
 
 Both providers run in the same process on the same fresh random inputs, forward + backward ("fwd+bwd": the loss,
 then loss.backward() into u) and forward only under no_grad ("fwd"). Rows report the median time and the effective
-bandwidth of the op's minimal traffic (the same byte count for both providers):
+bandwidth of one byte count, the same for both providers (`traffic`, from what csrc/cuda/target.cu reads and writes):
 
-    fwd:      read u, v_g, du_dt (kt rows), t, r;  write per_sample, weight, loss (+ the residual when grad is on)
-    bwd:      read the residual and weight;  write grad_u
+    bytes           the traffic the op cannot avoid: every input read once, every output written once
+                    fwd:      read u, v_g (B rows), du_dt (kt rows), t, r;  write per_sample, weight, loss
+                    fwd+bwd:  the same, plus grad_loss read and grad_u written
+    bytes_accessed  every load and store the kernels issue: bytes plus the residual d = u - u_tgt that the forward
+                    writes (B rows, u's dtype) and the backward reads back, plus the per-chunk partial sums
 
-A "copy" row times torch's clone of a buffer of half that byte count (it reads and writes it: the same bytes moved),
-the bandwidth any memory-bound op can hope for on that device; native rows carry frac_of_copy = their GB/s over it.
+GB/s and the fractions of the references use `bytes`. The residual is an intermediate: written and read back within
+one fwd+bwd, it can stay in the 50 MB L2 at these sizes, so counting it (as this benchmark did before 2026-11-30)
+credits the op with traffic that never reaches HBM: that is how fwd+bwd rows reached 102-114% of a copy "of the same
+bytes". With `bytes` the op moves at least what its reference moves, so it cannot beat a reference of that size
+except through the read/write mix: the forward only reads, and a read-only stream is faster than a copy (half reads,
+half writes). Two references, each moving `bytes`: "copy" (torch clone of bytes / 2: read and write) and "read" (a sum
+over a buffer of `bytes`: read only); native rows carry frac_of_copy and frac_of_read.
 
 Timing: CUDA uses triton.testing.do_bench (median; its warm-up excluded), which times call by call and so includes
 the host's launch cost whenever that exceeds the kernel (it does at these sizes: an op of ~5 us of GPU work). CUDA
 rows therefore also carry device_ms: the op replayed from a CUDA graph over a rotating set of input copies (together
 > 256 MB, several times the L2, so every call streams from HBM), the same for the copy; device_gbps and
-device_frac_of_copy are computed from those. CPU repeats time.perf_counter around one
+device_frac_of_copy / device_frac_of_read are computed from those. CPU repeats time.perf_counter around one
 call (median of `reps`, after `warmup` untimed calls), with the providers interleaved call by call so that load
 from other processes on a shared machine hits both alike; CPU rows also carry ms_min (the fastest call), which
 other processes disturb least. On a loaded 2-core host, 2 OpenMP threads stall whenever the other core is taken:
@@ -25,10 +33,7 @@ other processes disturb least. On a loaded 2-core host, 2 OpenMP threads stall w
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from bench.common import device_name, write_results  # noqa: E402
 from mfkernels import target as mt  # noqa: E402
 from mfkernels.reference import meanflow_loss_ref  # noqa: E402
 
@@ -57,17 +63,29 @@ def make_inputs(shape, dtype, device):
     return u, v_g, du_dt, t, r
 
 
-def traffic(shape, dtype, mode):
-    """Bytes the op must move at least (see the module doc)."""
+def traffic(shape, dtype, mode, acc_bytes: int = 4) -> dict[str, int]:
+    """Bytes of the op at (B, ...) = shape with kt = B / 4 tangent rows (module doc): {"bytes": inputs read once +
+    outputs written once, "bytes_accessed": every load and store of the kernels}. t and r are fp32 (make_inputs);
+    per_sample, weight and loss are in the accumulation dtype (acc_bytes: 4, or 8 for fp64 inputs)."""
     batch, n = shape[0], 1
     for s in shape[1:]:
         n *= s
     es = torch.tensor([], dtype=dtype).element_size()
     kt = batch // 4
-    fwd = (2 * batch + kt) * n * es + 2 * batch * 4 + (2 * batch + 1) * 4
+    reads = (2 * batch + kt) * n * es + 2 * batch * 4          # u, v_g, du_dt; t, r
+    writes = (2 * batch + 1) * acc_bytes                         # per_sample, weight, loss
+    chunks = -(-n // (256 * (16 // es) * 4))                     # target.cu: kThreads * vec_size * kUnroll per chunk
+    partials = 2 * batch * chunks * acc_bytes                    # written by the main pass, read by the finalize
     if mode == "fwd":
-        return fwd
-    return fwd + batch * n * es + 2 * batch * n * es + batch * 4  # + residual write, residual read, grad write
+        return {"bytes": reads + writes, "bytes_accessed": reads + writes + partials}
+    grad = acc_bytes + batch * n * es                            # grad_loss read, grad_u written
+    residual = 2 * batch * n * es + batch * acc_bytes           # d written then read back; weight read again
+    return {"bytes": reads + writes + grad, "bytes_accessed": reads + writes + partials + grad + residual}
+
+
+def compulsory_bytes(tensors_read, tensors_written) -> int:
+    """What a copy of the same tensors moves: each read once and each written once (the floor of any byte model)."""
+    return sum(t.numel() * t.element_size() for t in (*tensors_read, *tensors_written))
 
 
 def providers(u, v_g, du_dt, t, r, mode):
@@ -126,14 +144,24 @@ def time_cuda(fns: dict, mode, u, warmup, reps):
     return out
 
 
-def device_ms(shape, dtype, mode, provider: str, nbytes: int, reps: int = 20) -> float | None:
-    """Per-call ms of `provider` ('native', 'torch' or 'copy') replayed from one CUDA graph that cycles through
-    input sets (or copy buffers) totalling > 256 MB, so no call finds its inputs in L2. None if capture fails."""
-    sets = max(2, min(64, -(-(256 << 20) // max(1, nbytes))))
+def _reference_calls(provider: str, nbytes: int, sets: int, device: str) -> list:
+    """One call per buffer set of a reference moving nbytes: 'copy' clones nbytes / 2 (reads and writes them),
+    'read' sums nbytes of fp32 (reads only; the 4-byte result is negligible)."""
     if provider == "copy":
-        srcs = [torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device="cuda") for _ in range(sets)]
+        srcs = [torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device) for _ in range(sets)]
         dsts = [torch.empty_like(x) for x in srcs]
-        calls = [lambda i=i: dsts[i].copy_(srcs[i]) for i in range(sets)]
+        return [lambda i=i: dsts[i].copy_(srcs[i]) for i in range(sets)]
+    srcs = [torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device) for _ in range(sets)]
+    return [lambda i=i: srcs[i].sum() for i in range(sets)]
+
+
+def device_ms(shape, dtype, mode, provider: str, nbytes: int, reps: int = 20) -> float | None:
+    """Per-call ms of `provider` ('native', 'torch', 'copy' or 'read') replayed from one CUDA graph that cycles
+    through input sets (or reference buffers) totalling > 256 MB, so no call finds its inputs in L2. None if the
+    capture fails."""
+    sets = max(2, min(64, -(-(256 << 20) // max(1, nbytes))))
+    if provider in REFERENCES:
+        calls = _reference_calls(provider, nbytes, sets, "cuda")
     else:
         inputs = [make_inputs(shape, dtype, "cuda") for _ in range(sets)]
         calls = [lambda i=i: run_fn(providers(*inputs[i], mode)[provider], mode, inputs[i][0]) for i in range(sets)]
@@ -167,35 +195,24 @@ def device_ms(shape, dtype, mode, provider: str, nbytes: int, reps: int = 20) ->
         torch.cuda.empty_cache()
 
 
-def time_copy(nbytes, device, warmup, reps):
-    """ms of torch clone of nbytes / 2 bytes (reads and writes them: nbytes moved)."""
-    buf = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device)
+REFERENCES = ("copy", "read")
+
+
+def time_reference(provider: str, nbytes: int, device: str, warmup: int, reps: int) -> float:
+    """Call-by-call ms of a reference moving nbytes (see _reference_calls), timed like the providers."""
+    call = _reference_calls(provider, nbytes, 1, device)[0]
     if device == "cuda":
         from triton.testing import do_bench
 
-        return do_bench(lambda: buf.clone(), warmup=warmup, rep=reps, return_mode="median")
+        return do_bench(call, warmup=warmup, rep=reps, return_mode="median")
     for _ in range(warmup):
-        buf.clone()
+        call()
     samples = []
     for _ in range(reps):
         start = time.perf_counter()
-        buf.clone()
+        call()
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
-
-
-def device_name(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
 
 
 def main(argv=None):
@@ -222,6 +239,10 @@ def main(argv=None):
 
     rows = []
     status = mt.native_status()
+    extra = {"native_source": status.source, "malloc_env": {k: v for k, v in os.environ.items()
+                                                            if k.startswith("MALLOC_")},
+             "byte_model": "bytes = inputs read once + outputs written once (residual round trip excluded); "
+                           "bytes_accessed = every load and store of the kernels"}
     print(f"device: {device_name(device)}  torch {torch.__version__}  native: {status.source}")
     print(f"{'shape':>18} {'dtype':>5} {'mode':>8} {'provider':>8} {'ms':>9} {'GB/s':>8}  notes")
     for shape_name in shapes:
@@ -231,17 +252,18 @@ def main(argv=None):
             torch.manual_seed(0)
             u, v_g, du_dt, t, r = make_inputs(shape, dtype, device)
             for mode in ("fwd+bwd", "fwd"):
-                nbytes = traffic(shape, dtype, mode)
+                counts = traffic(shape, dtype, mode)
+                nbytes = counts["bytes"]
                 times = timer(providers(u, v_g, du_dt, t, r, mode), mode, u, warmup, reps)
-                copy_ms = time_copy(nbytes, device, warmup, reps)
-                copy_gbps = nbytes / copy_ms / 1e6
+                ref_ms = {ref: time_reference(ref, nbytes, device, warmup, reps) for ref in REFERENCES}
+                ref_gbps = {ref: nbytes / ms / 1e6 for ref, ms in ref_ms.items()}
                 common = {"bench": "target", "dtype": dtype_name, "shape": list(shape), "kt": shape[0] // 4,
-                          "mode": mode, "bytes": nbytes, "device": device}
+                          "mode": mode, **counts, "byte_model": "v2", "device": device}
                 if device == "cpu":
                     common["threads"] = torch.get_num_threads()
                 dev = {}
                 if device == "cuda":
-                    dev = {name: device_ms(shape, dtype, mode, name, nbytes) for name in ("native", "torch", "copy")}
+                    dev = {name: device_ms(shape, dtype, mode, name, nbytes) for name in ("native", "torch", *REFERENCES)}
                 for provider in ("native", "torch"):
                     ms = times[provider]
                     row = {**common, "provider": provider, "ms": round(ms, 4), "gbps": round(nbytes / ms / 1e6, 2)}
@@ -254,20 +276,23 @@ def main(argv=None):
                         row["speedup_vs_torch"] = round(times["torch"] / ms, 2)
                         if device == "cpu":
                             row["speedup_vs_torch_min"] = round(_minimum["torch"] / _minimum["native"], 2)
-                        row["frac_of_copy"] = round(row["gbps"] / copy_gbps, 3)
-                        if dev.get("native") and dev.get("copy"):
-                            row["device_frac_of_copy"] = round(dev["copy"] / dev["native"], 3)
-                            if dev.get("torch"):
-                                row["device_speedup_vs_torch"] = round(dev["torch"] / dev["native"], 2)
+                        for ref in REFERENCES:
+                            row[f"frac_of_{ref}"] = round(row["gbps"] / ref_gbps[ref], 3)
+                            if dev.get("native") and dev.get(ref):
+                                row[f"device_frac_of_{ref}"] = round(dev[ref] / dev["native"], 3)
+                        if dev.get("native") and dev.get("torch"):
+                            row["device_speedup_vs_torch"] = round(dev["torch"] / dev["native"], 2)
                     rows.append(row)
-                copy_row = {**common, "provider": "copy", "ms": round(copy_ms, 4), "gbps": round(copy_gbps, 2)}
-                if dev.get("copy"):
-                    copy_row.update(device_ms=round(dev["copy"], 5), device_gbps=round(nbytes / dev["copy"] / 1e6, 2))
-                rows.append(copy_row)
-                for row in rows[-3:]:
+                for ref in REFERENCES:
+                    ref_row = {**common, "provider": ref, "ms": round(ref_ms[ref], 4), "gbps": round(ref_gbps[ref], 2)}
+                    if dev.get(ref):
+                        ref_row.update(device_ms=round(dev[ref], 5), device_gbps=round(nbytes / dev[ref] / 1e6, 2))
+                    rows.append(ref_row)
+                for row in rows[-4:]:
                     notes = ""
                     if row["provider"] == "native":
-                        notes = f"{row['speedup_vs_torch']}x vs torch, {row['frac_of_copy']:.0%} of copy"
+                        notes = (f"{row['speedup_vs_torch']}x vs torch, {row['frac_of_copy']:.0%} of copy, "
+                                 f"{row['frac_of_read']:.0%} of read")
                         if "device_frac_of_copy" in row:
                             notes += (f"; device (graph): {row['device_ms'] * 1e3:.1f} us, "
                                       f"{row['device_frac_of_copy']:.0%} of copy")
@@ -275,17 +300,12 @@ def main(argv=None):
                             notes += f" (fastest runs: {row['speedup_vs_torch_min']}x)"
                     print(f"{str(tuple(shape)):>18} {dtype_name:>5} {mode:>8} {row['provider']:>8} "
                           f"{row['ms']:9.3f} {row['gbps']:8.1f}  {notes}", flush=True)
-    result = {"device": device_name(device), "torch": torch.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "native_source": status.source, "python": platform.python_version(),
-              "host_load": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-              "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
-              "command": " ".join(sys.argv), "rows": rows}
+            if args.out:
+                write_results(args.out, "target", device, rows, **extra)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        write_results(args.out, "target", device, rows, **extra)
         print(f"wrote {args.out}")
-    return result
+    return rows
 
 
 if __name__ == "__main__":

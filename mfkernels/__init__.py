@@ -17,6 +17,10 @@ _EXPORTS = {
     "linear_jvp": "mlp",
     "mlp_jvp": "mlp",
     "gated_residual_jvp": "residual",
+    "rmsnorm_jvp": "rmsnorm",
+    "swiglu_jvp": "swiglu",
+    "rope_jvp": "rope",
+    "qk_norm_rope_jvp": "qk_norm_rope",
     "meanflow_loss": "target",
     "ops_table": "ops",
 }

@@ -26,6 +26,11 @@ class JVPOps:
     layernorm_modulate: Callable
     gated_residual: Callable
     attention: Callable
+    # modern-transformer ops (RMSNorm, SwiGLU, RoPE, fused QK-norm + RoPE): filled by _modern_ops below
+    rmsnorm: Callable
+    swiglu: Callable
+    rope: Callable
+    qk_norm_rope: Callable
 
 
 _TABLES: dict[str, JVPOps] = {}
@@ -45,7 +50,8 @@ def _build_table(implementation: str) -> JVPOps:
         from . import reference as R
 
         return JVPOps("reference", R.linear_jvp_ref, R.silu_jvp_ref, R.gelu_tanh_jvp_ref, R.mlp_jvp_ref,
-                      R.layernorm_modulate_jvp_ref, R.gated_residual_jvp_ref, R.attention_jvp_ref)
+                      R.layernorm_modulate_jvp_ref, R.gated_residual_jvp_ref, R.attention_jvp_ref,
+                      **_modern_ops("reference"))
     if implementation == "fused":
         from .activations import gelu_tanh_jvp, silu_jvp
         from .attention import attention_jvp
@@ -54,5 +60,20 @@ def _build_table(implementation: str) -> JVPOps:
         from .residual import gated_residual_jvp
 
         return JVPOps("fused", linear_jvp, silu_jvp, gelu_tanh_jvp, mlp_jvp, layernorm_modulate_jvp,
-                      gated_residual_jvp, attention_jvp)
+                      gated_residual_jvp, attention_jvp, **_modern_ops("fused"))
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
+
+
+def _modern_ops(implementation: str) -> dict[str, Callable]:
+    """The RMSNorm / SwiGLU / RoPE / QK-norm + RoPE fields of a table (reference.py re-exports their references)."""
+    if implementation == "reference":
+        from . import reference_modern as R
+
+        return dict(rmsnorm=R.rmsnorm_jvp_ref, swiglu=R.swiglu_jvp_ref, rope=R.rope_jvp_ref,
+                    qk_norm_rope=R.qk_norm_rope_jvp_ref)
+    from .qk_norm_rope import qk_norm_rope_jvp
+    from .rmsnorm import rmsnorm_jvp
+    from .rope import rope_jvp
+    from .swiglu import swiglu_jvp
+
+    return dict(rmsnorm=rmsnorm_jvp, swiglu=swiglu_jvp, rope=rope_jvp, qk_norm_rope=qk_norm_rope_jvp)

@@ -228,3 +228,14 @@ def meanflow_loss_ref(u: torch.Tensor, v_g: torch.Tensor, du_dt: torch.Tensor, t
     weight = (per_sample.detach() + eps).pow(-p)
     loss = (weight * per_sample).mean()
     return loss, per_sample.detach(), weight
+
+
+# ------------------------------------------------------------------------------- modern transformer ops (issue 16)
+# RMSNorm, RoPE, fused QK-norm + RoPE and the SwiGLU MLP live in their own module; re-exported here so that every
+# `<op>_ref` is reachable as mfkernels.reference.<op>_ref.
+from .reference_modern import (  # noqa: E402
+    qk_norm_rope_jvp_ref,
+    rmsnorm_jvp_ref,
+    rope_jvp_ref,
+    swiglu_jvp_ref,
+)

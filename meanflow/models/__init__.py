@@ -2,6 +2,7 @@
 
     network.py   JVPNetwork: the call every network shares, backends dispatch, input validation (validate.py)
     dit.py       DiT with adaLN-Zero and its registry (DIT_MODELS, build_dit)
+    imf_dit.py   iMF's network: in-context conditioning, RMSNorm / SwiGLU / QK-norm + RoPE, u and v branches
     mlp_net.py   a small MLP for the 2-D toys
     layers.py    DiT layers with forward_jvp (timestep embedders, the adaLN-Zero block, the final layer)
     backends.py  autograd / explicit / fused: which op table a forward_jvp gets
@@ -9,9 +10,10 @@
 """
 from .backends import BACKENDS, JVPOps, ops_for
 from .dit import DIT_MODELS, DiT, build_dit
+from .imf_dit import IMF_MODELS, IMFDiT, build_imf_dit
 from .mlp_net import MLPNet
 from .network import JVPNetwork, count_parameters, unwrap
 from .registry import build_model
 
-__all__ = ["BACKENDS", "JVPOps", "ops_for", "DIT_MODELS", "DiT", "build_dit", "MLPNet", "JVPNetwork",
-           "count_parameters", "unwrap", "build_model"]
+__all__ = ["BACKENDS", "JVPOps", "ops_for", "DIT_MODELS", "DiT", "build_dit", "IMF_MODELS", "IMFDiT", "build_imf_dit",
+           "MLPNet", "JVPNetwork", "count_parameters", "unwrap", "build_model"]

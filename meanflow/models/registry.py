@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from .dit import DIT_MODELS, DiT
+from .imf_dit import build_imf_from_config
 from .mlp_net import MLPNet
 
 
@@ -23,8 +24,10 @@ def build_model(cfg, data_shape: tuple[int, ...], num_classes: int, device: torc
         if len(data_shape) != 1:
             raise ValueError(f"model.arch=mlp needs vector data (D,); the dataset gives {data_shape}")
         return MLPNet(data_shape[0], cfg.hidden or 256, cfg.depth or 4, num_classes=num_classes, backend=backend)
+    if cfg.arch == "imf_dit":  # iMF's network (meanflow.models.imf_dit)
+        return build_imf_from_config(cfg, data_shape, num_classes, backend)
     if cfg.arch != "dit":
-        raise ValueError(f"model.arch must be 'dit' or 'mlp'; got {cfg.arch!r}")
+        raise ValueError(f"model.arch must be 'dit', 'imf_dit' or 'mlp'; got {cfg.arch!r}")
     if len(data_shape) != 3:
         raise ValueError(f"model.arch=dit needs image-like data (C, H, W); the dataset gives {data_shape} "
                          f"(use model.arch=mlp for 2-D toys)")

@@ -1,0 +1,262 @@
+"""The SwiGLU MLP (LLaMA, iMF, LightningDiT) with its tangent: two stacked GEMMs and one fused gate kernel between.
+
+    [h; h_dot] = [x; x_dot] [W1; W3]^T                          GEMM 1 (cuBLAS): gate and value weights stacked, primal
+                                                                and tangent rows stacked: one GEMM for all four products
+    a = h[:, :H] + b1,  b = h[:, H:] + b3                       (primal rows; biases optional)
+    g = silu(a) b                                               } one fused kernel, writes [g; g_dot] stacked so that
+    g_dot = silu'(a) a_dot b + silu(a) b_dot                    } GEMM 2 reads it with no concatenation
+    y = g W2^T + b2,  y_dot = g_dot W2^T                        GEMM 2 (cuBLAS; two calls on the halves of [g; g_dot])
+
+Memory: the backward saves x and the biased pre-activations [a | b] only (no tangent activation, and not g: the backward
+kernel recomputes g while it forms da = dg b silu'(a), db = dg silu(a)). Without a gradient to compute (no_grad, or
+inputs that need none) nothing is saved, and a backward that finds no saved [a | b] recomputes it (one GEMM).
+
+Weights: w13 = [W1; W3] (2H, C), gate rows first, as one parameter (`mfkernels.nn.SwiGLU` holds it so); w2 (out, H).
+Autocast: as `mlp_jvp`, x, x_dot, weights and biases are cast to the autocast dtype first; outside autocast all must
+share x's dtype.
+
+Chain: `_swiglu_jvp_fwd_kernel` -> `swiglu_jvp_fwd()` -> custom op `mfkernels::swiglu_fwd` (autograd registered:
+`_swiglu_bwd_kernel` -> `swiglu_bwd()` -> `mfkernels::swiglu_bwd`) -> `swiglu_jvp()`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from . import _runtime
+from ._checks import describe
+from ._tl_math import acc_dtype, next_power_of_2, silu_and_grad, tl, triton
+from ._tl_store import rne_bf16, round_to
+from .mlp import _autocast_dtype, _cast
+from .reference_modern import check_swiglu_args, swiglu_jvp_ref
+
+__all__ = ["swiglu_jvp"]
+
+
+# ---------------------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _swiglu_jvp_fwd_kernel(
+    H_, B13, G, AB,
+    m, mt, hidden,
+    HAS_BIAS: tl.constexpr, WRITE_AB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr,
+    RNE: tl.constexpr,
+):
+    """SiLU-gate epilogue of GEMM 1 on a tile of BLOCK_R rows x BLOCK_C hidden units; grid (cdiv(m, BLOCK_R),
+    cdiv(hidden, BLOCK_C)). H_ is GEMM 1's output (m + mt, 2 hidden): primal rows then tangent rows.
+
+        a = H_[r, c] + b1[c];  b = H_[r, hidden + c] + b3[c]            (r < m; B13 = [b1; b3])
+        G[r, c] = silu(a) b;   AB[r, c] = a, AB[r, hidden + c] = b       (AB if WRITE_AB: saved for the backward)
+        G[m + r, c] = silu'(a) H_[m + r, c] b + silu(a) H_[m + r, hidden + c]      (r < mt: tangent row r)
+    The tangent row r belongs to primal row r (tangent rows are the first kt samples), so a, b are loaded once for both.
+    """
+    start = tl.program_id(0) * BLOCK_R
+    rows = start + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < hidden
+    mask = (rows < m)[:, None] & col_ok[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    in_a = r64 * (2 * hidden) + cols[None, :]
+    a = tl.load(H_ + in_a, mask=mask, other=0.0).to(ACC)
+    b = tl.load(H_ + in_a + hidden, mask=mask, other=0.0).to(ACC)
+    if HAS_BIAS:
+        a += tl.load(B13 + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+        b += tl.load(B13 + hidden + cols, mask=col_ok, other=0.0).to(ACC)[None, :]
+    silu_a, dsilu_a = silu_and_grad(a)
+    tl.store(G + r64 * hidden + cols[None, :], round_to(silu_a * b, G.dtype.element_ty, RNE), mask=mask)
+    if WRITE_AB:
+        tl.store(AB + in_a, round_to(a, AB.dtype.element_ty, RNE), mask=mask)
+        tl.store(AB + in_a + hidden, round_to(b, AB.dtype.element_ty, RNE), mask=mask)
+    # Scalar branch: tiles past the tangent rows (most of them at kt = B/4) skip the tangent loads.
+    if start < mt:
+        tmask = mask & (rows < mt)[:, None]
+        t_in = (r64 + m) * (2 * hidden) + cols[None, :]
+        a_dot = tl.load(H_ + t_in, mask=tmask, other=0.0).to(ACC)
+        b_dot = tl.load(H_ + t_in + hidden, mask=tmask, other=0.0).to(ACC)
+        g_dot = dsilu_a * a_dot * b + silu_a * b_dot
+        tl.store(G + (r64 + m) * hidden + cols[None, :], round_to(g_dot, G.dtype.element_ty, RNE), mask=tmask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    DG, AB, DAB, G,
+    m, hidden,
+    WRITE_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr,
+):
+    """Backward of g = silu(a) b on a tile; grid as the forward's. dg = dy W2 (m, hidden); AB = [a | b] (m, 2 hidden):
+
+        DAB[r, c] = dg silu'(a) b,   DAB[r, hidden + c] = dg silu(a)
+        G[r, c] = silu(a) b          (if WRITE_G: GEMM dW2 = dy^T g needs it; G may alias DG, each element is read
+                                      before the same program overwrites it)
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < m)[:, None] & (cols < hidden)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    in_a = r64 * (2 * hidden) + cols[None, :]
+    in_g = r64 * hidden + cols[None, :]
+    a = tl.load(AB + in_a, mask=mask, other=0.0).to(ACC)
+    b = tl.load(AB + in_a + hidden, mask=mask, other=0.0).to(ACC)
+    dg = tl.load(DG + in_g, mask=mask, other=0.0).to(ACC)
+    silu_a, dsilu_a = silu_and_grad(a)
+    tl.store(DAB + in_a, round_to(dg * dsilu_a * b, DAB.dtype.element_ty, RNE), mask=mask)
+    tl.store(DAB + in_a + hidden, round_to(dg * silu_a, DAB.dtype.element_ty, RNE), mask=mask)
+    if WRITE_G:
+        tl.store(G + in_g, round_to(silu_a * b, G.dtype.element_ty, RNE), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------------- launchers
+def _tile(hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps): 1024-element tiles, 128 hidden units wide (divides 2048 and 2730 -> 22 blocks
+    with a masked tail), 8 elements per thread at 4 warps: 16-byte vector loads of 16-bit data."""
+    block_c = min(next_power_of_2(hidden), 128)
+    return max(1, 1024 // block_c), block_c, 4
+
+
+def swiglu_jvp_fwd(x, w13, b13, w2, b2, x_dot, save_pre: bool):
+    """Forward of the SwiGLU MLP and its tangent. Returns (y, y_dot, ab); ab = [a | b] (M, 2H) if save_pre else
+    empty (0, 2H)."""
+    lead, lead_t = x.shape[:-1], x_dot.shape[:-1]
+    m, mt = math.prod(lead), math.prod(lead_t)
+    c = x.shape[-1]
+    hidden = w13.shape[0] // 2
+    stacked = torch.cat([x.reshape(m, c), x_dot.reshape(mt, c)]) if mt else x.reshape(m, c)
+    h = torch.mm(stacked, w13.t())  # GEMM 1: (m + mt, 2H); biases only on primal rows (in the kernel)
+    del stacked
+    g_stack = _runtime.new_output((m + mt, hidden), dtype=h.dtype, device=h.device)
+    ab = _runtime.new_output((m if save_pre else 0, 2 * hidden), dtype=h.dtype, device=h.device)
+    if m and hidden:
+        block_r, block_c, warps = _tile(hidden)
+        _swiglu_jvp_fwd_kernel[(_runtime.cdiv(m, block_r), _runtime.cdiv(hidden, block_c))](
+            h, b13 if b13 is not None else h, g_stack, ab if save_pre else h, m, mt, hidden,
+            HAS_BIAS=b13 is not None, WRITE_AB=save_pre, BLOCK_R=block_r, BLOCK_C=block_c,
+            ACC=acc_dtype(h.dtype), RNE=rne_bf16(h.dtype), num_warps=warps,
+        )
+    del h  # nothing of the tangent survives the forward
+    # GEMM 2 as two calls over the two halves of [g; g_dot]: a custom op's outputs must not share storage (two views of
+    # one (m + mt, out) product would), and the primal's call adds b2 in its epilogue (addmm) instead of a pass more.
+    w2t = w2.t()
+    y = torch.mm(g_stack[:m], w2t) if b2 is None else torch.addmm(b2, g_stack[:m], w2t)
+    y_dot = torch.mm(g_stack[m:], w2t)
+    return y.reshape(*lead, w2.shape[0]), y_dot.reshape(*lead_t, w2.shape[0]), ab
+
+
+def swiglu_bwd(grad_y, x, ab, w13, b13, w2, has_b2: bool, need_dx: bool, need_dw: bool):
+    """Backward of the primal. Returns (dx, dw13, db13, dw2, db2); those not needed (or of absent biases) are empty.
+
+        dg = dy W2;  [da | db] (kernel, with g recomputed);  dW2 = dy^T g;  db2 = sum dy;
+        dW13 = [da | db]^T x;  db13 = sum [da | db];  dx = [da | db] W13
+    """
+    c, out_features, hidden = x.shape[-1], w2.shape[0], w13.shape[0] // 2
+    x2 = x.reshape(-1, c)
+    m = x2.shape[0]
+    if ab.shape[0] != m:  # nothing saved (the forward ran without a gradient to compute): recompute [a | b]
+        ab = F.linear(x2, w13, b13)
+    dy = grad_y.reshape(m, out_features).to(ab.dtype)
+    dg = torch.mm(dy, w2)  # scratch: the kernel overwrites it with g when the weight gradients need g
+    dab = _runtime.new_output((m, 2 * hidden), dtype=ab.dtype, device=ab.device)
+    if m and hidden:
+        block_r, block_c, warps = _tile(hidden)
+        _swiglu_bwd_kernel[(_runtime.cdiv(m, block_r), _runtime.cdiv(hidden, block_c))](
+            dg, ab, dab, dg, m, hidden,
+            WRITE_G=need_dw, BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc_dtype(ab.dtype),
+            RNE=rne_bf16(ab.dtype), num_warps=warps,
+        )
+    def empty():  # a fresh one each: a custom op's outputs must not alias each other
+        return x.new_empty(0)
+
+    dx = torch.mm(dab, w13).reshape(x.shape) if need_dx else empty()
+    if not need_dw:
+        return dx, empty(), empty(), empty(), empty()
+    g = dg  # overwritten in place by the kernel
+    return (dx, torch.mm(dab.t(), x2), dab.sum(0) if b13 is not None else empty(),
+            torch.mm(dy.t(), g), dy.sum(0) if has_b2 else empty())
+
+
+# ------------------------------------------------------------------------------------------------------ custom ops
+@torch.library.custom_op("mfkernels::swiglu_fwd", mutates_args=())
+def _swiglu_fwd_op(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, w2: torch.Tensor,
+                   b2: torch.Tensor | None, x_dot: torch.Tensor,
+                   save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, y_dot, [a | b] or empty) from GEMM 1, the fused gate kernel and GEMM 2; opaque to Dynamo and torch.func."""
+    if not _runtime.triton_can_run(x):
+        raise RuntimeError(f"mfkernels::swiglu_fwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
+                           f"got x with {describe(x)}")
+    return swiglu_jvp_fwd(x, w13, b13, w2, b2, x_dot, save_pre)
+
+
+@_swiglu_fwd_op.register_fake
+def _(x, w13, b13, w2, b2, x_dot, save_pre):
+    m = math.prod(x.shape[:-1]) if save_pre else 0
+    out = w2.shape[0]
+    return (x.new_empty((*x.shape[:-1], out)), x.new_empty((*x_dot.shape[:-1], out)),
+            x.new_empty((m, w13.shape[0])))
+
+
+@torch.library.custom_op("mfkernels::swiglu_bwd", mutates_args=())
+def _swiglu_bwd_op(grad_y: torch.Tensor, x: torch.Tensor, ab: torch.Tensor, w13: torch.Tensor,
+                   b13: torch.Tensor | None, w2: torch.Tensor, has_b2: bool, need_dx: bool, need_dw: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw13, db13, dw2, db2), each empty when not needed (or its bias is absent)."""
+    if not _runtime.triton_can_run(x):
+        raise RuntimeError(f"mfkernels::swiglu_bwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
+                           f"got x with {describe(x)}")
+    return swiglu_bwd(grad_y, x, ab, w13, b13, w2, has_b2, need_dx, need_dw)
+
+
+@_swiglu_bwd_op.register_fake
+def _(grad_y, x, ab, w13, b13, w2, has_b2, need_dx, need_dw):
+    def empty():
+        return x.new_empty(0)
+
+    dx = x.new_empty(x.shape) if need_dx else empty()
+    if not need_dw:
+        return dx, empty(), empty(), empty(), empty()
+    return (dx, w13.new_empty(w13.shape), w13.new_empty((w13.shape[0],)) if b13 is not None else empty(),
+            w2.new_empty(w2.shape), w2.new_empty((w2.shape[0],)) if has_b2 else empty())
+
+
+def _setup_context(ctx, inputs, output):
+    x, w13, b13, w2, b2, _x_dot, _save = inputs
+    _y, y_dot, ab = output
+    ctx.save_for_backward(x, ab, w13, b13, w2)
+    ctx.has_b2 = b2 is not None
+    ctx.mark_non_differentiable(y_dot, ab)
+
+
+def _backward(ctx, grad_y, _grad_y_dot, _grad_ab):
+    x, ab, w13, b13, w2 = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_dx, need_dw = need[0], any(need[1:5])
+    dx, dw13, db13, dw2, db2 = torch.ops.mfkernels.swiglu_bwd(grad_y, x, ab, w13, b13, w2, ctx.has_b2, need_dx,
+                                                              need_dw)
+    pick = lambda flag, g: g if flag else None  # noqa: E731
+    return (pick(need[0], dx), pick(need[1], dw13), pick(need[2] and b13 is not None, db13), pick(need[3], dw2),
+            pick(need[4] and ctx.has_b2, db2), None, None)
+
+
+torch.library.register_autograd("mfkernels::swiglu_fwd", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------- public
+def swiglu_jvp(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, w2: torch.Tensor,
+               b2: torch.Tensor | None, x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU MLP y = (silu(x W1^T + b1) * (x W3^T + b3)) W2^T + b2 with its tangent (module docstring).
+
+    x: (B, ..., C); w13: (2H, C) = [W1; W3]; b13: (2H,) or None; w2: (out, H); b2: (out,) or None; x_dot: (kt, ..., C),
+    kt <= B. Returns (y differentiable in x and the parameters, y_dot detached). Same contract and checks as
+    `reference.swiglu_jvp_ref`; falls back to it (one warning) where Triton cannot run.
+    """
+    check_swiglu_args(x, w13, b13, w2, b2, x_dot)
+    x, w13, b13, w2, b2, x_dot = _cast(_autocast_dtype(x), x, w13, b13, w2, b2, x_dot)
+    if not _runtime.triton_can_run(x):
+        _runtime.warn_fallback("swiglu_jvp", x)
+        return swiglu_jvp_ref(x, w13, b13, w2, b2, x_dot)
+    for name, t in (("w13", w13), ("b13", b13), ("w2", w2), ("b2", b2)):
+        if t is not None and (t.dtype != x.dtype or t.device != x.device):
+            raise TypeError(f"{name} has dtype {t.dtype} on {t.device} but x has dtype {x.dtype} on {x.device}; "
+                            f"outside autocast the SwiGLU parameters must match x")
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w13, b13, w2, b2))
+    y, y_dot, _ = torch.ops.mfkernels.swiglu_fwd(x, w13, b13, w2, b2, x_dot, save)
+    return y, y_dot
