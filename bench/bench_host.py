@@ -16,11 +16,16 @@ Three parts, each written as it finishes (CPU and CUDA; on CPU the Triton kernel
              measured without a GPU. So CPU rows say what the Python around a launch costs, not what a GPU call costs.
   step_host  one training step (forward + loss + backward + AdamW) of a DiT at a tiny batch, where the device work is
              negligible and the step time is host time: MeanFlow fused (guidance off / on) and flow matching, each
-             eager, compiled (train.compile's whole-model compile) and, on CUDA, graphed (CUDAGraphModel).
+             eager, on CUDA graphed (CUDAGraphModel), and compiled (train.compile's whole-model compile; on CUDA only
+             with --step-compiled: minutes of Inductor compiling).
+  fsdp       (not by default) FSDP2 with world size 1: step times of flow matching and MeanFlow fused at DiT-B/2
+             batch 64, each block compiled then sharded (train.compile under FSDP2), ratios to flow matching.
 
     python bench/bench_host.py --out bench/results/cpu/host.json                     # CPU: DiT-Tiny, stubbed Triton
     python bench/bench_host.py --device cuda --model DiT-B/2 --out OUT/host.json     # GPU: real launches
     python bench/bench_host.py --quick ...                                           # a dry run (the GPU suite on CPU)
+    python bench/bench_host.py --parts fsdp --device cuda --out OUT/fsdp.json        # FSDP2 world size 1, compiled
+
 
 What the CPU numbers predict for a GPU: launch counts carry over exactly (same code path, device independent). Host
 time per op and per step on CPU excludes the launches themselves and runs on a slower, shared CPU than a GPU server's:
@@ -251,7 +256,7 @@ def part_step_host(args, device: str, stub: bool) -> list[dict]:
     name = args.model if device == "cuda" else args.cpu_model
     batch = args.step_batch
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext())
-    modes = ["eager", "compiled"] + (["graphed"] if device == "cuda" else [])
+    modes = ["eager"] + (["graphed"] if device == "cuda" else []) + (["compiled"] if args.step_compiled else [])
     rows = []
     configs = {"flow_matching": dict(flow_matching=True), "meanflow": dict(ratio=0.25),
                "meanflow_guided": dict(ratio=0.25, omega=1.0, kappa=0.5)}
@@ -306,11 +311,94 @@ def part_step_host(args, device: str, stub: bool) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- FSDP2, world size 1
+def part_fsdp(args, device: str) -> list[dict]:
+    """FSDP2 with one process on the card: each block fully_shard-ed (compiled first with --fsdp-compiled, as
+    train.compile does), flow matching vs MeanFlow fused (guidance off / on); one step = forward + loss + backward +
+    AdamW, timed like bench_step (CUDA events back to back; CPU round-robin)."""
+    import torch.distributed as dist
+
+    from meanflow import MeanFlowLoss, build_dit
+    from meanflow.training import parallel
+    from meanflow.training.compile import compile_blocks
+    from tests.utils import free_port
+
+    cuda = device == "cuda"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device, (1,))
+    size, channels = (32, 4) if cuda else (8, 2)
+    name, batch = (args.fsdp_model, args.fsdp_batch) if cuda else (args.cpu_model, 4)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    rows = []
+    objectives = {"flow_matching": dict(flow_matching=True), "meanflow_fused": dict(ratio=0.25),
+                  "meanflow_fused_guided": dict(ratio=0.25, omega=1.0, kappa=0.5)}
+    for mode in args.fsdp_modes:
+        fm_ms = None
+        for objective, overrides in objectives.items():
+            torch.manual_seed(0)
+            torch._dynamo.reset()
+            net = build_dit(name, input_size=size, in_channels=channels, num_classes=10, backend="fused").to(device)
+            net.check_inputs = False
+            if mode == "compiled":
+                compile_blocks(net, parallel.shard_units(net), backend=args.compile_backend)
+            parallel.shard_model(net, mesh, parallel.mixed_precision_policy("bf16" if cuda else "fp32"))
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            loss_fn = MeanFlowLoss(loss_op="auto", **overrides)
+            x = torch.randn(batch, channels, size, size, device=device)
+            y = torch.randint(0, 10, (batch,), device=device)
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with autocast:
+                    loss, _ = loss_fn(net, x, y)
+                loss.backward()
+                opt.step()
+
+            row = {"part": "fsdp", "world_size": 1, "mode": mode, "objective": objective, "model": name,
+                   "batch": batch, "compile_backend": args.compile_backend if mode == "compiled" else None}
+            try:
+                t0 = time.perf_counter()
+                for _ in range(args.warmup_steps):
+                    step()
+                if cuda:
+                    torch.cuda.synchronize()
+                    row["warmup_s"] = time.perf_counter() - t0
+                    from bench.bench_step import time_cuda_steps
+
+                    row.update(time_cuda_steps(step, args.fsdp_warmup_ms, args.fsdp_rep_ms))
+                else:
+                    row["warmup_s"] = time.perf_counter() - t0
+                    row["ms"] = _host_us(step, device, args.steps, repeats=3) / 1e3
+                if objective == "flow_matching":
+                    fm_ms = row["ms"]
+                elif fm_ms:
+                    row["ratio_to_fm"] = row["ms"] / fm_ms
+            except Exception as exc:  # noqa: BLE001 - a failed case is a row
+                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            rows.append(row)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+            del net, opt
+    dist.destroy_process_group()
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--parts", default="launches,op_host,step_host")
+    p.add_argument("--parts", default="launches,op_host,step_host",
+                   help="comma-separated: launches, op_host, step_host, fsdp (FSDP2 world size 1 step times)")
+    p.add_argument("--step-compiled", action="store_true",
+                   help="step_host: also the compiled model (on CPU always; on CUDA it adds minutes of compiling)")
+    p.add_argument("--fsdp-model", default="DiT-B/2")
+    p.add_argument("--fsdp-batch", type=int, default=64)
+    p.add_argument("--fsdp-modes", nargs="+", default=["compiled"], choices=("eager", "compiled"))
+    p.add_argument("--fsdp-warmup-ms", type=float, default=500)
+    p.add_argument("--fsdp-rep-ms", type=float, default=3000)
     p.add_argument("--model", default="DiT-B/2", help="the step_host model on CUDA")
     p.add_argument("--cpu-model", default="DiT-Micro/2", help="the step_host model on CPU")
     p.add_argument("--step-batch", type=int, default=4, help="step_host batch: tiny, so that the step is host-bound")
@@ -332,6 +420,8 @@ def main(argv=None) -> None:
         args.calls, args.steps, args.warmup_steps = 10, 2, 1
         args.compile_backend = "aot_eager" if device == "cpu" else args.compile_backend
     parts = args.parts.split(",")
+    if device == "cpu":
+        args.step_compiled = True  # cheap at CPU sizes
     rows: list[dict] = []
     meta = {"stub_triton": stub, "args": vars(args)}
     if "launches" in parts:
@@ -342,6 +432,10 @@ def main(argv=None) -> None:
         write_results(args.out, "host", device, rows, **meta)
     if "step_host" in parts:
         rows += part_step_host(args, device, stub)
+        write_results(args.out, "host", device, rows, **meta)
+    if "fsdp" in parts:
+        with triton_launches(stub=stub):
+            rows += part_fsdp(args, device)
         write_results(args.out, "host", device, rows, **meta)
 
 
