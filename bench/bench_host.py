@@ -21,7 +21,7 @@ Three parts, each written as it finishes (CPU and CUDA; on CPU the Triton kernel
   fsdp       (not by default) FSDP2 with world size 1: step times of flow matching and MeanFlow fused at DiT-B/2
              batch 64, each block compiled then sharded (train.compile under FSDP2), ratios to flow matching.
 
-    python bench/bench_host.py --out bench/results/cpu/host.json                     # CPU: DiT-Tiny, stubbed Triton
+    python bench/bench_host.py --threads 1 --out bench/results/cpu/host.json         # CPU: stubbed Triton
     python bench/bench_host.py --device cuda --model DiT-B/2 --out OUT/host.json     # GPU: real launches
     python bench/bench_host.py --quick ...                                           # a dry run (the GPU suite on CPU)
     python bench/bench_host.py --parts fsdp --device cuda --out OUT/fsdp.json        # FSDP2 world size 1, compiled
@@ -205,8 +205,12 @@ def _host_us(fn, device: str, calls: int, repeats: int = 5) -> float:
 def part_op_host(device: str, calls: int, stub: bool) -> list[dict]:
     import torch.nn.functional as F
 
-    from mfkernels import _library
     from mfkernels.ops import ops_table
+
+    try:
+        from mfkernels import _library  # the custom-op dispatch (FusedOp) exists from issue 14 on
+    except ImportError:
+        _library = None
 
     fused = ops_table("fused")
     b, n, c, heads, kt = 2, 16, 64, 2, 1
@@ -225,7 +229,7 @@ def part_op_host(device: str, calls: int, stub: bool) -> list[dict]:
         "silu": (lambda: fused.silu(m, md), lambda: F.silu(m)),
     }
     rows = []
-    plain_eager = _library._plain_eager
+    plain_eager = _library._plain_eager if _library is not None else None
     with triton_launches(stub=stub):
         for name, (jvp, plain) in cases.items():
             for grad in (False, True):
@@ -234,11 +238,12 @@ def part_op_host(device: str, calls: int, stub: bool) -> list[dict]:
                 row = {"part": "op_host", "op": name, "requires_grad": grad, "shape": [b, n, c], "kt": kt,
                        "triton_stubbed": stub}
                 row["fused_us"] = _host_us(jvp, device, calls)
-                _library._plain_eager = lambda args: False  # every FusedOp through torch.ops.mfkernels.*
-                try:
-                    row["fused_via_custom_op_us"] = _host_us(jvp, device, calls)
-                finally:
-                    _library._plain_eager = plain_eager
+                if _library is not None:
+                    _library._plain_eager = lambda args: False  # every FusedOp through torch.ops.mfkernels.*
+                    try:
+                        row["fused_via_custom_op_us"] = _host_us(jvp, device, calls)
+                    finally:
+                        _library._plain_eager = plain_eager
                 row["torch_plain_us"] = _host_us(plain, device, calls)
                 rows.append(row)
                 print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
@@ -408,8 +413,12 @@ def main(argv=None) -> None:
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--stub-triton", choices=("auto", "on", "off"), default="auto",
                    help="auto: stubbed on CPU (host time without the interpreter), real launches on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (the committed CPU results: 1)")
+    p.add_argument("--note", default=None, help="a line stored in the result file's meta (e.g. which code was run)")
     p.add_argument("--quick", action="store_true", help="dry run: fewer calls and steps")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = "cuda" if args.device.startswith("cuda") else "cpu"
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -423,7 +432,7 @@ def main(argv=None) -> None:
     if device == "cpu":
         args.step_compiled = True  # cheap at CPU sizes
     rows: list[dict] = []
-    meta = {"stub_triton": stub, "args": vars(args)}
+    meta = {"stub_triton": stub, "args": vars(args), "note": args.note}
     if "launches" in parts:
         rows += part_launches(device, stub)
         write_results(args.out, "host", device, rows, **meta)
