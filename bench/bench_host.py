@@ -188,7 +188,6 @@ def part_launches(device: str, stub: bool) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ host time per op
 def _host_us(fn, device: str, calls: int, repeats: int = 5) -> float:
     """Best of `repeats` means over `calls` back-to-back calls, in microseconds (one sync per mean on CUDA)."""
-    fn()
     best = float("inf")
     for _ in range(repeats):
         if device == "cuda":
@@ -237,14 +236,24 @@ def part_op_host(device: str, calls: int, stub: bool) -> list[dict]:
                     t.requires_grad_(grad)
                 row = {"part": "op_host", "op": name, "requires_grad": grad, "shape": [b, n, c], "kt": kt,
                        "triton_stubbed": stub}
-                row["fused_us"] = _host_us(jvp, device, calls)
+                variants = {"fused_us": jvp, "torch_plain_us": plain}
                 if _library is not None:
-                    _library._plain_eager = lambda args: False  # every FusedOp through torch.ops.mfkernels.*
-                    try:
-                        row["fused_via_custom_op_us"] = _host_us(jvp, device, calls)
-                    finally:
-                        _library._plain_eager = plain_eager
-                row["torch_plain_us"] = _host_us(plain, device, calls)
+                    def via_op(jvp=jvp):
+                        _library._plain_eager = lambda args: False  # every FusedOp through torch.ops.mfkernels.*
+                        try:
+                            jvp()
+                        finally:
+                            _library._plain_eager = plain_eager
+
+                    variants["fused_via_custom_op_us"] = via_op
+                # interleaved: each round times every variant in turn (load drifts hit all alike); min over rounds
+                best = {k: float("inf") for k in variants}
+                for fn in variants.values():
+                    fn()
+                for _ in range(5):
+                    for key, fn in variants.items():
+                        best[key] = min(best[key], _host_us(fn, device, calls, repeats=1))
+                row.update(best)
                 rows.append(row)
                 print({k: (round(v, 1) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
@@ -252,7 +261,13 @@ def part_op_host(device: str, calls: int, stub: bool) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------- host time per step
 def part_step_host(args, device: str, stub: bool) -> list[dict]:
-    """Step time at a tiny batch (host-bound by construction), eager / compiled / graphed, MeanFlow vs FM."""
+    """Step time at a tiny batch (host-bound by construction), eager / graphed / compiled, MeanFlow vs FM.
+
+    Every case is built and warmed up first (compiling, capturing), then all are timed round-robin: each round runs
+    --steps steps of every case in turn (a sync around each), so load drifts on a shared machine hit every case alike.
+    Rows: median and min over the rounds of the mean step time."""
+    import statistics
+
     from meanflow import MeanFlowLoss, build_dit
     from meanflow.training.compile import compile_model
     from meanflow.training.cuda_graphs import CUDAGraphModel
@@ -262,57 +277,84 @@ def part_step_host(args, device: str, stub: bool) -> list[dict]:
     batch = args.step_batch
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else contextlib.nullcontext())
     modes = ["eager"] + (["graphed"] if device == "cuda" else []) + (["compiled"] if args.step_compiled else [])
-    rows = []
     configs = {"flow_matching": dict(flow_matching=True), "meanflow": dict(ratio=0.25),
                "meanflow_guided": dict(ratio=0.25, omega=1.0, kappa=0.5)}
-    for mode in modes:
-        for objective, overrides in configs.items():
-            torch.manual_seed(0)
-            torch._dynamo.reset()
-            net = build_dit(name, input_size=size, in_channels=channels, num_classes=10, backend="fused").to(device)
-            net.check_inputs = False
-            call = net
-            if mode == "compiled":
-                compile_model(net, backend=args.compile_backend)
-            elif mode == "graphed":
-                call = CUDAGraphModel(net)
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-            loss_fn = MeanFlowLoss(loss_op="auto", **overrides)
-            x = torch.randn(batch, channels, size, size, device=device)
-            y = torch.randint(0, 10, (batch,), device=device)
-            g = torch.Generator(device=device).manual_seed(0)
+    torch._dynamo.reset()
+    for knob in ("cache_size_limit", "recompile_limit"):  # all compiled cases share the forward's code object
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
+    rows, steps = [], []
 
-            def step():
-                opt.zero_grad(set_to_none=True)
-                with autocast:
-                    loss, _ = loss_fn(call, x, y, generator=g)
-                loss.backward()
-                opt.step()
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
 
-            row = {"part": "step_host", "mode": mode, "objective": objective, "model": name, "batch": batch,
-                   "triton_stubbed": stub, "compile_backend": args.compile_backend if mode == "compiled" else None}
-            try:
-                with triton_launches(stub=stub):
+    with triton_launches(stub=stub):
+        for mode in modes:
+            for objective, overrides in configs.items():
+                torch.manual_seed(0)
+                net = build_dit(name, input_size=size, in_channels=channels, num_classes=10,
+                                backend="fused").to(device)
+                net.check_inputs = False
+                call = net
+                if mode == "compiled":
+                    compile_model(net, backend=args.compile_backend)
+                elif mode == "graphed":
+                    call = CUDAGraphModel(net)
+                opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+                loss_fn = MeanFlowLoss(loss_op="auto", **overrides)
+                x = torch.randn(batch, channels, size, size, device=device)
+                y = torch.randint(0, 10, (batch,), device=device)
+                g = torch.Generator(device=device).manual_seed(0)
+
+                def step(opt=opt, loss_fn=loss_fn, call=call, x=x, y=y, g=g):
+                    opt.zero_grad(set_to_none=True)
+                    with autocast:
+                        loss, _ = loss_fn(call, x, y, generator=g)
+                    loss.backward()
+                    opt.step()
+
+                row = {"part": "step_host", "mode": mode, "objective": objective, "model": name, "batch": batch,
+                       "triton_stubbed": stub, "compile_backend": args.compile_backend if mode == "compiled" else None}
+                try:
                     t0 = time.perf_counter()
                     for _ in range(args.warmup_steps):  # compiles (compiled), captures (graphed)
                         step()
-                    if device == "cuda":
-                        torch.cuda.synchronize()
+                    sync()
                     row["warmup_s"] = time.perf_counter() - t0
-                    row["step_ms"] = _host_us(step, device, args.steps, repeats=3) / 1e3
-                    counter = LaunchCounter(stub)
                     if mode == "eager":
+                        counter = LaunchCounter(stub)
                         with counter:
                             step()
                         row["launches_per_step"] = counter.total
                         row["triton_launches_per_step"] = sum(counter.triton.values())
-                        # on CUDA: nonzero syncs; AdamW's step counters are CPU tensors (their reads do not)
+                        # nonzero: a host sync on CUDA (the guidance rows; on CPU also the target op's t >= r
+                        # check); scalar reads: AdamW's step counters, CPU tensors (no device sync on CUDA)
                         row["nonzero_per_step"] = counter.nonzero
                         row["scalar_reads_per_step"] = counter.scalar_reads
-            except Exception as exc:  # noqa: BLE001 - a failed mode is a row, not the end of the benchmark
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            rows.append(row)
-            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+                    steps.append((row, step))
+                except Exception as exc:  # noqa: BLE001 - a failed case is a row, not the end of the benchmark
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                rows.append(row)
+        times: dict[int, list[float]] = {id(r): [] for r, _ in steps}
+        for _ in range(args.rounds):
+            for row, step in steps:
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                sync()
+                times[id(row)].append((time.perf_counter() - t0) / args.steps * 1e3)
+    for row, _ in steps:
+        row["step_ms"] = statistics.median(times[id(row)])
+        row["step_ms_min"] = min(times[id(row)])
+        row["rounds"] = args.rounds
+    for row in rows:
+        fm = next((r for r in rows if r["mode"] == row["mode"] and r["objective"] == "flow_matching"
+                   and "step_ms" in r), None)
+        if fm is not None and "step_ms" in row:
+            row["ratio_to_fm"] = row["step_ms"] / fm["step_ms"]
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return rows
 
 
@@ -409,6 +451,7 @@ def main(argv=None) -> None:
     p.add_argument("--step-batch", type=int, default=4, help="step_host batch: tiny, so that the step is host-bound")
     p.add_argument("--steps", type=int, default=10, help="timed steps per mean (step_host)")
     p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7, help="step_host: round-robin rounds over the cases")
     p.add_argument("--calls", type=int, default=200, help="calls per mean (op_host)")
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--stub-triton", choices=("auto", "on", "off"), default="auto",
@@ -426,7 +469,7 @@ def main(argv=None) -> None:
     if stub and device == "cpu":
         torch.set_flush_denormal(True)  # stubbed kernels leave outputs unwritten: denormals would slow CPU GEMMs
     if args.quick:
-        args.calls, args.steps, args.warmup_steps = 10, 2, 1
+        args.calls, args.steps, args.warmup_steps, args.rounds = 10, 2, 1, 2
         args.compile_backend = "aot_eager" if device == "cpu" else args.compile_backend
     parts = args.parts.split(",")
     if device == "cpu":
