@@ -16,26 +16,162 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
+import warnings
 from pathlib import Path
 
 # Light imports only at module level: `meanflow presets` and `--help` should answer instantly.
 
 
+# ------------------------------------------------------------------------------------------------- exit status
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_POLICY = """exit status:
+  0    success
+  1    the run started and failed: a non-finite loss, out of memory, a disk or device error, an internal error
+  2    bad input, nothing was run: an argument or --set value out of range, an unknown preset, key or option, or a
+       file named on the command line that is missing, corrupt or does not fit (checkpoints included)
+  130  interrupted (Ctrl-C); `train` prints the command that resumes the run
+Errors are one line on stderr; MEANFLOW_DEBUG=1 shows the full traceback instead."""
+
+
+class RunFailed(Exception):
+    """A failure after the run started (exit status 1, whatever the underlying exception's type)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is the same one line as every other error (no usage dump), exit status 2."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _exit_status(exc: BaseException) -> int:
+    if isinstance(exc, RunFailed):
+        return EXIT_FAILED
+    if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return EXIT_BAD_INPUT
+    ckpt = sys.modules.get(f"{__package__}.training.checkpoint")  # not imported: cannot be a CheckpointError
+    if ckpt is not None and isinstance(exc, ckpt.CheckpointError):
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of an error as one line; errors that are not ours also name their type."""
+    cause = exc.__cause__ if isinstance(exc, RunFailed) and exc.__cause__ is not None else exc
+    text = " ".join(str(cause).split()) or type(cause).__name__
+    ours = cause.__class__.__module__.startswith(__package__ or "meanflow") or isinstance(
+        cause, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError))
+    return text if ours else f"{type(cause).__name__}: {text} (MEANFLOW_DEBUG=1 shows the traceback)"
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+    """Python warnings as `meanflow CMD: warning: ...` lines on stderr instead of file:line + source."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"meanflow {command}: warning: {message}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+# ------------------------------------------------------------------------------------------- argument types
+def _int_arg(low: int):
+    """argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"takes an integer; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}; got {value}")
+        return value
+    return parse
+
+
+def _open_unit(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes a number in (0, 1); got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1); got {text}")
+    return value
+
+
+def _device_arg(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N; got {text!r}")
+    return text
+
+
+def _weights_arg(text: str) -> str:
+    if text in ("ema", "model"):
+        return text
+    try:
+        ok = 0.0 < float(text) < 1.0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"must be ema, model or an EMA decay in (0, 1) such as 0.9999; got {text!r}")
+    return text
+
+
+def _new_file(path: str | None, what: str, suffixes: tuple[str, ...] | None = None) -> Path | None:
+    """An output file: right suffix, not a directory (its folder is made when it is written, not here)."""
+    if not path:
+        return None
+    p = Path(path)
+    if suffixes and p.suffix.lower() not in suffixes:
+        raise ValueError(f"{what} must end in {', '.join(suffixes[:-1]) + ' or ' if len(suffixes) > 1 else ''}"
+                         f"{suffixes[-1]}; got {path}")
+    if p.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give a file name")
+    return p
+
+
+def _existing(path: str | None, what: str, *, folder: bool = False) -> None:
+    if path and not (Path(path).is_dir() if folder else Path(path).exists()):
+        raise FileNotFoundError(f"{what} {path} does not exist" + (" (or is not a folder)" if folder else ""))
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
 # ------------------------------------------------------------------------------------------------- helpers
 def _run_config(args):
-    """The RunConfig of `train`: the resumed run's config or the preset, with --set applied."""
+    """(RunConfig, the resumed checkpoint's state or None) of `train`: the resumed run's config or the preset, with
+    --set applied."""
     from .training.checkpoint import load_checkpoint, resolve_checkpoint
     from .training.config import RunConfig, apply_overrides
     from .training.presets import get_preset
 
+    resumed = None
     if args.resume:
-        cfg = RunConfig.from_dict(load_checkpoint(resolve_checkpoint(args.resume))["config"])
+        if args.preset:
+            raise ValueError("--preset does not apply with --resume: the run's saved config is used (change fields "
+                             "with --set)")
+        resumed = load_checkpoint(resolve_checkpoint(args.resume))
+        cfg = RunConfig.from_dict(resumed["config"])
     else:
-        cfg = get_preset(args.preset)
-    return apply_overrides(cfg, args.set or [])
+        cfg = get_preset(args.preset or "mnist")
+    return apply_overrides(cfg, args.set or []), resumed
+
+
+def _sets_key(args, key: str) -> bool:
+    return any(item.split("=", 1)[0].strip() == key for item in args.set or [])
 
 
 def _run_dir(args, cfg) -> Path:
@@ -48,10 +184,25 @@ def _run_dir(args, cfg) -> Path:
         out = ck.parent.parent  # run/checkpoints/ckpt_N.pt -> run
     else:
         out = Path("runs") / cfg.preset.replace("/", "-")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; the run directory must be a folder")
     if not args.resume and list_checkpoints(out):
         raise ValueError(f"run directory {out} already has checkpoints: pass --resume {out} to continue it, "
                          f"or choose another --out")
     return out
+
+
+def _choose_threads(args, cfg, resumed: dict | None) -> tuple[int, str]:
+    """Set torch's CPU threads: a resumed run reuses the count its checkpoint recorded (bit-exact resume needs it)
+    unless --set train.threads=N says otherwise; else train.threads (0: automatic). Returns (count, why)."""
+    from .runtime.host import set_threads
+
+    recorded = (resumed or {}).get("threads")
+    if recorded and not _sets_key(args, "train.threads"):
+        return set_threads(int(recorded)), "as recorded by the run"
+    # the ranks of a node share its cores
+    n = set_threads(cfg.train.threads, share=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return n, ("automatic" if cfg.train.threads == 0 else "train.threads")
 
 
 def _print_summary(summary: dict) -> None:
@@ -63,13 +214,22 @@ def _print_summary(summary: dict) -> None:
         print(f"loss curve:    {summary['loss_curve']}")
     if summary.get("samples_per_s"):
         print(f"throughput:    {summary['samples_per_s']:.1f} samples/s on {summary['device']} "
-              f"({summary['threads']} threads), {summary['wall_s']:.0f} s")
+              f"({_plural(summary['threads'], 'thread')}), {summary['wall_s']:.0f} s")
+    if summary.get("eval_s") is not None:
+        print(f"evaluation:    {summary['eval_s']:.0f} s")
     if "metrics" in summary:
-        print("metrics:", json.dumps(_rounded(summary["metrics"]), indent=2, ensure_ascii=False))
+        _print_metrics(summary["metrics"])
+
+
+def _print_metrics(metrics: dict) -> None:
+    """The same block for `train` and `eval`: JSON with one top-level key per line, floats to 4 significant digits
+    (the JSON files keep full precision)."""
+    rows = [f"  {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in _rounded(metrics).items()]
+    print("metrics: {\n" + ",\n".join(rows) + "\n}")
 
 
 def _rounded(obj):
-    """Floats to 4 significant digits for the terminal (eval.json keeps full precision)."""
+    """Floats to 4 significant digits for the terminal."""
     if isinstance(obj, float):
         return float(f"{obj:.4g}")
     if isinstance(obj, dict):
@@ -118,17 +278,21 @@ def _data_signature(cfg) -> tuple[tuple[int, ...], int]:
 def cmd_train(args) -> int:
     from .training.config import describe_config
 
-    cfg = _run_config(args)
+    cfg, resumed = _run_config(args)
     if args.help_config:
         print(describe_config(cfg))
-        return 0
+        return EXIT_OK
+    if resumed is not None and cfg.train.steps <= int(resumed["step"]):
+        raise ValueError(f"the run is already at step {resumed['step']} and train.steps is {cfg.train.steps}: pass "
+                         f"--set train.steps=N with N > {resumed['step']} to train it longer")
     from .runtime import distributed
-    from .runtime.host import set_threads
+    from .runtime.host import check_device
     from .training.trainer import Trainer
 
+    check_device(cfg.train.device)
     out = _run_dir(args, cfg)
-    # process-wide, so the entry point decides, not the library; the ranks of a node share its cores
-    set_threads(cfg.train.threads, share=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    # process-wide, so the entry point decides, not the library
+    threads, why = _choose_threads(args, cfg, resumed)
     trainer = Trainer(cfg, out, resume=args.resume)
     try:
         if trainer.is_main:
@@ -136,8 +300,9 @@ def cmd_train(args) -> int:
             ranks = (f", {trainer.world_size} ranks ({trainer.parallel}, {trainer.dist.backend})"
                      if trainer.world_size > 1 else "")
             arch = type(trainer.net).__name__.removeprefix("FSDP")  # fully_shard renames the class
-            print(f"{cfg.preset or 'run'}: {arch} with {n_params / 1e6:.2f}M parameters on "
-                  f"{trainer.dataset!r}, device {trainer.device}{ranks}, {trainer.threads} CPU threads, "
+            size = f"{n_params / 1e6:.2f}M" if n_params >= 100_000 else f"{n_params:,}"
+            print(f"{cfg.preset or 'run'}: {arch} with {size} parameters on "
+                  f"{trainer.dataset!r}, device {trainer.device}{ranks}, {_plural(threads, 'CPU thread')} ({why}), "
                   f"{'resuming at step ' + str(trainer.step) if args.resume else 'from scratch'} -> {out}",
                   flush=True)
         try:
@@ -148,24 +313,29 @@ def cmd_train(args) -> int:
                 launcher = "torchrun ... -m meanflow" if trainer.world_size > 1 else "meanflow"
                 print(f"\ninterrupted at step {trainer.step}; last checkpoint: {last}. Continue with: "
                       f"{launcher} train --resume {out}", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # the run started: whatever went wrong now is a failed run, not bad input
+            raise RunFailed(str(exc)) from exc
         if trainer.is_main:
             _print_summary(summary)
-        return 0
+        return EXIT_OK
     finally:
         distributed.cleanup(trainer.dist)
 
 
 def _label_mode(values: list[str] | None):
-    """--labels: None, 'uniform', 'balanced' or a list of ints."""
+    """--labels: None, 'uniform', 'balanced' or a list of class numbers (>= 0; the upper bound needs the model)."""
     if not values:
         return None
     if len(values) == 1 and values[0] in ("uniform", "balanced"):
         return values[0]
     try:
-        return [int(v) for v in values]
+        labels = [int(v) for v in values]
     except ValueError:
-        raise ValueError(f"--labels takes class numbers, 'uniform' or 'balanced'; got {' '.join(values)}") from None
+        labels = None
+    if labels is None or min(labels) < 0:
+        raise ValueError(f"--labels takes class numbers (>= 0), 'uniform' or 'balanced'; got {' '.join(values)}")
+    return labels
 
 
 def _decoder(args, cfg, device):
@@ -183,22 +353,31 @@ def _decoder(args, cfg, device):
     return lambda z: decode_latents(vae, z, cfg.data.latent_scale, batch_size=args.decode_batch_size)
 
 
-def cmd_sample(args) -> int:
-    import contextlib
+def _check_sample_args(args) -> None:
+    """What can be judged before loading the model (the rest, e.g. a label's upper bound, needs it)."""
+    if args.midpoint is not None and args.steps != 2:
+        raise ValueError(f"--midpoint sets the intermediate time of 2-step sampling; it needs --steps 2 "
+                         f"(got --steps {args.steps})")
+    _new_file(args.out, "--out", (".png", ".jpg", ".jpeg", ".npz"))
 
+
+def cmd_sample(args) -> int:
+    _check_sample_args(args)
+    mode = _label_mode(args.labels)
     import torch
 
     from .runtime import distributed
     from .evaluation.plotting import save_samples
     from .evaluation.sampling import draw_noise, generate_uint8, sample, sample_labels, save_npz
-    from .runtime.host import set_threads
+    from .runtime.host import check_device, set_threads
 
+    check_device(args.device)
     ctx = distributed.setup(args.device)
     try:
         set_threads(0, share=ctx.local_world_size)
         device = ctx.device
         model, cfg, step = _load_for_inference(args.ckpt, args.weights, device)
-        classes, mode = model.num_classes, _label_mode(args.labels)
+        classes = model.num_classes
         decode = _decoder(args, cfg, device)
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else None
         if str(args.out).endswith(".npz"):  # at scale: uint8 NHWC images over all ranks, gathered on rank 0
@@ -216,10 +395,10 @@ def cmd_sample(args) -> int:
                 save_npz(args.out, images, labels)
                 print(f"wrote {args.out}: arr_0 {images.dtype} {tuple(images.shape)}"
                       + (", arr_1 labels" if labels is not None else "")
-                      + f" ({args.steps} step(s), {args.weights} weights of step {step}, seed {args.seed}"
+                      + f" ({_plural(args.steps, 'step')}, {args.weights} weights of step {step}, seed {args.seed}"
                       + (f", {ctx.world_size} ranks" if ctx.distributed else "") + ")")
             distributed.barrier()
-            return 0
+            return EXIT_OK
         if ctx.distributed:
             raise ValueError("a PNG grid is drawn by one process; use --out samples.npz to sample over ranks")
         labels = sample_labels(args.num, classes, mode or "balanced", args.seed)
@@ -231,9 +410,12 @@ def cmd_sample(args) -> int:
         if decode is not None:
             x, kind = decode(x), "image"
         nrow = 10 if labels is not None and mode is None and classes <= 10 else None
-        save_samples(x.cpu(), args.out, kind=kind, nrow=nrow, title=f"{args.steps}-step samples (step {step})")
-        print(f"wrote {args.out} ({args.num} samples, {args.steps} step(s), {args.weights} weights of step {step})")
-        return 0
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        save_samples(x.cpu(), args.out, kind=kind, nrow=nrow,
+                     title=f"{_plural(args.steps, 'step')} sampling (step {step})")
+        print(f"wrote {args.out} ({_plural(args.num, 'sample')}, {_plural(args.steps, 'step')}, {args.weights} "
+              f"weights of step {step})")
+        return EXIT_OK
     finally:
         distributed.cleanup(ctx)
 
@@ -243,43 +425,59 @@ def cmd_eval(args) -> int:
     from .evaluation.evaluate import evaluate_model, fid_of_samples
     from .runtime.host import resolve_device, set_threads
 
-    device = resolve_device(args.device)
-    set_threads(0)
+    out = _new_file(args.out, "--out", (".json",))
     if args.samples:  # FID of a sample batch (.npz) against reference statistics or images
         if args.ckpt:
             raise ValueError("pass --ckpt (evaluate a model) or --samples (FID of an image batch), not both")
-        metrics = fid_of_samples(args.samples, args.fid_ref, args.inception, batch_size=args.batch_size,
-                                 device=device, save_stats=args.save_stats)
-        text = json.dumps(metrics, indent=2)
-        print(text)
-        if args.out:
-            Path(args.out).write_text(text + "\n")
-        return 0
-    if not args.ckpt:
-        raise ValueError("meanflow eval needs --ckpt RUN (evaluate a model) or --samples X.npz (FID of samples)")
-    if args.fid_ref or args.inception or args.save_stats:
-        raise ValueError("--fid-ref / --inception / --save-stats go with --samples; for a model use --set "
-                         "eval.fid_ref=... --set eval.inception=...")
-    model, cfg, step = _load_for_inference(args.ckpt, args.weights, device)
-    cfg = apply_overrides(cfg, args.set or [])
-    metrics = {"checkpoint": str(args.ckpt), "step": step, "weights": args.weights,
-               **evaluate_model(model, cfg.data, cfg.eval, device)}
-    text = json.dumps(metrics, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+        if args.set or args.weights:
+            raise ValueError("--set and --weights go with --ckpt; --samples evaluates an image batch as it is")
+        _existing(args.samples, "--samples file")
+        _existing(args.fid_ref, "--fid-ref file")
+        _existing(args.inception, "--inception file")
+        if _new_file(args.save_stats, "--save-stats", (".npz",)):
+            Path(args.save_stats).parent.mkdir(parents=True, exist_ok=True)
+        device = resolve_device(args.device)
+        set_threads(0)
+        metrics = fid_of_samples(args.samples, args.fid_ref, args.inception, batch_size=args.batch_size or 250,
+                                 device=device, save_stats=args.save_stats, progress=True)
+        _print_metrics(metrics)
+    else:
+        if not args.ckpt:
+            raise ValueError("meanflow eval needs --ckpt RUN (evaluate a model) or --samples X.npz (FID of samples)")
+        if args.fid_ref or args.inception or args.save_stats or args.batch_size:
+            raise ValueError("--fid-ref / --inception / --save-stats / --batch-size go with --samples; for a model "
+                             "use --set eval.fid_ref=... --set eval.inception=... --set eval.batch_size=...")
+        from .training.config import RunConfig
+
+        apply_overrides(RunConfig(), args.set or [])  # bad keys and values fail before the model loads
+        device = resolve_device(args.device)
+        set_threads(0)
+        model, cfg, step = _load_for_inference(args.ckpt, args.weights or "ema", device)
+        cfg = apply_overrides(cfg, args.set or [])
+        print(f"evaluating {args.ckpt}: {args.weights or 'ema'} weights of step {step}", flush=True)
+        metrics = {"checkpoint": str(args.ckpt), "step": step, "weights": args.weights or "ema",
+                   **evaluate_model(model, cfg.data, cfg.eval, device, progress=True)}
+        _print_metrics(metrics)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(metrics, indent=2) + "\n")
+        print(f"wrote {out}")
+    return EXIT_OK
 
 
 def cmd_prepare_latents(args) -> int:
     from .data.latents import prepare_latents
-    from .runtime.host import set_threads
+    from .runtime.host import check_device, set_threads
 
+    check_device(args.device)
+    _existing(args.images, "--images folder", folder=True)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a file; the shards go into a folder")
     set_threads(0, share=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     prepare_latents(args.images, args.vae, args.out, image_size=args.image_size, flip=args.flip,
                     batch_size=args.batch_size, shard_size=args.shard_size, posterior=args.posterior, seed=args.seed,
                     fmt=args.format, dtype=args.dtype, workers=args.workers, device=args.device)
-    return 0
+    return EXIT_OK
 
 
 def cmd_presets(args) -> int:
@@ -296,13 +494,13 @@ def cmd_presets(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ arguments
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="meanflow", description="Train, sample and evaluate MeanFlow models.",
-                                 epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:]),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(prog="meanflow", description="Train, sample and evaluate MeanFlow models.",
+                 epilog="Examples:\n" + "\n".join(__doc__.splitlines()[2:]).rstrip() + "\n\n" + EXIT_POLICY,
+                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     tr = sub.add_parser("train", help="train a model from a preset (or resume a run)")
-    tr.add_argument("--preset", default="mnist", help="preset name (see `meanflow presets`; default: mnist)")
+    tr.add_argument("--preset", help="preset name (see `meanflow presets`; default: mnist)")
     tr.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="change one config field, e.g. --set train.steps=100 --set loss.omega=0.5 (repeatable; "
                          "see --help-config for every key)")
@@ -318,28 +516,28 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ckpt", required=required,
                        help="run directory, checkpoint (ckpt_N.pt file or ckpt_N/ directory) or exported weights "
                             "(.safetensors)")
-        p.add_argument("--weights", default="ema",
+        p.add_argument("--weights", default=None if not required else "ema", type=_weights_arg,
                        help="'ema' (the first EMA, default), 'model' (raw weights) or an EMA decay such as 0.9999")
-        p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+        p.add_argument("--device", default="auto", type=_device_arg, help="auto | cpu | cuda | cuda:N")
 
     sa = sub.add_parser("sample", help="draw a sample grid (.png) or a sample batch for FID (.npz, torchrun-ready)")
     add_ckpt_args(sa)
-    sa.add_argument("--steps", type=int, default=1, help="sampling steps (1 = one network evaluation)")
-    sa.add_argument("--midpoint", type=float, default=None, help="the intermediate time of 2-step sampling (0.5)")
-    sa.add_argument("--num", "--num-samples", dest="num", type=int, default=64,
+    sa.add_argument("--steps", type=_int_arg(1), default=1, help="sampling steps (1 = one network evaluation)")
+    sa.add_argument("--midpoint", type=_open_unit, default=None, help="the intermediate time of 2-step sampling (0.5)")
+    sa.add_argument("--num", "--num-samples", dest="num", type=_int_arg(1), default=64,
                     help="number of samples (under torchrun spell it --num-samples: torchrun's own parser reads "
                          "--num as an abbreviation of its --numa-binding)")
     sa.add_argument("--labels", nargs="+", metavar="LABEL",
                     help="class labels repeated to --num, or 'uniform' (seeded i.i.d. labels: the .npz default) or "
                          "'balanced' (0, 1, 2, ...: the .png default)")
-    sa.add_argument("--seed", type=int, default=0, help="noise (and uniform label) seed")
+    sa.add_argument("--seed", type=_int_arg(0), default=0, help="noise (and uniform label) seed")
     sa.add_argument("--out", default="samples.png",
                     help="output: X.png (a grid) or X.npz (arr_0 uint8 N x H x W x C, arr_1 labels; the ADM "
                          "convention; under torchrun the ranks share the work and rank 0 writes)")
-    sa.add_argument("--batch-size", type=int, default=250, help="samples per forward pass and rank (.npz)")
+    sa.add_argument("--batch-size", type=_int_arg(1), default=250, help="samples per forward pass and rank (.npz)")
     sa.add_argument("--vae", default="", help="local diffusers AutoencoderKL folder that decodes a latent model's "
                                               "samples to images (default: the run's data.vae)")
-    sa.add_argument("--decode-batch-size", type=int, default=64, help="latents per VAE decoder call")
+    sa.add_argument("--decode-batch-size", type=_int_arg(1), default=64, help="latents per VAE decoder call")
     sa.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
                     help="the MeanFlow model's sampling precision (bf16: autocast)")
     sa.set_defaults(func=cmd_sample)
@@ -354,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--inception", help="local TorchScript Inception file (default: $MEANFLOW_INCEPTION); nothing is "
                                         "downloaded, FID is skipped with the reason when there is none")
     ev.add_argument("--save-stats", help="also write the samples' (mu, sigma) as an .npz (a reference for later runs)")
-    ev.add_argument("--batch-size", type=int, default=250, help="images per Inception call (--samples)")
+    ev.add_argument("--batch-size", type=_int_arg(1), help="images per Inception call (--samples; default 250)")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="change config fields, e.g. --set eval.num_samples=5000 --set eval.inception=PATH "
                          "--set data.path=...")
@@ -367,19 +565,19 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (config.json + weights), e.g. "
                                                  "sd-vae-ft-mse saved with save_pretrained; nothing is downloaded")
     pl.add_argument("--out", required=True, help="output folder for the shards and manifest.json")
-    pl.add_argument("--image-size", type=int, default=256, help="resize the short side, center-crop to this square")
+    pl.add_argument("--image-size", type=_int_arg(1), default=256, help="resize the short side, center-crop to this square")
     pl.add_argument("--flip", action="store_true", help="also encode a horizontally mirrored copy of every image")
-    pl.add_argument("--batch-size", type=int, default=64, help="images per VAE encoder call")
-    pl.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
+    pl.add_argument("--batch-size", type=_int_arg(1), default=64, help="images per VAE encoder call")
+    pl.add_argument("--shard-size", type=_int_arg(1), default=10_000, help="images per shard")
     pl.add_argument("--posterior", default="sample", choices=("sample", "mean"),
                     help="store a posterior sample (mean + std * eps, seeded per image; the official recipe) or the "
                          "mean")
-    pl.add_argument("--seed", type=int, default=0, help="seed of the posterior samples")
+    pl.add_argument("--seed", type=_int_arg(0), default=0, help="seed of the posterior samples")
     pl.add_argument("--format", default="npy", choices=("npy", "safetensors", "npz"),
                     help="shard format (npy: memory-mapped when training, shared by a node's ranks)")
     pl.add_argument("--dtype", default="float32", choices=("float32", "float16"), help="stored latent dtype")
-    pl.add_argument("--workers", type=int, default=4, help="image decoding threads")
-    pl.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
+    pl.add_argument("--workers", type=_int_arg(0), default=4, help="image decoding threads")
+    pl.add_argument("--device", default="auto", type=_device_arg, help="auto | cpu | cuda (torchrun: cuda:LOCAL_RANK)")
     pl.set_defaults(func=cmd_prepare_latents)
 
     pr = sub.add_parser("presets", help="list the presets")
@@ -389,28 +587,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `meanflow` console script; errors print one clear line and exit with status 2 (usage)
-    or 1 (a failed run). MEANFLOW_DEBUG=1 shows full tracebacks instead."""
-    args = build_parser().parse_args(argv)
-    from .training.checkpoint import CheckpointError
-
-    if os.environ.get("MEANFLOW_DEBUG"):  # full tracebacks instead of one-line errors
-        return args.func(args)
+    """Entry point of the `meanflow` console script. Exit status: see EXIT_POLICY (0 ok, 1 the run failed, 2 bad
+    input, 130 interrupted); errors print one line, MEANFLOW_DEBUG=1 shows full tracebacks instead."""
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"meanflow {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except CheckpointError as exc:
-        print(f"meanflow {args.command}: error: {exc}", file=sys.stderr)
-        return 1
-    except RuntimeError as exc:
-        from .training.trainer import NonFiniteLossError
-
-        if isinstance(exc, NonFiniteLossError):
-            print(f"meanflow {args.command}: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error, already printed as one line (2)
+        return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
+    with _warnings_as_lines(args.command):
+        if os.environ.get("MEANFLOW_DEBUG"):
+            return args.func(args)
+        try:
+            return args.func(args)
+        except KeyboardInterrupt:
+            print(f"\nmeanflow {args.command}: interrupted", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit status
+            print(f"meanflow {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return _exit_status(exc)
 
 
 if __name__ == "__main__":

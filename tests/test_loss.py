@@ -151,6 +151,35 @@ def test_no_guidance_outside_interval():
     assert len(spy.calls) == 1, "no row lies in the guidance interval, so no guidance forward should run"
 
 
+# Rows exactly on the guidance interval's bounds, with r != t (guided before the main call: their tangent) and with
+# r = t (guided after it): changing `t <= t_end` to `t < t_end` (or `t >= t_start` to `t > t_start`) in
+# meanflow/objectives/guidance.py moves these rows out of guidance and must fail. Sampled times never sit exactly on a
+# bound, which is why the tests above cannot see that.
+BOUNDARY_CASES = [
+    # (guidance, t of the r != t rows, t of the r = t rows)
+    (dict(omega=0.2, kappa=0.7, t_start=0.2, t_end=0.7), [0.2, 0.7, 0.5, 0.9], [0.2, 0.7, 0.1, 0.45]),
+    (dict(omega=0.6, kappa=0.0, t_start=0.25, t_end=0.75), [0.25, 0.75, 0.8, 0.1], [0.75, 0.25, 0.5, 0.9]),
+    (dict(omega=1.0, kappa=0.5, t_start=0.0, t_end=1.0), [1.0, 1.0, 0.5, 0.3], [1.0, 0.0, 1.0, 0.6]),
+]
+
+
+@pytest.mark.parametrize("guidance, t_tangent, t_equal", BOUNDARY_CASES, ids=["interval", "kappa0", "t=1"])
+def test_guidance_includes_rows_exactly_on_its_bounds(guidance, t_tangent, t_equal):
+    model = _model()
+    spy = _Spy(model)
+    cfg = MeanFlowConfig(loss_op="torch", **guidance)
+    x, y, noise = _batch()[:3]
+    t = torch.tensor(t_tangent + t_equal, dtype=F64)
+    r = torch.cat([t[:4] * 0.5, t[4:]])                       # rows 0-3: r != t, rows 4-7: r = t
+    drop = torch.zeros(8, dtype=torch.bool)
+    loss, stats = MeanFlowLoss(cfg)(spy, x, y, noise=noise, t=t, r=r, drop=drop)
+    inside = (t >= cfg.t_start) & (t <= cfg.t_end)           # the bounds belong to the interval
+    per_tangent_row = 2 if cfg.kappa != 0.0 else 1            # u(.|null), and u(.|c) when kappa > 0
+    assert stats["guidance_rows"] == per_tangent_row * int(inside[:4].sum()) + int(inside[4:].sum())
+    ref = independent_loss(model, x, y, noise, t, r, drop, cfg)[0]
+    assert abs(loss.item() - ref.item()) < 1e-10 * max(1.0, abs(ref.item()))
+
+
 def test_flow_matching_needs_no_tangent():
     model = _model()
     spy = _Spy(model)

@@ -115,7 +115,7 @@ def test_fid_of_sample_batches(run, tmp_path, capsys, monkeypatch):
     # against its own statistics: 0; against its own images: 0; against another batch: > 0
     for ref in (stats, a):
         assert main(["eval", "--samples", str(a), "--fid-ref", str(ref), "--inception", str(feats)]) == 0
-        assert json.loads(capsys.readouterr().out)["fid"] == pytest.approx(0, abs=1e-6)
+        assert json.loads(capsys.readouterr().out.removeprefix("metrics: "))["fid"] == pytest.approx(0, abs=1e-6)
     assert main(["eval", "--samples", str(b), "--fid-ref", str(stats), "--inception", str(feats),
                  "--out", str(tmp_path / "fid.json")]) == 0
     metrics = json.loads((tmp_path / "fid.json").read_text())
@@ -125,8 +125,9 @@ def test_fid_of_sample_batches(run, tmp_path, capsys, monkeypatch):
     assert main(["eval", "--samples", str(a), "--fid-ref", str(stats)]) == 0
     out = capsys.readouterr().out
     assert "FID skipped: no Inception weights file given" in out and "nothing is downloaded" in out
-    assert main(["eval", "--samples", str(a), "--inception", str(tmp_path / "nope.pt")]) == 0
-    assert f"Inception weights file {tmp_path / 'nope.pt'} not found" in capsys.readouterr().out
+    # a weights file named on the command line that is not there: bad input (exit status 2), not a silent skip
+    assert main(["eval", "--samples", str(a), "--inception", str(tmp_path / "nope.pt")]) == 2
+    assert f"--inception file {tmp_path / 'nope.pt'} does not exist" in capsys.readouterr().err
     # usage errors
     assert main(["eval"]) == 2 and "needs --ckpt RUN" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(run), "--labels", "x", "--out", str(tmp_path / "c.npz")]) == 2

@@ -146,6 +146,34 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
         Trainer(toy_config("train.batch_size=16"), tmp_path, resume=tmp_path)
 
 
+def test_what_the_user_watches_moves(tmp_path, capsys):
+    """The progress bar and the loss curve's first panel show raw_loss and v_loss (the weighted loss sits near 1 by
+    construction and stays in metrics.jsonl); the stages after the bar announce themselves and show progress."""
+    import re
+
+    from meanflow.evaluation.plotting import loss_curve_figure
+
+    Trainer(toy_config("train.progress=true", "train.log_every=3"), tmp_path).train()
+    out, err = capsys.readouterr()
+    assert "raw_loss=" in err and "v_loss=" in err and not re.search(r"(?<![_a-z])loss=", err)
+    assert "toy: final sample grids, loss curve, weights ..." in out and "toy: evaluation ..." in out
+    assert "evaluation: sampling (1, 2-step): 100%" in err and "400/400" in err  # 200 samples x 2 step counts
+    rows = losses(tmp_path)
+    assert {"loss", "v_loss", "raw_loss"} <= set(rows[0])
+    first, second = loss_curve_figure(rows).axes
+    assert [line.get_label() for line in first.get_lines()] == ["raw_loss", "v_loss"]
+    assert [line.get_label() for line in second.get_lines()] == ["loss (weighted)"]
+
+
+def test_classifier_training_shows_progress(capsys):
+    from meanflow.evaluation.classifier import train_classifier
+
+    x, y = torch.rand(40, 1, 8, 8) * 2 - 1, torch.arange(40) % 4
+    train_classifier(x, y, epochs=1, min_steps=3, batch_size=16, progress=True)
+    err = capsys.readouterr().err
+    assert "digit classifier (trained once, then cached): 100%" in err and "3/3" in err
+
+
 @pytest.mark.slow
 def test_meanflow_one_step_beats_flow_matching_one_step(tmp_path):
     """MeanFlow's point: at the same small budget, 1-step MeanFlow samples are far closer to the data than 1 Euler

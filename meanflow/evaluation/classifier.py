@@ -53,8 +53,10 @@ def _shift(x: torch.Tensor, g: torch.Generator, max_shift: int) -> torch.Tensor:
 
 
 def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, *, epochs: int = 6, min_steps: int = 400,
-                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> DigitClassifier:
-    """Adam with a one-cycle schedule; small datasets get more epochs so that at least `min_steps` steps run."""
+                     batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
+                     progress: bool = False) -> DigitClassifier:
+    """Adam with a one-cycle schedule; small datasets get more epochs so that at least `min_steps` steps run.
+    `progress`: a tqdm bar over the steps (stderr)."""
     torch_state = torch.get_rng_state()  # leave the caller's RNG as it was
     torch.manual_seed(seed)
     model = DigitClassifier(train_x.shape[1], train_x.shape[-1], int(train_y.max()) + 1)
@@ -66,15 +68,19 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, *, epochs: in
     total = epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=total)
     model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(train_x), generator=g)
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i:i + batch_size]
-            loss = F.cross_entropy(model(_shift(train_x[idx], g, max_shift)), train_y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+    from .evaluate import progress_bar
+
+    with progress_bar(total, "digit classifier (trained once, then cached)", progress, unit="step") as bar:
+        for _ in range(epochs):
+            perm = torch.randperm(len(train_x), generator=g)
+            for i in range(0, len(perm), batch_size):
+                idx = perm[i:i + batch_size]
+                loss = F.cross_entropy(model(_shift(train_x[idx], g, max_shift)), train_y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update(1)
     torch.set_rng_state(torch_state)
     return model.eval()
 
@@ -98,7 +104,7 @@ def predict(model: DigitClassifier, x: torch.Tensor, batch_size: int = 500):
     return torch.cat(preds), torch.cat(confs), torch.cat(feats)
 
 
-def load_or_train(name: str, *, verbose: bool = True) -> tuple[DigitClassifier, dict]:
+def load_or_train(name: str, *, verbose: bool = True, progress: bool = False) -> tuple[DigitClassifier, dict]:
     """The cached classifier of dataset `name` ('mnist' or 'digits'), trained on its train split on first use.
 
     Returns (model, meta) with meta['test_accuracy'] measured on the held-out split and meta['trained'] telling
@@ -123,7 +129,7 @@ def load_or_train(name: str, *, verbose: bool = True) -> tuple[DigitClassifier, 
                 print(f"classifier cache {path} is unreadable ({exc}); retraining")
     if verbose:
         print(f"training the {name} digit classifier (once; cached at {path})", flush=True)
-    model = train_classifier(train.x, train.y)
+    model = train_classifier(train.x, train.y, progress=progress)
     test = build_dataset(name, split="test")
     meta = {"dataset": name, "test_accuracy": accuracy(model, test.x, test.y), "train_size": len(train),
             "test_size": len(test)}

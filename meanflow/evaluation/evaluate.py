@@ -30,11 +30,24 @@ INCEPTION_ENV = "MEANFLOW_INCEPTION"
 
 
 # --------------------------------------------------------------------------------------------------- sampling
+def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample"):
+    """A tqdm bar on stderr for a stage that takes more than a moment (a disabled bar when `enabled` is False)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+def _sampling_bar(eval_cfg, enabled: bool):
+    steps = ", ".join(map(str, eval_cfg.steps))
+    return progress_bar(eval_cfg.num_samples * len(eval_cfg.steps), f"evaluation: sampling ({steps}-step)", enabled)
+
+
 @torch.no_grad()
 def generate(model: nn.Module, num: int, data_shape: tuple[int, ...], num_classes: int, *, steps: int = 1,
              seed: int = 0, batch_size: int = 250, device: str | torch.device = "cpu",
-             autocast: Callable | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`num` samples (CPU, fp32) with seeded noise; class-conditional models get balanced labels 0, 1, ..., K-1, 0, ..."""
+             autocast: Callable | None = None, bar=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`num` samples (CPU, fp32) with seeded noise; class-conditional models get balanced labels 0, 1, ..., K-1, 0, ...
+    `bar`: a progress bar advanced by each batch's size."""
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((num,) + tuple(data_shape), generator=g)
     labels = torch.arange(num) % num_classes if num_classes > 0 else None
@@ -44,11 +57,13 @@ def generate(model: nn.Module, num: int, data_shape: tuple[int, ...], num_classe
         y = labels[i:i + batch_size].to(device) if labels is not None else None
         with (autocast() if autocast else contextlib.nullcontext()):
             out.append(sample(model, e, y, steps=steps).float().cpu())
+        if bar is not None:
+            bar.update(len(e))
     return torch.cat(out), labels
 
 
 # ------------------------------------------------------------------------------------------------ per data kind
-def evaluate_toy(model, dataset: Dataset, eval_cfg, device, autocast=None) -> dict:
+def evaluate_toy(model, dataset: Dataset, eval_cfg, device, autocast=None, progress: bool = False) -> dict:
     n = eval_cfg.num_samples
     data = dataset.sample(n, torch.Generator().manual_seed(eval_cfg.seed + 1))[0]
     other = dataset.sample(n, torch.Generator().manual_seed(eval_cfg.seed + 2))[0]
@@ -58,18 +73,19 @@ def evaluate_toy(model, dataset: Dataset, eval_cfg, device, autocast=None) -> di
 
     out = {"metric": "sliced Wasserstein SW_2 to held-out data (lower is better)", "num_samples": n,
            "reference": {"sw_data_vs_data": sw(other, data)}}
-    for steps in eval_cfg.steps:
-        x, _ = generate(model, n, dataset.data_shape, 0, steps=steps, seed=eval_cfg.seed, device=device,
-                        batch_size=eval_cfg.batch_size, autocast=autocast)
-        out[f"{steps}step"] = {"sw": sw(x, data)}
+    with _sampling_bar(eval_cfg, progress) as bar:
+        for steps in eval_cfg.steps:
+            x, _ = generate(model, n, dataset.data_shape, 0, steps=steps, seed=eval_cfg.seed, device=device,
+                            batch_size=eval_cfg.batch_size, autocast=autocast, bar=bar)
+            out[f"{steps}step"] = {"sw": sw(x, data)}
     return out
 
 
-def evaluate_digits(model, name: str, eval_cfg, device, autocast=None) -> dict:
+def evaluate_digits(model, name: str, eval_cfg, device, autocast=None, progress: bool = False) -> dict:
     from .classifier import load_or_train, predict
     from ..data.datasets import build_dataset
 
-    clf, meta = load_or_train(name)
+    clf, meta = load_or_train(name, progress=progress)
     train, test = build_dataset(name, split="train"), build_dataset(name, split="test")
     _, _, real = predict(clf, test.x)
     _, _, real_train = predict(clf, train.x)
@@ -78,17 +94,19 @@ def evaluate_digits(model, name: str, eval_cfg, device, autocast=None) -> dict:
            "num_samples": eval_cfg.num_samples,
            "reference": {"classifier_test_accuracy": meta["test_accuracy"],
                          "fd_real_train_vs_test": frechet_distance_of_features(real_train, real)}}
-    for steps in eval_cfg.steps:
-        x, labels = generate(model, eval_cfg.num_samples, test.data_shape, test.num_classes, steps=steps,
-                             seed=eval_cfg.seed, device=device, batch_size=eval_cfg.batch_size, autocast=autocast)
-        pred, conf, feats = predict(clf, x.clamp(-1, 1))
-        out[f"{steps}step"] = {"confident": float((conf > 0.9).float().mean()),
-                               "label_match": float((pred == labels).float().mean()),
-                               "fd": frechet_distance_of_features(feats, real)}
+    with _sampling_bar(eval_cfg, progress) as bar:
+        for steps in eval_cfg.steps:
+            x, labels = generate(model, eval_cfg.num_samples, test.data_shape, test.num_classes, steps=steps,
+                                 seed=eval_cfg.seed, device=device, batch_size=eval_cfg.batch_size, autocast=autocast,
+                                 bar=bar)
+            pred, conf, feats = predict(clf, x.clamp(-1, 1))
+            out[f"{steps}step"] = {"confident": float((conf > 0.9).float().mean()),
+                                   "label_match": float((pred == labels).float().mean()),
+                                   "fd": frechet_distance_of_features(feats, real)}
     return out
 
 
-def evaluate_images(model, dataset: Dataset, eval_cfg, device, autocast=None) -> dict:
+def evaluate_images(model, dataset: Dataset, eval_cfg, device, autocast=None, progress: bool = False) -> dict:
     path = eval_cfg.inception or os.environ.get(INCEPTION_ENV, "")
     extractor, reason = load_inception(path)
     if extractor is None:
@@ -104,29 +122,31 @@ def evaluate_images(model, dataset: Dataset, eval_cfg, device, autocast=None) ->
                                                                                           eval_cfg.batch_size)])
         mu_ref, sigma_ref = feature_statistics(extractor.features(real, eval_cfg.batch_size))
     out = {"metric": f"FID with {path} against " + (eval_cfg.fid_ref or f"{n} dataset images"), "num_samples": n}
-    for steps in eval_cfg.steps:
-        x, _ = generate(model, n, dataset.data_shape, dataset.num_classes, steps=steps, seed=eval_cfg.seed,
-                        device=device, batch_size=eval_cfg.batch_size, autocast=autocast)
-        mu, sigma = feature_statistics(extractor.features(x, eval_cfg.batch_size))
-        out[f"{steps}step"] = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref)}
+    with _sampling_bar(eval_cfg, progress) as bar:
+        for steps in eval_cfg.steps:
+            x, _ = generate(model, n, dataset.data_shape, dataset.num_classes, steps=steps, seed=eval_cfg.seed,
+                            device=device, batch_size=eval_cfg.batch_size, autocast=autocast, bar=bar)
+            mu, sigma = feature_statistics(extractor.features(x, eval_cfg.batch_size))
+            out[f"{steps}step"] = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref)}
     return out
 
 
 def evaluate_model(model: nn.Module, data_cfg, eval_cfg, device: str | torch.device = "cpu",
-                   autocast: Callable | None = None) -> dict:
-    """Metrics of `model` for the dataset in `data_cfg` (see the module docstring for what each kind reports)."""
+                   autocast: Callable | None = None, progress: bool = False) -> dict:
+    """Metrics of `model` for the dataset in `data_cfg` (see the module docstring for what each kind reports).
+    `progress`: tqdm bars (stderr) for the sampling and for a first-use classifier training."""
     model.eval()
     if data_cfg.name in TOYS:
-        return evaluate_toy(model, dataset_from_config(data_cfg), eval_cfg, device, autocast)
+        return evaluate_toy(model, dataset_from_config(data_cfg), eval_cfg, device, autocast, progress)
     if data_cfg.name in ("mnist", "digits"):
-        return evaluate_digits(model, data_cfg.name, eval_cfg, device, autocast)
+        return evaluate_digits(model, data_cfg.name, eval_cfg, device, autocast, progress)
     if data_cfg.name == "latents":
         reason = ("FID on latents needs the decoded images: run `meanflow sample --ckpt RUN --vae VAE --num 50000 --out "
                   "samples.npz` (torchrun spreads it over GPUs), then `meanflow eval --samples samples.npz --fid-ref "
                   "REF.npz`")
         print(f"FID skipped: {reason}")
         return {"fid_skipped": reason}
-    return evaluate_images(model, dataset_from_config(data_cfg), eval_cfg, device, autocast)
+    return evaluate_images(model, dataset_from_config(data_cfg), eval_cfg, device, autocast, progress)
 
 
 # -------------------------------------------------------------------------------------------- Inception (FID)
@@ -192,18 +212,21 @@ def load_image_batch(path: str | os.PathLike) -> np.ndarray:
     return arr
 
 
-def image_batch_statistics(extractor: InceptionFeatures, images: np.ndarray,
-                           batch_size: int = 250) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of the feature extractor over uint8 (N, H, W, C) images, streamed in batches."""
+def image_batch_statistics(extractor: InceptionFeatures, images: np.ndarray, batch_size: int = 250,
+                           progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of the feature extractor over uint8 (N, H, W, C) images, streamed in batches. `progress`: the label
+    of a tqdm bar (stderr), None for none."""
     feats = []
-    for i in range(0, len(images), batch_size):
-        x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
-        feats.append(extractor.features(x, batch_size))
+    with progress_bar(len(images), progress or "", progress is not None, unit="image") as bar:
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2).float() / 127.5 - 1
+            feats.append(extractor.features(x, batch_size))
+            bar.update(len(x))
     return feature_statistics(torch.cat(feats))
 
 
-def reference_statistics(ref: str | os.PathLike, extractor: InceptionFeatures,
-                         batch_size: int = 250) -> tuple[np.ndarray, np.ndarray, str]:
+def reference_statistics(ref: str | os.PathLike, extractor: InceptionFeatures, batch_size: int = 250,
+                         progress: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
     """(mu, sigma, what) from an .npz holding 'mu' and 'sigma' (precomputed statistics, e.g. ADM's reference batches,
     which carry both), or else 'arr_0' reference images whose statistics are computed here."""
     p = Path(ref)
@@ -213,13 +236,13 @@ def reference_statistics(ref: str | os.PathLike, extractor: InceptionFeatures,
         if "mu" in z.files and "sigma" in z.files:
             return z["mu"], z["sigma"], f"statistics in {p}"
     images = load_image_batch(p)
-    mu, sigma = image_batch_statistics(extractor, images, batch_size)
+    mu, sigma = image_batch_statistics(extractor, images, batch_size, "FID: reference features" if progress else None)
     return mu, sigma, f"{len(images)} reference images in {p}"
 
 
 def fid_of_samples(samples: str | os.PathLike, ref: str | os.PathLike | None, inception: str | os.PathLike | None,
                    *, batch_size: int = 250, device: str | torch.device = "cpu",
-                   save_stats: str | os.PathLike | None = None) -> dict:
+                   save_stats: str | os.PathLike | None = None, progress: bool = False) -> dict:
     """FID of an image batch (.npz, arr_0 uint8 NHWC, as `meanflow sample --out X.npz` writes) against reference
     statistics, with a LOCAL Inception file (`inception`, else $MEANFLOW_INCEPTION). Without one, FID is skipped and the
     reason is printed and returned. `save_stats` writes the samples' (mu, sigma) as an .npz usable as a reference."""
@@ -230,13 +253,13 @@ def fid_of_samples(samples: str | os.PathLike, ref: str | os.PathLike | None, in
         return {"fid_skipped": reason}
     extractor = InceptionFeatures(path, device) if torch.device(device).type != "cpu" else extractor
     images = load_image_batch(samples)
-    mu, sigma = image_batch_statistics(extractor, images, batch_size)
+    mu, sigma = image_batch_statistics(extractor, images, batch_size, "FID: sample features" if progress else None)
     out = {"samples": str(samples), "num_samples": len(images), "inception": str(path)}
     if save_stats:
         np.savez(save_stats, mu=mu, sigma=sigma)
         out["saved_stats"] = str(save_stats)
     if ref:
-        mu_ref, sigma_ref, what = reference_statistics(ref, extractor, batch_size)
+        mu_ref, sigma_ref, what = reference_statistics(ref, extractor, batch_size, progress)
         if mu_ref.shape != mu.shape:
             raise ValueError(f"reference statistics have {mu_ref.shape[0]} features but {path} gives {mu.shape[0]}: "
                              f"the reference was made with another feature network")

@@ -99,25 +99,31 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def save_loss_curve(metrics_path: str | Path, out_path: str | Path) -> Path:
-    """loss (adaptively weighted) and, log scale, raw loss and v_loss against the step."""
-    rows = read_metrics(metrics_path)
+    """Left: raw loss and v_loss (log scale), the numbers that show learning. Right: the adaptively weighted loss that
+    the optimizer sees, which sits just below 1 by construction (L / (L + eps)^p with p = 1) and so shows little."""
+    fig = loss_curve_figure(read_metrics(metrics_path))
+    fig.savefig(out_path)
+    _pyplot().close(fig)
+    return Path(out_path)
+
+
+def loss_curve_figure(rows: list[dict]):
+    """The figure of save_loss_curve for metrics rows (a matplotlib Figure with two axes)."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.2), dpi=100)
     steps = [r["step"] for r in rows]
-    axes[0].plot(steps, [r["loss"] for r in rows], label="loss (weighted)")
-    axes[0].set_title("training loss", fontsize=9)
     for key in ("raw_loss", "v_loss"):
-        axes[1].plot(steps, [r[key] for r in rows], label=key)
-    axes[1].set_title("raw loss and v_loss (sum of squares per sample)", fontsize=9)
-    # with p = 1 the weighted loss sits just below 1 and moves in the 4th decimal: a linear axis shows that honestly
-    axes[0].ticklabel_format(axis="y", useOffset=False, style="plain")
+        axes[0].plot(steps, [r[key] for r in rows], label=key)
+    axes[0].set_title("raw loss and v_loss (sum of squares per sample)", fontsize=9)
     if rows and all(r[k] > 0 for r in rows for k in ("raw_loss", "v_loss")):
-        axes[1].set_yscale("log")
+        axes[0].set_yscale("log")
+    axes[1].plot(steps, [r["loss"] for r in rows], label="loss (weighted)", color="tab:gray")
+    axes[1].set_title("weighted loss L / (L + eps)^p (what AdamW sees; ~1 for p = 1)", fontsize=9)
+    # it moves in the 4th decimal: a linear axis without offset shows that honestly
+    axes[1].ticklabel_format(axis="y", useOffset=False, style="plain")
     for ax in axes:
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path)
-    plt.close(fig)
-    return Path(out_path)
+    return fig

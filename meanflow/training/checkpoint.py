@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -101,8 +102,8 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
         return p
     if p.is_dir():
         if CKPT_RE.match(p.name):
-            raise CheckpointError(f"checkpoint directory {p} is incomplete (no .metadata / {DCP_META}); use an "
-                                  f"earlier checkpoint from {p.parent}")
+            raise CheckpointError(unreadable_message(p, RuntimeError(f"no .metadata / {DCP_META}"))
+                                  .replace("is corrupt or truncated", "is incomplete", 1))
         run_dir = p.parent if p.name == "checkpoints" else p
         found = latest_checkpoint(run_dir)
         if found is None:
@@ -139,6 +140,36 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, state: dict, keep: in
     return path
 
 
+def _why_unreadable(p: Path, exc: BaseException) -> str:
+    """A short reason: torch's reader errors run to several sentences of advice, some of it wrong here (e.g. to
+    retry with weights_only=False)."""
+    if p.is_file() and not zipfile.is_zipfile(p):  # torch.save writes a zip archive whose index sits at the end
+        return f"not a complete torch archive: {p.stat().st_size} bytes"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+def _looks_complete(p: Path) -> bool:
+    """Cheap: a checkpoint file whose zip index is intact, or a complete DCP directory (nothing is loaded)."""
+    return zipfile.is_zipfile(p) if p.is_file() else is_dcp_checkpoint(p)
+
+
+def unreadable_message(p: Path, exc: BaseException) -> str:
+    """One short paragraph: which file is broken and what to do given the checkpoints that exist beside it."""
+    run_dir = p.parent.parent if p.parent.name == "checkpoints" else p.parent
+    others = [c for c in list_checkpoints(run_dir) if c != p and _looks_complete(c)]
+    what = f"checkpoint {p} is corrupt or truncated ({_why_unreadable(p, exc)})"
+    if others:
+        return (f"{what}; the newest other checkpoint is {others[-1]}: pass that path instead, or delete the broken "
+                f"file so that {run_dir} resolves to it")
+    weights = run_dir / "ema.safetensors"
+    if weights.is_file():
+        return (f"{what}, and {run_dir} has no other intact checkpoint: its final weights {weights} still sample "
+                f"and evaluate; training cannot resume (train again with another --out)")
+    return f"{what}, and {run_dir} has no other intact checkpoint: train the run again (with another --out)"
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a checkpoint (file or run directory); a truncated, corrupt or foreign file raises CheckpointError.
 
@@ -151,9 +182,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(p, map_location=map_location, weights_only=True)
     except Exception as exc:  # zip, pickle and EOF errors all mean 'unusable'
-        raise CheckpointError(f"checkpoint {p} is corrupt or truncated and cannot be loaded "
-                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                              f"use an earlier checkpoint from {p.parent}") from exc
+        raise CheckpointError(unreadable_message(p, exc)) from exc
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{p} is not a meanflow checkpoint (no '{FORMAT}' format tag)")
     state["path"] = str(p)
@@ -222,8 +251,8 @@ def read_dcp_meta(path: str | os.PathLike) -> dict:
     try:
         meta = torch.load(p / DCP_META, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"distributed checkpoint {p} has an unreadable {DCP_META} ({type(exc).__name__}: "
-                              f"{exc}); use an earlier checkpoint from {p.parent}") from exc
+        raise CheckpointError(unreadable_message(p, exc).replace(f"checkpoint {p} is corrupt",
+                                                                 f"checkpoint {p} has a corrupt {DCP_META}", 1)) from exc
     if not isinstance(meta, dict) or meta.get("format") != DCP_FORMAT:
         raise CheckpointError(f"{p} is not a meanflow distributed checkpoint (no '{DCP_FORMAT}' format tag)")
     meta["path"] = str(p)

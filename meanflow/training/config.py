@@ -5,7 +5,8 @@ RunConfigs; the command line changes single fields with dotted keys:
 
     apply_overrides(cfg, ["loss.omega=0.5", "model.name=DiT-S/2", "train.steps=100", "train.betas=0.9,0.99"])
 
-Values are parsed by the field's declared type; an unknown key is an error that lists the valid ones. The loss section
+Values are parsed by the field's declared type and checked against the field's rule (validation.py); an unknown key is
+an error that lists the valid ones. The loss section
 IS the core's `MeanFlowConfig`, so every objective knob is settable and validated by its own `__post_init__`.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..objectives.meanflow import MeanFlowConfig
+from .validation import check_field
 
 
 def _f(default: Any, help: str, **kw) -> Any:
@@ -82,7 +84,8 @@ class TrainConfig:
                                       "reduce-overhead (CUDA graphs; not with FSDP) | max-autotune")
     compile_backend: str = _f("inductor", "torch.compile backend with train.compile: inductor | aot_eager | eager "
                                           "(the last two for debugging and CPU tests)")
-    threads: int = _f(0, "CPU threads (0: auto = cores not busy with other processes; bit-exact resume needs the "
+    threads: int = _f(0, "CPU threads (0: auto = cores not busy with other processes); the count a run used is saved "
+                         "in its checkpoints and reused by --resume unless this is set (bit-exact resume needs the "
                          "same count)")
     log_every: int = _f(50, "steps between metrics.jsonl lines")
     sample_every: int = _f(0, "steps between sample grids (0: only at the end)")
@@ -201,7 +204,7 @@ def parse_value(text: str, tp, key: str):
         try:
             return tp(text)
         except ValueError:
-            raise ValueError(f"{key} takes a {tp.__name__}; got {text!r}") from None
+            raise ValueError(f"{key} takes {'an integer' if tp is int else 'a number'}; got {text!r}") from None
     return text
 
 
@@ -221,6 +224,7 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         section_name, name = key.split(".", 1)
         section = getattr(cfg, section_name)
         value = parse_value(text, typing.get_type_hints(type(section))[name], key)
+        check_field(key, value)
         # dataclasses.replace re-runs __post_init__, so MeanFlowConfig validates the new value
         setattr(cfg, section_name, dataclasses.replace(section, **{name: value}))
     return cfg

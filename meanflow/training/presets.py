@@ -2,8 +2,8 @@
 
 | preset            | data                      | model                      | budget (2 shared CPU cores)   |
 |-------------------|---------------------------|----------------------------|-------------------------------|
-| toy, checkerboard | 2-D checkerboard          | MLP 256 x 4                | 3000 steps, ~40 s             |
-| moons, 8gaussians | 2-D toys                  | MLP 256 x 4                | 3000 steps, ~40 s             |
+| toy, checkerboard | 2-D checkerboard          | MLP 256 x 4                | 3000 steps, ~30 s on 1 core   |
+| moons, 8gaussians | 2-D toys                  | MLP 256 x 4                | 3000 steps, ~30 s on 1 core   |
 | digits            | sklearn 8x8 digits        | DiT 64 wide, 3 blocks, p 2 | 1500 steps, ~1 min            |
 | mnist (the demo)  | 5,000 MNIST digits, 32 px | DiT-Tiny/4 (96 wide, 4)    | 2500 steps, ~7-10 min         |
 | imagenet-B/2, -L/2, -XL/2 | SD-VAE latents 4x32x32 | DiT-B/2, L/2, XL/2 | 240 epochs (1,201,095 steps) |
@@ -99,10 +99,11 @@ def _imagenet(size: str, omega: float, kappa: float, t_end: float) -> Callable[[
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
-    Preset("toy", "2-D checkerboard, MLP, ~1 min on CPU (MeanFlow 1-step vs the data)", _toy("checkerboard")),
+    Preset("toy", "2-D checkerboard, MLP, ~30 s of training on 1 CPU core (MeanFlow 1-step vs the data; "
+                  "more sampling steps score worse on this preset, see the README)", _toy("checkerboard")),
     Preset("checkerboard", "alias of toy", _toy("checkerboard")),
-    Preset("moons", "2-D two moons, MLP, ~1 min on CPU", _toy("moons")),
-    Preset("8gaussians", "2-D eight Gaussians, MLP, ~1 min on CPU", _toy("8gaussians")),
+    Preset("moons", "2-D two moons, MLP, ~30 s of training on 1 CPU core", _toy("moons")),
+    Preset("8gaussians", "2-D eight Gaussians, MLP, ~30 s of training on 1 CPU core", _toy("8gaussians")),
     Preset("digits", "sklearn 8x8 digits, tiny class-conditional DiT, ~1 min on CPU", _digits),
     Preset("mnist", "THE DEMO: real MNIST digits, class-conditional DiT-Tiny/4, ~10 min on 2 CPU cores", _mnist),
     Preset("imagenet-B/2", "ImageNet-256 latents, DiT-B/2, official settings (omega 1.0, kappa 0.5); "

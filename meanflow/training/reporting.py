@@ -129,7 +129,12 @@ class TrainerReporting:
         from ..evaluation.evaluate import evaluate_model
 
         return evaluate_model(model or self.ema.default, self.config.data, self.config.eval, self.device,
-                              autocast=self._autocast)
+                              autocast=self._autocast, progress=self.config.train.progress)
+
+    def _stage(self, what: str) -> None:
+        """One line when a stage after the progress bar starts (with train.progress, on the main process)."""
+        if self.config.train.progress and self.is_main:
+            print(f"{self.config.preset or 'run'}: {what} ...", flush=True)
 
 
 def _logged_step(line: str) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ class TrainerState:
             "optimizer": self.optimizer.state_dict(),
             "data": self.batches.state_dict(),
             "elapsed": self.elapsed,
+            "threads": self.threads,  # CPU results are bit-exact only at the same count: --resume reuses it
             "rng": {"generator": self.generator.get_state(), **_process_rng_state()},
         }
 
@@ -56,7 +58,7 @@ class TrainerState:
         model_state, optim_state, ema_state = self._dcp_tensors()
         meta = {"config": self.config.to_dict(), "data": self.batches.state_dict(), "elapsed": elapsed,
                 "generator": self.generator.get_state(), "world_size": self.world_size, "parallel": self.parallel,
-                "ema_decays": list(self.ema.models)}
+                "ema_decays": list(self.ema.models), "threads": self.threads}
         return ckpt.save_dcp_checkpoint(self.out_dir, self.step, {"model": model_state, "optim": optim_state,
                                                                   "ema": ema_state},
                                         meta, {"rank": self.rank, "world_size": self.world_size,
@@ -83,6 +85,7 @@ class TrainerState:
             self.batches.load_state_dict(state["data"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {where} does not fit this run's config: {exc}") from exc
+        self._check_threads(state.get("threads"), where)
         rng = state["rng"]
         self.generator.set_state(rng["generator"].cpu() if hasattr(rng["generator"], "cpu") else rng["generator"])
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
@@ -91,6 +94,14 @@ class TrainerState:
         else:
             self._reseed_process_rngs()
         self.last_checkpoint = Path(where)
+
+    def _check_threads(self, recorded: int | None, where) -> None:
+        """Warn when a CPU run resumes at another thread count than it ran with: float sums split differently, so
+        the losses drift from the uninterrupted run's in the last digits (CUDA kernels do not depend on it)."""
+        if recorded and int(recorded) != self.threads and self.device.type == "cpu":
+            warnings.warn(f"{where} was written with {int(recorded)} CPU thread(s), this process uses {self.threads}: "
+                          f"training continues, but not bit for bit like an uninterrupted run (`meanflow train "
+                          f"--resume` reuses the run's count unless --set train.threads=N overrides it)", RuntimeWarning, stacklevel=3)
 
     def _set_ema_states(self, states: list[dict], *, full: bool, saved: list[str]) -> None:
         if saved != list(self.ema.models):
@@ -107,6 +118,7 @@ class TrainerState:
             self.batches.load_state_dict(meta["data"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {where} does not fit this run's config: {exc}") from exc
+        self._check_threads(meta.get("threads"), where)
         model_state, optim_state, ema_state = self._dcp_tensors()
         rank_state = ckpt.load_dcp(where, {"model": model_state, "optim": optim_state, "ema": ema_state})
         parallel.set_train_state(self.net, self.optimizer, model_state, optim_state)

@@ -50,6 +50,7 @@ from .cuda_graphs import CUDAGraphModel
 from .ema import EMA
 from .reporting import TrainerReporting
 from .state import TrainerState
+from .validation import check_config
 
 __all__ = ["NonFiniteLossError", "Trainer"]
 
@@ -67,6 +68,7 @@ class Trainer(TrainerState, TrainerReporting):
 
     def __init__(self, config: RunConfig, out_dir: str | os.PathLike, *, resume: str | os.PathLike | None = None,
                  loss_fn=None):
+        check_config(config)  # one line naming the key, before anything is built
         self.config, self.out_dir = config, Path(out_dir)
         tc: TrainConfig = config.train
         if tc.batch_size % tc.grad_accum:
@@ -290,8 +292,10 @@ class Trainer(TrainerState, TrainerReporting):
                 self._accumulate(window, stats)
                 if self.step % tc.log_every == 0 or self.step == tc.steps:
                     row = self._log(window, t_start)
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", v_loss=f"{row['v_loss']:.4g}",
-                                    samples_s=f"{row['samples_per_s']:.0f}")
+                    # raw_loss and v_loss show learning; the weighted loss sits near 1 by construction (adaptive
+                    # weighting) and stays in metrics.jsonl only
+                    bar.set_postfix_str(f"raw_loss={row['raw_loss']:.4g}, v_loss={row['v_loss']:.4g}, "
+                                        f"{row['samples_per_s']:.0f} samples/s")
                 if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
                     ema = self.ema_model()  # under FSDP a collective (the EMA is gathered to rank 0)
                     if self.is_main:
@@ -310,6 +314,7 @@ class Trainer(TrainerState, TrainerReporting):
                    "samples_per_s": round(steps_run * tc.batch_size / wall, 2) if wall > 0 and steps_run else None}
         ema = self.ema_model()
         if self.is_main:  # the other ranks are done (evaluation below runs on rank 0 alone)
+            self._stage("final sample grids, loss curve, weights")
             summary["grids"] = [str(p) for p in self.sample_grids(self.out_dir, "final_", model=ema)]
             from ..evaluation.plotting import save_loss_curve
 
@@ -317,7 +322,10 @@ class Trainer(TrainerState, TrainerReporting):
             ckpt.export_weights(self.out_dir / "ema.safetensors", ema.state_dict(), self.config.to_dict(), self.step)
             summary["weights"] = str(self.out_dir / "ema.safetensors")
             if self.config.eval.enabled:
+                self._stage("evaluation")
+                t_eval = time.perf_counter()
                 summary["metrics"] = self.evaluate(ema)
+                summary["eval_s"] = round(time.perf_counter() - t_eval, 2)
                 (self.out_dir / "eval.json").write_text(json.dumps(summary["metrics"], indent=2) + "\n")
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return summary
