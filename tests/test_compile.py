@@ -57,26 +57,32 @@ def loss_call(net, b):
     return loss, stats["loss"], stats["v_loss"]
 
 
-def compare(fn, arch, backend):
+def compare(fn, arch, backend, grads: bool = True):
     net = make_model(arch)
     b = make_batch(net)
     eager = fn(net, b)
-    eager_grads = torch.autograd.grad(eager[0], list(net.parameters()))
     torch._dynamo.reset()
-    got = torch.compile(fn, fullgraph=True, backend=backend)(net, b)
-    grads = torch.autograd.grad(got[0], list(net.parameters()))
+    with torch.set_grad_enabled(grads):
+        got = torch.compile(fn, fullgraph=True, backend=backend)(net, b)
     for name, a, e in zip(("out0", "out1", "out2"), got, eager):
         assert a.shape == e.shape and max_rel_err(a, e) < 1e-5, name
-    for (name, _), g, e in zip(net.named_parameters(), grads, eager_grads):
-        assert max_rel_err(g, e) < 1e-5, name
+    if grads:
+        eager_grads = torch.autograd.grad(eager[0], list(net.parameters()))
+        for (name, _), g, e in zip(net.named_parameters(), torch.autograd.grad(got[0], list(net.parameters())),
+                                   eager_grads):
+            assert max_rel_err(g, e) < 1e-5, name
     return got
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("arch", ["dit", "mlp"])
 def test_tangent_call_compiles_fullgraph_and_equals_eager(arch, backend):
-    _, u, u_dot = compare(tangent_call, arch, backend)
-    assert u.requires_grad and not u_dot.requires_grad and u_dot.shape[0] == KT
+    """Forward, tangent and (through AOT autograd) every parameter gradient; the DiT under Inductor forward only: its
+    backward graph costs a minute of C++ compiling on 2 CPU cores (the DiT's backward is compiled under aot_eager
+    here and the MLP's under Inductor)."""
+    grads = not (arch == "dit" and backend == "inductor")
+    _, u, u_dot = compare(tangent_call, arch, backend, grads=grads)
+    assert u.requires_grad == grads and not u_dot.requires_grad and u_dot.shape[0] == KT
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
