@@ -5,7 +5,9 @@ Three parts, each written as it finishes (CPU and CUDA; on CPU the Triton kernel
   launches   launches per DiT block: (depth-4 model - depth-2 model) / 2, counted below autograd.       -> rows
              Counted: every aten op that reaches a TorchDispatchMode except views and pure allocations (on CUDA
              each is one kernel launch or one cuBLAS call; allocation-only ops launch nothing), plus every Triton
-             launch (JITFunction.run / the interpreter's run). Paths: fused forward+JVP and its backward (the
+             launch (JITFunction.run / the interpreter's run). A custom op reached through the dispatcher (the fused
+             ops' eager path does not go through it; the attention's does) is not a launch; the aten ops inside its
+             body are not seen (the attention's: allocations only). Paths: fused forward+JVP and its backward (the
              MeanFlow main call, kt = B/4), plain forward and backward (flow matching, guidance), explicit
              forward+JVP and backward. Counts do not depend on sizes, so the model is tiny.
   op_host    host microseconds per call of every fused op at a tiny shape (so the device work is negligible): the
@@ -70,6 +72,7 @@ class LaunchCounter(TorchDispatchMode):
         super().__init__()
         self.aten: collections.Counter = collections.Counter()
         self.triton: collections.Counter = collections.Counter()
+        self.custom_ops: collections.Counter = collections.Counter()
         self.scalar_reads = 0   # .item() / bool(tensor): a host sync on CUDA when the tensor lives there
         self.nonzero = 0        # data-dependent shapes (the guidance rows): a host sync on CUDA
         self._patch = triton_launches(self.triton, stub=stub_triton)
@@ -86,6 +89,10 @@ class LaunchCounter(TorchDispatchMode):
         name = str(func)
         if name == "aten._local_scalar_dense.default":
             self.scalar_reads += 1
+        elif not name.startswith("aten."):
+            # a custom op reached through the dispatcher (e.g. torch.ops.mfkernels.attention_jvp_fwd): not a kernel
+            # itself; its Triton launches are counted by triton_launches, its inner aten ops are not seen here
+            self.custom_ops[name] += 1
         elif not func.is_view and name not in NO_KERNEL:
             self.aten[name] += 1
             if name.startswith("aten.nonzero"):
