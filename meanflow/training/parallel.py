@@ -33,7 +33,7 @@ PARALLEL_MODES = ("ddp", "fsdp", "none")
 
 
 # ------------------------------------------------------------------------------------------------- wrapping
-def _shard_units(net: nn.Module) -> list[nn.Module]:
+def shard_units(net: nn.Module) -> list[nn.Module]:
     """The modules fully_shard wraps one by one (then the root): a DiT's blocks, an MLPNet's layers."""
     for name in ("blocks", "layers"):
         units = getattr(net, name, None)
@@ -70,7 +70,7 @@ def shard_model(net: nn.Module, mesh, mp_policy=None) -> nn.Module:
     )
 
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    for unit in _shard_units(net):
+    for unit in shard_units(net):
         fully_shard(unit, **kwargs)
         if hasattr(unit, "forward_jvp"):
             register_fsdp_forward_method(unit, "forward_jvp")
