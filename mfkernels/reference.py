@@ -146,21 +146,59 @@ def gated_residual_jvp_ref(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor,
 
 
 # ------------------------------------------------------------------------------------------------------ attention
-def _check_attention(q, k, v, q_dot, k_dot, v_dot) -> int:
+def _check_attn_mask(attn_mask, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
+    """attn_mask as torch's SDPA takes it: bool (True = attend) or additive float (q's dtype, or float32 as torch also
+    accepts), broadcastable to (B, Hq, Nq, Nk); not together with causal (torch refuses that combination too)."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be None or a torch.Tensor; got {type(attn_mask).__name__}")
+    if causal:
+        raise ValueError("attn_mask and causal (is_causal) are both set; torch's SDPA refuses this combination too "
+                         "(its math backend raises): fold the causal mask into attn_mask instead")
+    if attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
+        raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; expected torch.bool (True = attend) or an additive "
+                        f"float mask of q's dtype {q.dtype} (or torch.float32, as torch accepts)")
+    if attn_mask.device != q.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}; they must be on the same device")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        ok = attn_mask.dim() <= 4 and tuple(torch.broadcast_shapes(attn_mask.shape, target)) == target
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, which does not broadcast to the attention "
+                         f"weights' shape (B, Hq, Nq, Nk) = {target}")
+
+
+def _check_attention(q, k, v, q_dot, k_dot, v_dot, attn_mask=None, *, causal: bool = False,
+                     enable_gqa: bool = False) -> int:
+    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); Hkv = Hq, or (enable_gqa) any divisor of Hq; ragged
+    tangents of the same shapes; attn_mask (see _check_attn_mask). Returns kt."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         check_ndim(name, t, 4, "(B, H, N, D)")
     for name, t in (("k", k), ("v", v)):
         check_like(name, t, "q", q)
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, H, Nk, D); got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape[:2] != q.shape[:2] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"q (B, H, Nq, D) and k (B, H, Nk, D) must agree in B, H and D; "
+    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"q (B, Hq, Nq, D) and k (B, Hkv, Nk, D) must agree in B and D; "
                          f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"k (B, Hkv, Nk, D) and v (B, Hkv, Nk, Dv) must agree in B, Hkv and Nk; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv != hq:
+        if not enable_gqa:
+            raise ValueError(f"k and v have {hkv} heads but q has {hq}; pass enable_gqa=True for grouped-query / "
+                             f"multi-query attention (got q {tuple(q.shape)}, k {tuple(k.shape)})")
+        if hkv == 0 or hq % hkv:
+            raise ValueError(f"enable_gqa=True needs q's head count Hq = {hq} to be a multiple of k's and v's "
+                             f"Hkv = {hkv}")
     kt = check_tangent_batches(q_dot=q_dot, k_dot=k_dot, v_dot=v_dot)
     check_tangent("q_dot", q_dot, "q", q)
     check_tangent("k_dot", k_dot, "k", k)
     check_tangent("v_dot", v_dot, "v", v)
+    _check_attn_mask(attn_mask, q, k, causal)
     return kt
 
 
@@ -169,40 +207,74 @@ def _causal_mask(nq: int, nk: int, device) -> torch.Tensor:
     return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
 
 
-def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-                  scale: float | None = None) -> torch.Tensor:
-    """Math attention O = softmax(c Q K^T) V, written out so that torch.func.jvp can differentiate it (test reference)."""
-    c = scale if scale is not None else q.shape[-1] ** -0.5
-    s = c * q @ k.transpose(-1, -2)
+def _expand_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """GQA / MQA for the references: k, v repeated per query head (head h reads key/value head h // (Hq / Hkv))."""
+    if k.shape[1] == q.shape[1]:
+        return k, v
+    rep = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+
+
+def _masked_logits(s: torch.Tensor, attn_mask, causal: bool) -> torch.Tensor:
+    """Scaled scores with causal / bool (-inf where False) / additive masks applied, as torch's SDPA does."""
     if causal:
-        s = s.masked_fill(~_causal_mask(q.shape[-2], k.shape[-2], q.device), float("-inf"))
-    return torch.softmax(s, dim=-1) @ v
+        s = s.masked_fill(~_causal_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(s.dtype)
+    return s
+
+
+def _safe_softmax(s: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim with fully masked rows (all -inf) giving 0, as torch's SDPA math backend does. The
+    dead rows are filled before the softmax, so no NaN reaches a derivative either (torch's own math backend does give
+    NaN gradients there under reverse-over-forward; the exact ones are 0: those rows are constant)."""
+    dead = (s == float("-inf")).all(-1, keepdim=True)
+    return torch.softmax(s.masked_fill(dead, 0.0), dim=-1).masked_fill(dead, 0.0)
+
+
+def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, attn_mask: torch.Tensor | None = None,
+                  causal: bool = False, scale: float | None = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Math attention O = softmax(c Q K^T + mask) V, written out so that torch.func.jvp can differentiate it (test
+    reference). GQA (k, v with fewer heads) repeats them per query head; fully masked rows give 0 (torch's result)."""
+    c = scale if scale is not None else q.shape[-1] ** -0.5
+    k, v = _expand_kv(q, k, v)
+    s = _masked_logits(c * q @ k.transpose(-1, -2), attn_mask, causal)
+    return _safe_softmax(s) @ v
 
 
 def attention_jvp_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       q_dot: torch.Tensor, k_dot: torch.Tensor, v_dot: torch.Tensor,
-                      *, causal: bool = False, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      *, attn_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
+                      enable_gqa: bool = False, tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention and its tangent, closed form (per head, c = scale, default D^-1/2):
 
-    S = c Q K^T, P = softmax(S), O = P V
-    S_dot = c (Q_dot K^T + Q K_dot^T);  P_dot = P * (S_dot - rowsum(P * S_dot));  O_dot = P_dot V + P V_dot
-    q: (B, H, Nq, D), k/v: (B, H, Nk, D); tangents have kt <= B rows. Masked entries have P = 0 and so P_dot = 0.
-    The primal uses torch's SDPA (differentiable); the tangent is computed in fp32 (fp64 for fp64 inputs), no graph.
+    S = c Q K^T + mask, P = softmax(S), O = P V
+    S_dot = c (Q_dot K^T + Q K_dot^T) (a mask is a constant);  P_dot = P * (S_dot - rowsum(P * S_dot));
+    O_dot = P_dot V + P V_dot
+    q: (B, Hq, Nq, D), k: (B, Hkv, Nk, D), v: (B, Hkv, Nk, Dv) (Hkv < Hq needs enable_gqa); tangents have kt <= B
+    rows; attn_mask bool / additive, broadcastable to (B, Hq, Nq, Nk). Masked entries have P = 0 and so P_dot = 0;
+    fully masked rows give O = O_dot = 0. The primal uses torch's SDPA (differentiable).
+    tangent_grad: False (the op contract): o_dot is computed in fp32 (fp64 for fp64 inputs) without a graph, the
+    tangents get no gradient. True: o_dot is differentiable in q, k, v and the tangents. None (default): True exactly
+    when grad mode is on and a tangent requires grad.
     """
-    kt = _check_attention(q, k, v, q_dot, k_dot, v_dot)
+    kt = _check_attention(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal=causal, enable_gqa=enable_gqa)
     c = scale if scale is not None else q.shape[-1] ** -0.5
-    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=c)
-    with torch.no_grad():
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=c, enable_gqa=enable_gqa)
+    if tangent_grad is None:
+        tangent_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_dot, k_dot, v_dot))
+    with torch.set_grad_enabled(bool(tangent_grad) and torch.is_grad_enabled()):
         acc = torch.promote_types(q.dtype, torch.float32)
-        qk, kk, vk = (_rows(t, kt).to(acc) for t in (q, k, v))
+        rows = (lambda t: t[:kt]) if tangent_grad else (lambda t: _rows(t, kt))  # noqa: E731
+        qk, kk, vk = (rows(t).to(acc) for t in (q, k, v))
         qd, kd, vd = (t.to(acc) for t in (q_dot, k_dot, v_dot))
-        s = c * qk @ kk.transpose(-1, -2)
+        kk, vk = _expand_kv(qk, kk, vk)
+        kd, vd = _expand_kv(qk, kd, vd)
+        batched = attn_mask is not None and attn_mask.dim() == 4 and attn_mask.shape[0] > 1
+        mask = attn_mask[:kt] if batched else attn_mask  # the mask rows of the first kt batch rows
+        s = _masked_logits(c * qk @ kk.transpose(-1, -2), mask, causal)
         s_dot = c * (qd @ kk.transpose(-1, -2) + qk @ kd.transpose(-1, -2))
-        if causal:
-            allowed = _causal_mask(q.shape[-2], k.shape[-2], q.device)
-            s = s.masked_fill(~allowed, float("-inf"))
-            s_dot = s_dot.masked_fill(~allowed, 0.0)
-        p = torch.softmax(s, dim=-1)
+        p = _safe_softmax(s)
         p_dot = p * (s_dot - (p * s_dot).sum(-1, keepdim=True))
         o_dot = (p_dot @ vk + p @ vd).to(q.dtype)
     return o, o_dot

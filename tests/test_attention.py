@@ -228,10 +228,11 @@ def test_backward_shapes(device, shape, causal):
 
 @pytest.mark.gpu
 def test_backward_broadcast_grad_and_no_tangent_grads(device):
-    """o.sum().backward() hands the kernel a stride-0 grad; tangents requiring grad still get none."""
+    """o.sum().backward() hands the kernel a stride-0 grad; with tangent_grad=False (the op contract) tangents that
+    require grad still get none and o_dot is detached."""
     args = _inputs(2, 2, _n(19, device), _n(21, device), 32, 2, _exact_dtype(device), device)
     q, k, v, q_dot, k_dot, v_dot = leaves = [t.requires_grad_() for t in args]
-    o, o_dot = attention_jvp(*leaves, causal=True)
+    o, o_dot = attention_jvp(*leaves, causal=True, tangent_grad=False)
     o.sum().backward()
     ref = _grads_ref(q, k, v, torch.ones_like(o), True)
     for name, g, r in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), ref):
@@ -370,7 +371,7 @@ def test_compile_reverse_mode_fullgraph(device):
 def test_compile_func_jvp_upstream_bug_still_present():
     """Records the upstream bug the eager island works around, by compiling the raw Function with a jvp."""
     q, k, v, q_dot, k_dot, v_dot = _compile_inputs("cpu" if not torch.cuda.is_available() else "cuda")
-    raw = lambda a, b, c: attn._SDPAJVPFunction.apply(a, b, c, False, 32 ** -0.5)[0]  # noqa: E731
+    raw = lambda a, b, c: attn._SDPAJVPFunction.apply(a, b, c, None, False, 32 ** -0.5)[0]  # noqa: E731
     fn = lambda *a: torch.func.jvp(raw, a[:3], a[3:])  # noqa: E731
     torch._dynamo.reset()
     eager = fn(q, k, v, q_dot, k_dot, v_dot)
@@ -393,9 +394,9 @@ def test_argument_errors(case):
     if case == "q_3d":
         q, match = q[0], "4-D"
     elif case == "kv_shape":
-        v, match = v[:, :, :5], "same shape"
+        v, match = v[:, :, :5], r"k \(B, Hkv, Nk, D\) and v \(B, Hkv, Nk, Dv\) must agree in B, Hkv and Nk"
     elif case == "head_dim_mismatch":
-        k, v, match = k[..., :16], v[..., :16], "agree in B, H and D"
+        k, v, match = k[..., :16], v[..., :16], "must agree in B and D"
     elif case == "tangent_shape":
         q_dot, match = q_dot[:, :, :5], "q_dot has shape"
     elif case == "tangent_batch_gt_B":
@@ -430,12 +431,10 @@ def test_scalar_argument_errors():
     with pytest.raises(TypeError, match="causal must be a bool"):
         attention_jvp(*args, causal=1)
     q, k, v = args[:3]
-    with pytest.raises(NotImplementedError, match="attn_mask"):
-        scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(8, 8, dtype=torch.bool))
-    with pytest.raises(NotImplementedError, match="dropout_p"):
+    with pytest.raises(NotImplementedError, match="dropout_p must be 0.0 .there is no fused dropout"):
         scaled_dot_product_attention(q, k, v, dropout_p=0.1)
-    with pytest.raises(NotImplementedError, match="enable_gqa"):
-        scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        scaled_dot_product_attention(q, k, v, is_causal=None)
     with pytest.raises(ValueError, match="4-D"):
         scaled_dot_product_attention(q[0], k[0], v[0])
 
@@ -463,11 +462,14 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
 def test_autotune_configs(monkeypatch):
     """One config under the interpreter; the GPU lists are sane tiles (powers of two >= 16) for every D group, and the
     pruner hands each kernel the list for its head dim (and the forward the tangent or the plain list)."""
-    kernels = (attn._attn_jvp_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel)
+    kernels = (attn._attn_jvp_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel,
+               attn._attn_tbwd_dkdv_kernel, attn._attn_tbwd_dq_kernel)
     if _runtime.interpreter_active():
         assert all(len(kern.configs) == 1 for kern in kernels)
     tables = (attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._DKDV_CONFIGS, attn._DQ_CONFIGS,
-              attn._FP32_FWD_CONFIGS, attn._FP32_DKDV_CONFIGS, attn._FP32_DQ_CONFIGS)
+              attn._FP32_FWD_CONFIGS, attn._FP32_DKDV_CONFIGS, attn._FP32_DQ_CONFIGS, attn._TBWD_DKDV_CONFIGS,
+              attn._TBWD_DQ_CONFIGS, attn._FP32_TBWD_DKDV_CONFIGS, attn._FP32_TBWD_DQ_CONFIGS,
+              attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS, attn._DQ_MASKED_CONFIGS)
     for table in tables:
         assert set(table) == {64, 128, 256}
         for cfgs in table.values():
@@ -476,7 +478,7 @@ def test_autotune_configs(monkeypatch):
                     size = c.kwargs[key]
                     assert size >= 16 and size & (size - 1) == 0
                 assert c.num_warps in (4, 8) and 1 <= c.num_stages <= 5
-    monkeypatch.setattr(attn, "interpreter_active", lambda: False)  # what a GPU process sees
+    monkeypatch.setattr(attn._configs, "interpreter_active", lambda: False)  # what a GPU process sees
     sig = lambda cfgs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs}  # noqa
     every = attn._all_configs(*tables)
     prune = attn._pruner(attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._FP32_FWD_CONFIGS)["early_config_prune"]
@@ -493,3 +495,15 @@ def test_autotune_configs(monkeypatch):
     monkeypatch.setenv("MFKERNELS_AUTOTUNE", "0")  # GPU test runs: the first config of the list only
     assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128][:1])
     assert sig(prune(every, {"Q": bf16}, BLOCK_D=64, HAS_TANGENT=False)) == sig(attn._FWD_PLAIN_CONFIGS[64][:1])
+    # masks: the masked lists for 2-D and additive masks (MASK_KIND 1, 2, 4), the main ones for bool key padding (3)
+    prune = attn._pruner(attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._FP32_FWD_CONFIGS,
+                         attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS)["early_config_prune"]
+    for kind, jvp_table, plain_table in ((1, attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS),
+                                         (3, attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS),
+                                         (4, attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS)):
+        assert sig(prune(every, {"Q": bf16}, BLOCK_D=128, HAS_TANGENT=True, MASK_KIND=kind)) == sig(jvp_table[128][:1])
+        assert sig(prune(every, {"Q": bf16}, BLOCK_D=128, HAS_TANGENT=False, MASK_KIND=kind)) == sig(
+            plain_table[128][:1])
+    # Dv != D: the wider of the two tiles picks the list
+    monkeypatch.setenv("MFKERNELS_AUTOTUNE", "1")
+    assert sig(prune_dq(every, {"BLOCK_D": 64, "BLOCK_DV": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128])

@@ -68,25 +68,25 @@ def test_two_ranks_equal_one_process(runs, objective, mode):
 
 
 def test_imf_network_sharded_per_block_equals_one_process(runs):
-    """iMF's own network under FSDP2: its shared, u and v blocks are sharded one by one (parallel._shard_units)."""
+    """iMF's own network under FSDP2: its shared, u and v blocks are sharded one by one (parallel.shard_units)."""
     out, refs, results = runs
     got = results["imfdit_fsdp"]
     assert_close(got["model"], refs["imfdit"]["model"])
     assert_close(got["ema"]["0.9"], refs["imfdit"]["ema"]["0.9"])
 
 
-def test_shard_units_of_each_network():
+def testshard_units_of_each_network():
     from meanflow.models.imf_dit import build_imf_dit
-    from meanflow.training.parallel import _shard_units
+    from meanflow.training.parallel import shard_units
 
     net = build_imf_dit("iMF-Micro/2", input_size=8, in_channels=1, num_classes=10)
-    assert len(_shard_units(net)) == len(net.shared_blocks) + len(net.u_blocks) + len(net.v_blocks) == 3
+    assert len(shard_units(net)) == len(net.shared_blocks) + len(net.u_blocks) + len(net.v_blocks) == 3
     cfg = objective_config("imf")
     from meanflow.models import build_model
     from meanflow.objectives import network_spec
 
     dit = build_model(cfg.model, (1, 8, 8), 10, torch.device("cpu"), spec=network_spec(cfg.loss))
-    assert _shard_units(dit) == list(dit.blocks) + list(dit.v_blocks)
+    assert shard_units(dit) == list(dit.blocks) + list(dit.v_blocks)
 
 
 @pytest.mark.parametrize("objective", RESUMED)

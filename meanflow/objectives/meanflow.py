@@ -7,16 +7,20 @@
 
 Rows are ordered so that the r != t rows come first; only those k rows enter the tangent computation (the `autograd`
 backend, like peers, still differentiates the whole batch). Any row order of the inputs gives the same loss.
+
+Under torch.compile the whole call traces into one graph (fullgraph=True): value checks become device-side asserts,
+the guidance call takes a fixed bucket of rows (guidance.py), and with t, r passed in (rows not drawn by the sampler,
+so k would be data-dependent) every row gets a tangent: rows with r = t have clip(t - r) = 0, so the loss is the same.
+Draw the randomness outside, or from the global RNG (a torch.Generator argument is not traced).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
 
-from mfkernels._checks import check_float, describe
+from mfkernels._checks import check_float, describe, require_values
 
 from .base import Objective, ObjectiveConfig
 from .base import knob as _knob
@@ -85,9 +89,19 @@ class MeanFlowConfig(ObjectiveConfig):
         return dataclasses.replace(self, **changes)
 
 
-@functools.lru_cache(maxsize=None)
+_LOSS_OPS: dict = {}
+
+
 def loss_op(name: str):
-    """The target/loss implementation: mfkernels' native op (C++/CUDA) or its pure-torch reference."""
+    """The target/loss implementation: mfkernels' native op (C++/CUDA) or its pure-torch reference (looked up once; a
+    dict rather than functools.lru_cache, which torch.compile warns about)."""
+    op = _LOSS_OPS.get(name)
+    if op is None:
+        op = _LOSS_OPS[name] = _find_loss_op(name)
+    return op
+
+
+def _find_loss_op(name: str):
     if name in ("auto", "native"):
         try:
             from mfkernels.target import meanflow_loss
@@ -166,7 +180,8 @@ class MeanFlowLoss(Objective):
             x, noise, t, r = x[order], noise[order], t[order], r[order]
             if conditional:
                 y, drop = y[order], drop[order]
-            k = int(needs_jvp.sum())
+            # Under torch.compile k would be data-dependent: every row gets a tangent instead (same loss, see above).
+            k = batch if torch.compiler.is_compiling() else int(needs_jvp.sum())
         t, r = t.to(x.dtype), r.to(x.dtype)
 
         tb = _as_rows(t, x)
@@ -217,11 +232,11 @@ class MeanFlowLoss(Objective):
     def _check_labels(net, y, drop, batch):
         if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"y must be an integer tensor of shape ({batch},); got {describe(y)}")
-        if bool(((y < 0) | (y >= net.num_classes)).any()):
-            raise ValueError(f"labels y must lie in [0, {net.num_classes - 1}] (the null class {net.null_class} is set "
-                             f"by label dropout, not passed in); got values in [{int(y.min())}, {int(y.max())}]")
         if drop.shape != (batch,) or drop.dtype != torch.bool:
             raise ValueError(f"drop must be a bool tensor of shape ({batch},); got {describe(drop)}")
+        require_values((y >= 0) & (y < net.num_classes),
+                       f"labels y must lie in [0, {net.num_classes - 1}] (the null class {net.null_class} is set by "
+                       f"label dropout, not passed in)", lambda: f"; got values in [{int(y.min())}, {int(y.max())}]")
 
     @staticmethod
     def _check_times(t, r, batch, x):
@@ -229,9 +244,11 @@ class MeanFlowLoss(Objective):
             check_float(name, s)
             if s.shape != (batch,) or s.device != x.device:
                 raise ValueError(f"{name} must have shape ({batch},) on {x.device}; got {describe(s)}")
-            if bool(((s < 0) | (s > 1)).any()):
-                raise ValueError(f"{name} must lie in [0, 1]; got values in [{s.min().item():.4g}, {s.max().item():.4g}]")
-        if bool((r > t).any()):
+            require_values((s >= 0) & (s <= 1), f"{name} must lie in [0, 1]",
+                           lambda s=s: f"; got values in [{s.min().item():.4g}, {s.max().item():.4g}]")
+
+        def first_bad_row() -> str:
             row = int((r > t).nonzero()[0, 0])
-            raise ValueError(f"r must be <= t in every row; row {row} has r = {r[row].item():.4g} > t = "
-                             f"{t[row].item():.4g}")
+            return f"; row {row} has r = {r[row].item():.4g} > t = {t[row].item():.4g}"
+
+        require_values(r <= t, "r must be <= t in every row", first_bad_row)

@@ -87,6 +87,12 @@ class TrainConfig:
     cuda_graphs: bool = _f(False, "replay the training call (forward + JVP + backward) from CUDA graphs: CUDA, one "
                                   "process or DDP (not FSDP); removes the host overhead of small models "
                                   "(meanflow/training/cuda_graphs.py)")
+    compile: bool = _f(False, "torch.compile the model (fullgraph): the whole model in one process and under DDP, "
+                              "each block under FSDP2 (meanflow/training/compile.py)")
+    compile_mode: str = _f("default", "torch.compile mode with train.compile: default | max-autotune-no-cudagraphs | "
+                                      "reduce-overhead (CUDA graphs; not with FSDP) | max-autotune")
+    compile_backend: str = _f("inductor", "torch.compile backend with train.compile: inductor | aot_eager | eager "
+                                          "(the last two for debugging and CPU tests)")
     threads: int = _f(0, "CPU threads (0: auto = cores not busy with other processes); the count a run used is saved "
                          "in its checkpoints and reused by --resume unless this is set (bit-exact resume needs the "
                          "same count)")

@@ -50,6 +50,7 @@ from ..runtime.host import resolve_device
 from ..runtime.seeding import seed_everything
 from . import checkpoint as ckpt
 from . import parallel
+from .compile import check_compile_options, compile_blocks, compile_model
 from .config import RunConfig, TrainConfig
 from .cuda_graphs import CUDAGraphModel
 from .ema import EMA
@@ -91,6 +92,8 @@ class Trainer(TrainerState, TrainerReporting):
             raise ValueError(f"train.batch_size {tc.batch_size} (the global batch) must divide by world size "
                              f"{self.world_size} x train.grad_accum {tc.grad_accum}")
         self.parallel = tc.parallel if self.world_size > 1 else "none"
+        if tc.compile:
+            check_compile_options(tc.compile_mode, tc.compile_backend, self.parallel)
         self.device = self.dist.device if self.world_size > 1 else resolve_device(tc.device)
         self.threads = torch.get_num_threads()  # set by the entry point (cli: set_threads(train.threads))
         seed_everything(tc.seed)  # the same seed on every rank: identical initial weights
@@ -128,13 +131,24 @@ class Trainer(TrainerState, TrainerReporting):
     def _wrap_model(self, net: nn.Module) -> nn.Module:
         """DDP(net) or FSDP2-sharded net under torchrun (train.parallel), net itself in one process. The loss calls
         `model(..., tangents=...)` through the wrapper, so DDP's gradient hooks / FSDP's all-gathers see the real
-        forward, for every JVP backend."""
+        forward, for every JVP backend. With train.compile: each block compiled before FSDP2 shards it, or the
+        network's forward (then DDP around it)."""
+        tc = self.config.train
+        if tc.compile:  # in place, before the wrappers: they run eagerly around the compiled code
+            options = {"mode": tc.compile_mode, "backend": tc.compile_backend}
+            if self.parallel == "fsdp":
+                compile_blocks(net, parallel.shard_units(net), **options)
+            else:
+                compile_model(net, **options)
         return parallel.wrap_model(net, self.parallel, self.dist, precision=self._precision(), mesh=self.mesh)
 
     def _graph_model(self, net: nn.Module) -> nn.Module:
         """CUDAGraphModel(net) with train.cuda_graphs (one process or DDP), else net."""
         if not self.config.train.cuda_graphs:
             return net
+        if self.config.train.compile:
+            raise ValueError("train.cuda_graphs and train.compile do not combine: for CUDA graphs of a compiled model "
+                             "use train.compile_mode=reduce-overhead (Inductor's CUDA graphs) with cuda_graphs off")
         if self.parallel == "fsdp":
             raise ValueError("train.cuda_graphs does not work with train.parallel=fsdp: FSDP2 gathers and frees each "
                              "block's weights from Python hooks inside the forward and backward, which a graph replay "

@@ -65,6 +65,12 @@ def _datasets() -> tuple[str, ...]:
     return DATASETS
 
 
+def _compile_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .compile import COMPILE_BACKENDS, COMPILE_MODES
+
+    return COMPILE_MODES, COMPILE_BACKENDS
+
+
 RULES: dict[str, Check] = {
     "model.arch": lambda v: one_of(*_archs())(v),
     "model.v_depth": at_least(0),
@@ -97,6 +103,8 @@ RULES: dict[str, Check] = {
     "train.precision": one_of("auto", "fp32", "bf16"),
     "train.device": device,
     "train.parallel": one_of("ddp", "fsdp"),
+    "train.compile_mode": lambda v: one_of(*_compile_choices()[0])(v),
+    "train.compile_backend": lambda v: one_of(*_compile_choices()[1])(v),
     "train.threads": at_least(0),
     "train.log_every": at_least(1),
     "train.sample_every": at_least(0),
