@@ -19,13 +19,13 @@ def snapshot(trainer) -> dict:
             "ema": {k: m.state_dict() for k, m in trainer.ema.models.items()}}
 
 
-def assert_close(a: dict, b: dict, exact: bool = False):
+def assert_close(a: dict, b: dict, exact: bool = False, atol: float = 1e-7):
     assert a.keys() == b.keys()
     for k in b:
         if exact:
             assert torch.equal(a[k], b[k]), k
         else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7, msg=lambda m, k=k: f"{k}: {m}")
+            torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +71,13 @@ def test_imf_network_sharded_per_block_equals_one_process(runs):
     """iMF's own network under FSDP2: its shared, u and v blocks are sharded one by one (parallel.shard_units)."""
     out, refs, results = runs
     got = results["imfdit_fsdp"]
-    assert_close(got["model"], refs["imfdit"]["model"])
-    assert_close(got["ema"]["0.9"], refs["imfdit"]["ema"]["0.9"])
+    # atol 1e-6: the two ranks' reduce-scatter sums the gradient in another order; after 4 AdamW steps a few weights
+    # near 0 differ by 2e-7 (seen after the compile merge); a lost or wrong update moves a weight by ~lr
+    assert_close(got["model"], refs["imfdit"]["model"], atol=1e-6)
+    assert_close(got["ema"]["0.9"], refs["imfdit"]["ema"]["0.9"], atol=1e-6)
 
 
-def testshard_units_of_each_network():
+def test_shard_units_of_each_network():
     from meanflow.models.imf_dit import build_imf_dit
     from meanflow.training.parallel import shard_units
 
