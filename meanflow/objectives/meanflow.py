@@ -22,6 +22,8 @@ import torch
 
 from mfkernels._checks import check_float, describe, require_values
 
+from .base import Objective, ObjectiveConfig
+from .base import knob as _knob
 from .guidance import guided_velocity
 from ..models.network import unwrap
 from .time_sampling import TIME_SAMPLERS, num_jvp_rows, sample_t_r
@@ -29,13 +31,8 @@ from .time_sampling import TIME_SAMPLERS, num_jvp_rows, sample_t_r
 LOSS_OPS = ("auto", "native", "torch")
 
 
-def _knob(default, help: str):
-    """A config field with its help line (shown by `meanflow train --help-config` and `meanflow presets -v`)."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclass
-class MeanFlowConfig:
+class MeanFlowConfig(ObjectiveConfig):
     """Every knob of the MeanFlow objective. Defaults follow the paper's ImageNet setting."""
 
     time_sampler: str = _knob("logit_normal", "(t, r) sampler: logit_normal (paper v0), logit_normal_v1 or uniform")
@@ -55,8 +52,10 @@ class MeanFlowConfig:
     loss_op: str = _knob("auto", "target/loss implementation: auto (native op when built) | native | torch")
     flow_matching: bool = _knob(False, "plain flow-matching baseline: r = t everywhere, unweighted loss "
                                        "(overrides ratio and p while set)")
+    objective: str = _knob("meanflow", "training objective: fm | meanflow | imf | scm | alphaflow")
 
     def __post_init__(self):
+        self._check_name("meanflow")
         if self.time_sampler not in TIME_SAMPLERS:
             raise ValueError(f"time_sampler must be one of {TIME_SAMPLERS}; got {self.time_sampler!r}")
         if not 0.0 <= self.ratio <= 1.0:
@@ -120,7 +119,7 @@ def _as_rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
 
 
-class MeanFlowLoss:
+class MeanFlowLoss(Objective):
     """loss_fn(model, x, y=None, *, noise=None, t=None, r=None, drop=None) -> (loss, stats).
 
     The keyword arguments override the random draws (tests, reproducibility). `stats` holds detached tensors: loss
@@ -128,9 +127,21 @@ class MeanFlowLoss:
     jvp_rows (rows that needed a tangent), guidance_rows (rows evaluated by the no-grad guidance call).
     """
 
-    def __init__(self, config: MeanFlowConfig | None = None, **overrides):
-        config = config or MeanFlowConfig()
-        self.config = config.replace(**overrides) if overrides else config
+    name = "meanflow"
+    config_class = MeanFlowConfig
+    draw_names = ("noise", "drop", "t", "r")
+
+    def guidance_description(self) -> str:
+        return f"guidance (omega = {self.config.omega}, kappa = {self.config.kappa})"
+
+    def draw(self, batch: int, like: torch.Tensor, *, conditional: bool,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """noise, label dropout, (t, r): in the order __call__ draws them itself."""
+        out = {"noise": torch.randn(like.shape, device=like.device, dtype=like.dtype, generator=generator)}
+        if conditional:
+            out["drop"] = torch.rand(batch, device=like.device, generator=generator) < self.config.label_dropout
+        out["t"], out["r"] = self.sample_times(batch, like.device, generator)
+        return out
 
     def sample_times(self, batch: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -141,6 +152,7 @@ class MeanFlowLoss:
                  drop=None, generator: torch.Generator | None = None):
         c = self.config
         net = unwrap(model)
+        self.check_network(net)
         batch = self._check_data(net, x, noise)
         conditional = net.num_classes > 0
         if conditional and y is None:
