@@ -242,11 +242,12 @@ def _load_for_inference(path: str, which: str, device):
     from .training.checkpoint import load_weights
     from .training.config import RunConfig
     from .models.registry import build_model
+    from .objectives.registry import network_spec
 
     state_dict, cfg_dict, step = load_weights(path, which)
     cfg = RunConfig.from_dict(cfg_dict)
     shape, classes = _data_signature(cfg)
-    model = build_model(cfg.model, shape, classes, device)
+    model = build_model(cfg.model, shape, classes, device, spec=network_spec(cfg.loss))
     model.load_state_dict(state_dict)
     return model.to(device).eval(), cfg, step
 
@@ -368,7 +369,8 @@ def cmd_sample(args) -> int:
 
     from .runtime import distributed
     from .evaluation.plotting import save_samples
-    from .evaluation.sampling import draw_noise, generate_uint8, sample, sample_labels, save_npz
+    from .evaluation.samplers import sampler_for
+    from .evaluation.sampling import draw_noise, generate_uint8, sample_labels, save_npz
     from .runtime.host import check_device, set_threads
 
     check_device(args.device)
@@ -377,6 +379,7 @@ def cmd_sample(args) -> int:
         set_threads(0, share=ctx.local_world_size)
         device = ctx.device
         model, cfg, step = _load_for_inference(args.ckpt, args.weights, device)
+        sample = sampler_for(cfg.loss)  # the sampler of the objective the model was trained with
         classes = model.num_classes
         decode = _decoder(args, cfg, device)
         autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if args.precision == "bf16" else None
@@ -390,7 +393,7 @@ def cmd_sample(args) -> int:
             images = generate_uint8(model, args.num, model.data_shape, labels, steps=args.steps,
                                     midpoint=args.midpoint, seed=args.seed, batch_size=args.batch_size,
                                     device=device, decode=decode, autocast=autocast, rank=ctx.rank,
-                                    world_size=ctx.world_size, log=print if ctx.is_main else None)
+                                    world_size=ctx.world_size, log=print if ctx.is_main else None, sampler=sample)
             if ctx.is_main:
                 save_npz(args.out, images, labels)
                 print(f"wrote {args.out}: arr_0 {images.dtype} {tuple(images.shape)}"
@@ -423,6 +426,7 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     from .training.config import apply_overrides
     from .evaluation.evaluate import evaluate_model, fid_of_samples
+    from .evaluation.samplers import sampler_for
     from .runtime.host import resolve_device, set_threads
 
     out = _new_file(args.out, "--out", (".json",))
@@ -456,7 +460,7 @@ def cmd_eval(args) -> int:
         cfg = apply_overrides(cfg, args.set or [])
         print(f"evaluating {args.ckpt}: {args.weights or 'ema'} weights of step {step}", flush=True)
         metrics = {"checkpoint": str(args.ckpt), "step": step, "weights": args.weights or "ema",
-                   **evaluate_model(model, cfg.data, cfg.eval, device, progress=True)}
+                   **evaluate_model(model, cfg.data, cfg.eval, device, progress=True, sampler=sampler_for(cfg.loss))}
         _print_metrics(metrics)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)

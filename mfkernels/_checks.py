@@ -5,6 +5,8 @@ to read a kernel to find out why a call was refused.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -40,6 +42,10 @@ def check_tangent(name: str, tangent: torch.Tensor, primal_name: str, primal: to
     The contract of every op: a tangent has the primal's shape except in dim 0, where it has kt <= B rows that stand
     for the FIRST kt rows of the primal batch (kt = 0 is allowed: no tangent work at all).
     """
+    if (isinstance(tangent, torch.Tensor) and isinstance(primal, torch.Tensor) and tangent.dtype == primal.dtype
+            and tangent.dtype in FLOAT_DTYPES and tangent.device == primal.device and tangent.dim() == primal.dim()
+            and tangent.shape[1:] == primal.shape[1:] and tangent.shape[0] <= primal.shape[0]):
+        return tangent.shape[0]  # the common case, decided in a few comparisons
     check_float(name, tangent)
     check_like(name, tangent, primal_name, primal)
     if tangent.dim() != primal.dim() or tangent.shape[1:] != primal.shape[1:]:
@@ -75,8 +81,25 @@ def check_tangent_batches(**tangents: torch.Tensor) -> int:
     return next(iter(sizes.values()))
 
 
+def _same_kind(dtype, device, *tensors) -> bool:
+    for t in tensors:
+        if t.dtype != dtype or t.device != device:
+            return False
+    return True
+
+
 def check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot) -> int:
-    """LayerNorm-modulate arguments: x (B, N, C); shift, scale (B, C) like x; tangents (kt, ...). Returns kt."""
+    """LayerNorm-modulate arguments: x (B, N, C); shift, scale (B, C) like x; tangents (kt, ...). Returns kt.
+
+    Runs on every call: a few comparisons decide that everything is right (the common case); only then is a wrong
+    argument searched for, by the checks that name it."""
+    if (isinstance(x, torch.Tensor) and x.dim() == 3 and x.dtype in FLOAT_DTYPES
+            and isinstance(x_dot, torch.Tensor) and x_dot.dim() == 3):
+        kt, mod = x_dot.shape[0], (x.shape[0], x.shape[2])
+        if (x_dot.shape[1:] == x.shape[1:] and kt <= x.shape[0] and shift.shape == mod and scale.shape == mod
+                and shift_dot.shape == (kt, mod[1]) and scale_dot.shape == (kt, mod[1])
+                and _same_kind(x.dtype, x.device, shift, scale, x_dot, shift_dot, scale_dot)):
+            return kt
     check_float("x", x)
     check_ndim("x", x, 3, "(B, N, C)")
     for name, m in (("shift", shift), ("scale", scale)):
@@ -94,7 +117,17 @@ def check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot) -> int:
     """Gated-residual arguments: x, f (B, N, C); gate (B, C); tangents (kt, ...); one device. Returns kt.
 
     Dtypes may differ (an fp32 residual stream with a bf16 branch under autocast): the output is the promoted dtype.
+    A fast path decides that everything is right first (see check_layernorm_modulate_args).
     """
+    if (isinstance(x, torch.Tensor) and x.dim() == 3 and x.dtype in FLOAT_DTYPES and isinstance(x_dot, torch.Tensor)
+            and isinstance(f_dot, torch.Tensor) and isinstance(gate_dot, torch.Tensor)):
+        kt, device = x_dot.shape[0], x.device
+        if (f.shape == x.shape and gate.shape == (x.shape[0], x.shape[2]) and kt <= x.shape[0]
+                and x_dot.shape[1:] == x.shape[1:] and f_dot.shape[1:] == x.shape[1:] and f_dot.shape[0] == kt
+                and gate_dot.shape == (kt, x.shape[2]) and _same_kind(x.dtype, device, x_dot)
+                and _same_kind(gate.dtype, device, gate, gate_dot) and _same_kind(f.dtype, device, f, f_dot)
+                and gate.dtype in FLOAT_DTYPES and f.dtype in FLOAT_DTYPES):
+            return kt
     check_float("x", x)
     check_ndim("x", x, 3, "(B, N, C)")
     if f.shape != x.shape:
@@ -109,3 +142,18 @@ def check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot) -> int:
         if t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; they must be on the same device")
     return kt
+
+
+def require_values(ok: torch.Tensor, message: str, details: Callable[[], str] | None = None) -> None:
+    """A check on tensor VALUES (ok: a bool tensor, all of it must be True); a ValueError naming what is wrong.
+
+    Eagerly it reads ok on the host (one sync) and the error adds details() (e.g. the offending range). While
+    torch.compile traces, reading a value would break the graph (or sync the host), so the check becomes a device-side
+    assert, torch._assert_async (no sync, no graph break; a RuntimeError with the message on CPU, a device assert on
+    CUDA).
+    """
+    if torch.compiler.is_compiling():
+        torch._assert_async(ok.all(), message)
+        return
+    if not bool(ok.all()):
+        raise ValueError(message + (details() if details is not None else ""))

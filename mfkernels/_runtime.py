@@ -5,21 +5,28 @@ On CUDA tensors the compiled kernels run. On CPU tensors they run only under the
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 
 import torch
 
 
-@functools.lru_cache(maxsize=None)
+_triton_importable: bool | None = None
+
+
 def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
+    """Tried once per process. A plain global rather than functools.lru_cache: torch.compile traces this function (the
+    public ops call it), and Dynamo reads a global as a constant but warns about an lru_cache wrapper."""
+    global _triton_importable
+    if _triton_importable is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+        except Exception:  # pragma: no cover - depends on the install
+            _triton_importable = False
+        else:
+            _triton_importable = True
+    return _triton_importable
 
 
 def interpreter_active() -> bool:
@@ -35,6 +42,13 @@ def triton_can_run(t: torch.Tensor) -> bool:
     if t.device.type == "cpu":
         return interpreter_active()
     return False
+
+
+def require_triton(op: str, t: torch.Tensor) -> None:
+    """The custom ops' own check (their public functions fall back to the reference before ever calling them)."""
+    if not triton_can_run(t):
+        raise RuntimeError(f"mfkernels::{op} runs Triton kernels: it needs CUDA tensors, or CPU tensors with "
+                           f"TRITON_INTERPRET=1 (and Triton importable); got tensors on {t.device}")
 
 
 _warned: set[str] = set()
@@ -73,3 +87,18 @@ def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for launch grids. Plain Python: triton.cdiv is a ConstexprFunction in Triton 3.6 and costs ~2 us per
     host call, paid on every launch."""
     return -(-a // b)
+
+
+_PROMOTED: dict = {}
+
+
+def promote(*dtypes: torch.dtype) -> torch.dtype:
+    """torch.promote_types over several dtypes, memoised: torch.promote_types is an aten op (a dispatcher call of a
+    microsecond or two on every op call otherwise)."""
+    out = _PROMOTED.get(dtypes)
+    if out is None:
+        out = dtypes[0]
+        for d in dtypes[1:]:
+            out = torch.promote_types(out, d)
+        _PROMOTED[dtypes] = out
+    return out

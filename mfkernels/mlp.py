@@ -1,34 +1,44 @@
 """Linear layers and the DiT MLP (Linear -> GELU(tanh) -> Linear) with their tangents.
 
-    linear:  y = x W^T + b,  y_dot = x_dot W^T                  (one GEMM over the stacked rows [x; x_dot])
-    mlp:     h = [x; x_dot] W1^T                                (GEMM 1, cuBLAS through torch)
-             a = h[:B] + b1;  g = gelu(a);  g_dot = gelu'(a) h[B:]   (one fused kernel, writes [g; g_dot] stacked)
-             [y; y_dot] = [g; g_dot] W2^T, then y += b2          (GEMM 2: reads the stacked buffer, no concatenation)
+    linear:  y = x W^T + b  (one addmm: cuBLAS applies the bias in its epilogue),  y_dot = x_dot W^T  (one mm)
+    mlp:     h = x W1^T, h_dot = x_dot W1^T                                  (GEMM 1, two cuBLAS calls)
+             a = h + b1;  g = gelu(a);  g_dot = gelu'(a) h_dot               (one fused kernel, bias included)
+             y = g W2^T + b2,  y_dot = g_dot W2^T                            (GEMM 2, addmm + mm)
 
-Memory: the MLP saves x and the biased pre-activation a only (no tangent activation, and not g: the backward
-recomputes g = gelu(a) in the same kernel that forms da = dg gelu'(a)), against x, a and g for an unfused chain.
+Primal and tangent rows go through separate GEMMs (same weight), not one GEMM over the stacked rows [x; x_dot] as
+`reference.linear_jvp_ref` does: the stacking costs a concatenation (a copy of x and x_dot) and a separate bias add,
+three launches where two do, and a custom op may not return two views of one output buffer.
+
+The linear is plain torch (F.linear for y, with autograd; a no-grad F.linear for y_dot): it launches no Triton kernel,
+so it needs no custom op. torch.compile traces it, and eager autograd handles its backward in C++.
+
+The MLP is one custom op, `mfkernels::mlp_fwd`, because its memory is the point: it saves x and the GEMM output h only
+(no tangent activation, and not g: the backward recomputes g = gelu(h + b1) in the same kernel that forms
+da = dg gelu'(h + b1), `mfkernels::gelu_tanh_bias_bwd`), against x, a and g for an unfused chain.
 
 Autocast: under torch.autocast (CUDA, or CPU in tests) both ops cast x, x_dot, the weights and biases to the autocast
 dtype first (differentiably, as autocast does for F.linear), so y and y_dot share that dtype and the parameter
 gradients come back in the parameters' dtype. (`reference.linear_jvp_ref` under autocast returns y in fp32 and y_dot
 in bf16, and `reference.mlp_jvp_ref` raises there: see the report of issue 5.) Without autocast all must share a dtype.
 
-Chain: `_act_jvp_fwd_kernel` (activations.py, with a fused bias) -> `mlp_jvp_fwd()` -> `MLPJVPFunction` -> `mlp_jvp()`;
-`linear_jvp()` -> `reference._LinearJVP` (the same stacked GEMM; reused, not duplicated).
+Chain: `_act_jvp_fwd_kernel` (activations.py, with a fused bias) -> `mlp_jvp_fwd()` -> op `mfkernels::mlp_fwd`
+(backward: torch GEMMs around `_act_bwd_kernel` -> op `mfkernels::gelu_tanh_bias_bwd`) -> `mlp_jvp()`.
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 
 from . import _runtime
 from ._checks import check_linear_args
+from ._library import FusedOp
 from ._tl_math import ACT_GELU_TANH
 from .activations import act_bwd, act_jvp_fwd
-from .reference import _LinearJVP, mlp_jvp_ref
+from .reference import mlp_jvp_ref
 
-__all__ = ["linear_jvp", "mlp_jvp", "MLPJVPFunction"]
+__all__ = ["linear_jvp", "mlp_jvp"]
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -48,83 +58,116 @@ def _cast(dtype: torch.dtype | None, *tensors):
 # ---------------------------------------------------------------------------------------------------------- linear
 def linear_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x W^T + b (differentiable in x, W, b);  y_dot = x_dot W^T (detached).  One GEMM on [x; x_dot].
+    """y = x W^T + b (differentiable in x, W, b);  y_dot = x_dot W^T (detached).
 
-    x: (B, ..., in), x_dot: (kt, ..., in), W: (out, in). Same checks as `reference.linear_jvp_ref`; the stacked GEMM is
-    `reference._LinearJVP` itself (cuBLAS through torch, so it runs on any device: no fallback needed). Under autocast
-    the inputs are cast to the autocast dtype first, so y and y_dot share one dtype.
+    x: (B, ..., in), x_dot: (kt, ..., in), W: (out, in). Same checks as `reference.linear_jvp_ref`. Two GEMMs on one
+    weight (cuBLAS through torch, so it runs on any device: no fallback needed; no GEMM at all for kt = 0). Under
+    autocast the inputs are cast to the autocast dtype first, so y and y_dot share one dtype.
     """
     check_linear_args(x, weight, x_dot)
     x, weight, bias, x_dot = _cast(_autocast_dtype(x), x, weight, bias, x_dot)
-    return _LinearJVP.apply(x, x_dot, weight, bias)
+    y = F.linear(x, weight, bias)
+    with torch.no_grad():
+        y_dot = F.linear(x_dot, weight)
+    return y, y_dot
 
 
 # ------------------------------------------------------------------------------------------------------------- mlp
 def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, save_for_backward: bool):
-    """Forward of the MLP and its tangent. Returns (y, y_dot, a or None); a = x W1^T + b1 (B*N, hidden) when saving."""
+    """Forward of the MLP and its tangent. Returns (y, y_dot, h); h = x W1^T (B*N, hidden) when saving, else empty."""
     lead, lead_t = x.shape[:-1], x_dot.shape[:-1]
     m, mt = math.prod(lead), math.prod(lead_t)
     c = x.shape[-1]
-    stacked = torch.cat([x.reshape(m, c), x_dot.reshape(mt, c)]) if mt else x.reshape(m, c)
-    h = torch.mm(stacked, w1.t())  # GEMM 1 over [x; x_dot]: (m + mt, hidden); bias only on primal rows (kernel)
-    del stacked
-    hidden = h.shape[1]
-    # [g; g_dot] in one buffer, so that GEMM 2 reads it as is. Through new_output: poisoned in tests.
-    g_stack = _runtime.new_output((m + mt, hidden), dtype=h.dtype, device=h.device)
-    _, _, a = act_jvp_fwd(h[:m], h[m:], ACT_GELU_TANH, bias=b1, y=g_stack[:m], y_dot=g_stack[m:],
-                          write_a=save_for_backward)
-    del h  # the tangent half of the pre-activation is dropped here: nothing of the tangent survives the forward
-    out = torch.mm(g_stack, w2.t())  # GEMM 2 over [g; g_dot]
-    y = out[:m] if b2 is None else out[:m] + b2
-    y_dot = out[m:]
-    return y.reshape(*lead, out.shape[1]), y_dot.reshape(*lead_t, out.shape[1]), a
+    h = torch.mm(x.reshape(m, c), w1.t())  # GEMM 1, primal rows; b1 is added in the activation kernel
+    h_dot = torch.mm(x_dot.reshape(mt, c), w1.t()) if mt else h[:0]
+    g, g_dot = act_jvp_fwd(h, h_dot, ACT_GELU_TANH, bias=b1)
+    del h_dot  # nothing of the tangent survives the forward
+    y = torch.mm(g, w2.t()) if b2 is None else torch.addmm(b2, g, w2.t())  # GEMM 2
+    y_dot = torch.mm(g_dot, w2.t()) if mt else g_dot.new_empty((0, w2.shape[0]))
+    saved = h if save_for_backward else h.new_empty((0,))
+    return y.reshape(*lead, w2.shape[0]), y_dot.reshape(*lead_t, w2.shape[0]), saved
 
 
-class MLPJVPFunction(torch.autograd.Function):
-    """y = Linear2(GELU_tanh(Linear1(x))) differentiable in x, w1, b1, w2, b2; y_dot non-differentiable.
+def _gelu_bias_bwd_impl(h: torch.Tensor, b1: torch.Tensor | None, dg: torch.Tensor, write_da: bool,
+                        write_g: bool) -> torch.Tensor:
+    """With a = h + b1: dg <- dg gelu'(a) in place (if write_da), and returns g = gelu(a) (if write_g, else empty)."""
+    _, g = act_bwd(h, dg, ACT_GELU_TANH, bias=b1, write_da=write_da, write_g=write_g, in_place=True)
+    return g if write_g else h.new_empty((0,))
 
-    Saves x and a = x W1^T + b1 only. Backward (dy: (M, out)):
-        dW2 = dy^T g, db2 = sum dy, dg = dy W2;  [g = gelu(a), da = dg gelu'(a)] in one kernel (da overwrites dg);
-        dW1 = da^T x, db1 = sum da, dx = da W1.
-    """
 
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, w1, b1, w2, b2, x_dot):
-        needs_grad = any(ctx.needs_input_grad[:5])
-        y, y_dot, a = mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, save_for_backward=needs_grad)
-        if needs_grad:
-            ctx.save_for_backward(x, a, w1, w2)
-        ctx.has_b1, ctx.has_b2 = b1 is not None, b2 is not None
-        ctx.mark_non_differentiable(y_dot)
-        return y, y_dot
+def _gelu_bias_bwd_fake(h, b1, dg, write_da, write_g):
+    return h.new_empty(h.shape if write_g else (0,))
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_y, _grad_y_dot):
-        x, a, w1, w2 = ctx.saved_tensors
-        need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
-        need_b1 = need_b1 and ctx.has_b1
-        need_b2 = need_b2 and ctx.has_b2
-        dy = grad_y.reshape(-1, grad_y.shape[-1]).to(a.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        need_da = need_x or need_w1 or need_b1
-        dx = dw1 = db1 = dw2 = db2 = None
-        dg = torch.mm(dy, w2) if need_da else None
-        da = g = None
-        if need_da or need_w2:
-            da, g = act_bwd(a, dg, ACT_GELU_TANH, write_da=need_da, write_g=need_w2, in_place=True)
+
+_gelu_bias_bwd = FusedOp("gelu_tanh_bias_bwd", _gelu_bias_bwd_impl, _gelu_bias_bwd_fake, mutates_args=("dg",))
+
+
+def _mlp_fwd_impl(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+                  b2: torch.Tensor | None, x_dot: torch.Tensor,
+                  save_for_backward: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, save_for_backward)
+
+
+def _mlp_fwd_fake(x, w1, b1, w2, b2, x_dot, save_for_backward):
+    out = w2.shape[0]
+    h_shape = (math.prod(x.shape[:-1]), w1.shape[0]) if save_for_backward else (0,)
+    return (x.new_empty((*x.shape[:-1], out)), x.new_empty((*x_dot.shape[:-1], out)), x.new_empty(h_shape))
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, _, _ = inputs
+    ctx.save_for_backward(x, output[2], w1, b1, w2)
+    ctx.has_b2 = b2 is not None
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for y_dot and h (a launch and a write each)
+
+
+def _mlp_backward(ctx, grad_y, _grad_y_dot, _grad_h):
+    """dW2 = dy^T g, db2 = sum dy, dg = dy W2; [g = gelu(a), da = dg gelu'(a)] in one kernel (da overwrites dg);
+    dW1 = da^T x, db1 = sum da, dx = da W1   (a = h + b1, dy = grad_y as (M, out))."""
+    if grad_y is None:  # y took no part in what is differentiated
+        return (None,) * 7
+    x, h, w1, b1, w2 = ctx.saved_tensors
+    need_x, need_w1, need_b1, need_w2, need_b2 = ctx.needs_input_grad[:5]
+    need_b1 = need_b1 and b1 is not None
+    need_b2 = need_b2 and ctx.has_b2
+    dy = grad_y.reshape(-1, grad_y.shape[-1]).to(h.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    need_da = need_x or need_w1 or need_b1
+    dx = dw1 = db1 = dw2 = db2 = None
+    if need_da or need_w2:
+        da = torch.mm(dy, w2) if need_da else h.new_empty((0,))  # dg, overwritten by da
+        g = _gelu_bias_bwd(h, b1, da, need_da, need_w2)
         if need_w2:
             dw2 = torch.mm(dy.t(), g)
-        if need_b2:
-            db2 = dy.sum(0)
         if need_w1:
             dw1 = torch.mm(da.t(), x2)
         if need_b1:
             db1 = da.sum(0)
         if need_x:
             dx = torch.mm(da, w1).reshape(x.shape)
-        return dx, dw1, db1, dw2, db2, None
+    if need_b2:
+        db2 = dy.sum(0)
+    return dx, dw1, db1, dw2, db2, None, None
+
+
+def _check_mlp_op(x, w1, b1, w2, b2, x_dot, save_for_backward):
+    check_linear_args(x, w1, x_dot)
+    _check_mlp_args(x, w1, b1, w2, b2, x_dot)
+    _runtime.require_triton("mlp_fwd", x)
+
+
+_mlp_fwd = FusedOp("mlp_fwd", _mlp_fwd_impl, _mlp_fwd_fake, setup_context=_mlp_setup_context,
+                   backward=_mlp_backward, check=_check_mlp_op)
+
+
+def _check_mlp_args(x, w1, b1, w2, b2, x_dot) -> None:
+    """After the autocast casts: every parameter has x's dtype and device."""
+    dtype = x.dtype
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t is not None and (t.dtype != dtype or t.device != x.device):
+            raise TypeError(f"{name} has dtype {t.dtype} on {t.device} but x has dtype {dtype} on {x.device}; outside "
+                            f"autocast the MLP's parameters must match x")
 
 
 def mlp_jvp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
@@ -133,7 +176,8 @@ def mlp_jvp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
 
     x: (B, ..., in), x_dot: (kt, ..., in), w1: (hidden, in), w2: (out, hidden). Returns (y differentiable in x and the
     parameters, y_dot detached). Same contract and checks as `reference.mlp_jvp_ref` (whose checks run in its first
-    linear and its GELU); falls back to it (one warning) where Triton cannot run.
+    linear and its GELU); falls back to it (one warning) where Triton cannot run. The op is
+    `torch.ops.mfkernels.mlp_fwd` (what torch.compile records).
     """
     check_linear_args(x, w1, x_dot)
     if w2.shape[-1] != w1.shape[0]:
@@ -144,9 +188,7 @@ def mlp_jvp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     if not _runtime.triton_can_run(x):
         _runtime.warn_fallback("mlp_jvp", x)
         return mlp_jvp_ref(x, w1, b1, w2, b2, x_dot)
-    dtype = x.dtype
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        if t is not None and (t.dtype != dtype or t.device != x.device):
-            raise TypeError(f"{name} has dtype {t.dtype} on {t.device} but x has dtype {dtype} on {x.device}; outside "
-                            f"autocast the MLP's parameters must match x")
-    return MLPJVPFunction.apply(x, w1, b1, w2, b2, x_dot)
+    _check_mlp_args(x, w1, b1, w2, b2, x_dot)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    y, y_dot, _ = _mlp_fwd(x, w1, b1, w2, b2, x_dot, save)
+    return y, y_dot

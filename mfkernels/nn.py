@@ -10,7 +10,6 @@ standing for the first kt rows; y is differentiable, y_dot detached.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import torch
 import torch.nn as nn
@@ -19,13 +18,35 @@ import torch.nn.functional as F
 from .ops import JVPOps, ops_table
 from .reference import attention_ref
 
-_MATH_ATTENTION = contextvars.ContextVar("mfkernels_math_attention", default=False)
+class _Switch:
+    """A process-wide on/off switch with ContextVar's get / set / reset API, readable by torch.compile.
+
+    Not a ContextVar: Dynamo cannot trace ContextVar.get (a graph break in every compiled plain forward). Not a
+    threading.local either: Dynamo does not guard on its attributes, so a compiled graph silently keeps the value it
+    was traced with (measured, torch 2.13). A plain attribute is guarded: flipping the switch recompiles."""
+
+    def __init__(self) -> None:
+        self._on = False
+
+    def get(self) -> bool:
+        return self._on
+
+    def set(self, value: bool) -> bool:
+        token, self._on = self._on, value
+        return token
+
+    def reset(self, token: bool) -> None:
+        self._on = token
+
+
+_MATH_ATTENTION = _Switch()
 
 
 @contextlib.contextmanager
 def math_attention():
     """Within this context `Attention.forward` computes softmax(c Q K^T) V with plain ops instead of torch's SDPA:
-    every op then has a forward-mode rule (torch.func.jvp, forward_ad), which SDPA's fused kernels lack."""
+    every op then has a forward-mode rule (torch.func.jvp, forward_ad), which SDPA's fused kernels lack. The switch is
+    process-wide (see `_Switch`): do not mix math and SDPA attention in concurrent threads."""
     token = _MATH_ATTENTION.set(True)
     try:
         yield

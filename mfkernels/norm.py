@@ -14,15 +14,18 @@ Dtypes: x, shift, scale and all tangents must share one dtype (as in the referen
 adaLN outputs to x's dtype before calling). No autocast casting: y and y_dot have x's dtype; statistics and all math are
 fp32 (fp64 for fp64 inputs).
 
-Chain: `_layernorm_modulate_jvp_fwd_kernel` -> `layernorm_modulate_jvp_fwd()` -> `LayerNormModulateJVPFunction`
--> `layernorm_modulate_jvp()`; backward `_layernorm_modulate_bwd_kernel` -> `layernorm_modulate_bwd()`.
+Chain: `_layernorm_modulate_jvp_fwd_kernel` -> `layernorm_modulate_jvp_fwd()` -> op `mfkernels::layernorm_modulate_fwd`
+-> `layernorm_modulate_jvp()`; backward `_layernorm_modulate_bwd_kernel` -> `layernorm_modulate_bwd()` -> op
+`mfkernels::layernorm_modulate_bwd`, registered as the forward op's autograd formula (see `_library.FusedOp`).
 """
 from __future__ import annotations
 
 import torch
 
 from . import _runtime
+from ._runtime import require_triton
 from ._checks import check_layernorm_modulate_args
+from ._library import FusedOp
 from ._tl_math import (
     acc_dtype,
     reduction_rows_per_program,
@@ -35,7 +38,7 @@ from ._tl_math import (
 )
 from .reference import layernorm_modulate_jvp_ref
 
-__all__ = ["layernorm_modulate_jvp", "LayerNormModulateJVPFunction"]
+__all__ = ["layernorm_modulate_jvp"]
 
 
 # ---------------------------------------------------------------------------------------------------------- kernels
@@ -139,7 +142,7 @@ def _layernorm_modulate_bwd_kernel(
 
 # --------------------------------------------------------------------------------------------------------- launchers
 def layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps: float, save_stats: bool):
-    """Launch the forward kernel. Returns (y, y_dot, mean, rstd); mean/rstd are None unless save_stats."""
+    """Launch the forward kernel. Returns (y, y_dot, mean, rstd); mean/rstd are empty (0,) unless save_stats."""
     batch, tokens, c = x.shape
     kt = x_dot.shape[0]
     x, x_dot = x.contiguous(), x_dot.contiguous()
@@ -150,14 +153,15 @@ def layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps
     y = _runtime.new_output(x.shape, dtype=x.dtype, device=x.device)
     y_dot = _runtime.new_output(x_dot.shape, dtype=x.dtype, device=x.device)
     stats_dtype = torch_acc_dtype(x.dtype)
-    mean = _runtime.new_output((batch * tokens,), dtype=stats_dtype, device=x.device) if save_stats else None
-    rstd = _runtime.new_output((batch * tokens,), dtype=stats_dtype, device=x.device) if save_stats else None
+    n_stats = batch * tokens if save_stats else 0
+    mean = _runtime.new_output((n_stats,), dtype=stats_dtype, device=x.device)
+    rstd = _runtime.new_output((n_stats,), dtype=stats_dtype, device=x.device)
     rows = batch * tokens
     if rows and c:
         block_c = row_block(c, "layernorm_modulate_jvp")
         _layernorm_modulate_jvp_fwd_kernel[(rows,)](
             x, shift, scale, x_dot, shift_dot, scale_dot,
-            y, y_dot, mean if save_stats else y, rstd if save_stats else y,
+            y, y_dot, mean, rstd,
             tokens, c, kt * tokens, s_shift, s_scale, s_shift_dot, s_scale_dot, eps,
             BLOCK_C=block_c, ACC=acc_dtype(x.dtype), SAVE_STATS=save_stats, num_warps=row_warps(block_c),
         )
@@ -165,64 +169,92 @@ def layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps
 
 
 def layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx: bool, compute_dmod: bool):
-    """Launch the backward kernel. Returns (dx or None, dshift or None, dscale or None)."""
+    """Launch the backward kernel. Returns (dx or None, dmod = stack([dshift, dscale]) (2, B, C) or None)."""
     batch, tokens, c = x.shape
-    grad_y = grad_y.contiguous()
+    grad_y, x = grad_y.contiguous(), x.contiguous()
     scale, s_scale = row_stride(scale)
     dx = _runtime.new_output(x.shape, dtype=x.dtype, device=x.device) if compute_dx else None
     block_c = row_block(c, "layernorm_modulate_jvp")
     rows_per_program = reduction_rows_per_program(batch, tokens, 1, x.device)
     n_chunks = _runtime.cdiv(tokens, rows_per_program)
-    part_dtype = torch_acc_dtype(x.dtype)
-    if compute_dmod:
-        dshift_part = _runtime.new_output((batch, n_chunks, c), dtype=part_dtype, device=x.device)
-        dscale_part = _runtime.new_output((batch, n_chunks, c), dtype=part_dtype, device=x.device)
-    else:
-        dshift_part = dscale_part = None
+    # dshift and dscale partials in one buffer (2, B, n_chunks, C): one reduction over the chunks for both
+    parts = _runtime.new_output((2, batch, n_chunks, c), dtype=torch_acc_dtype(x.dtype), device=x.device) \
+        if compute_dmod else None
     _layernorm_modulate_bwd_kernel[(n_chunks, batch)](
         grad_y, x, scale, mean, rstd,
-        dx if compute_dx else grad_y, dshift_part if compute_dmod else grad_y, dscale_part if compute_dmod else grad_y,
+        dx if compute_dx else grad_y, parts[0] if compute_dmod else grad_y, parts[1] if compute_dmod else grad_y,
         tokens, c, n_chunks, rows_per_program, s_scale,
         BLOCK_C=block_c, ACC=acc_dtype(x.dtype), COMPUTE_DX=compute_dx, COMPUTE_DMOD=compute_dmod,
         num_warps=row_warps(block_c),
     )
-    dshift = dshift_part.sum(1).to(scale.dtype) if compute_dmod else None
-    dscale = dscale_part.sum(1).to(scale.dtype) if compute_dmod else None
-    return dx, dshift, dscale
+    dmod = parts.sum(2).to(scale.dtype) if compute_dmod else None  # fixed order over chunks: deterministic
+    return dx, dmod
 
 
-# ---------------------------------------------------------------------------------------------- autograd Function
-class LayerNormModulateJVPFunction(torch.autograd.Function):
-    """y differentiable in x, shift, scale (saves x, scale and the row statistics); y_dot non-differentiable."""
+# ------------------------------------------------------------------------------------------------------ custom ops
+def _fwd_impl(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x_dot: torch.Tensor, shift_dot: torch.Tensor,
+              scale_dot: torch.Tensor, eps: float, save_stats: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, y_dot, mean, rstd); mean / rstd (B*N,) only with save_stats (what the backward needs), else empty."""
+    return layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps, save_stats)
 
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, shift, scale, x_dot, shift_dot, scale_dot, eps):
-        needs_grad = any(ctx.needs_input_grad[:3])
-        y, y_dot, mean, rstd = layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot,
-                                                          eps, save_stats=needs_grad)
-        if needs_grad:
-            ctx.save_for_backward(x.contiguous(), scale, mean, rstd)
-        ctx.mark_non_differentiable(y_dot)
-        return y, y_dot
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_y, _grad_y_dot):
-        x, scale, mean, rstd = ctx.saved_tensors
-        need_dx = ctx.needs_input_grad[0]
-        need_dmod = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        grad_x = grad_shift = grad_scale = None
-        if x.numel() and (need_dx or need_dmod):
-            grad_x, grad_shift, grad_scale = layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, need_dx, need_dmod)
-        else:  # no tokens or no features: all gradients are zero (empty for x)
-            grad_x = torch.zeros_like(x) if need_dx else None
-            grad_shift, grad_scale = torch.zeros_like(scale), torch.zeros_like(scale)
-        if not ctx.needs_input_grad[1]:
-            grad_shift = None
-        if not ctx.needs_input_grad[2]:
-            grad_scale = None
-        return grad_x, grad_shift, grad_scale, None, None, None, None
+def _fwd_fake(x, shift, scale, x_dot, shift_dot, scale_dot, eps, save_stats):
+    rows = x.shape[0] * x.shape[1] if save_stats else 0
+    stats_dtype = torch_acc_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty(x_dot.shape), x.new_empty((rows,), dtype=stats_dtype),
+            x.new_empty((rows,), dtype=stats_dtype))
+
+
+def _bwd_impl(grad_y: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+              compute_dx: bool, compute_dmod: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, dmod = stack([dshift, dscale]) (2, B, C)); the ones not asked for are empty (0,). One output for both
+    modulation gradients: they come from one reduction, and a custom op may not return two views of one tensor.
+    No tokens or no features: zeros."""
+    if x.numel():
+        dx, dmod = layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx, compute_dmod)
+    else:
+        dx = torch.zeros_like(x) if compute_dx else None
+        dmod = scale.new_zeros((2, *scale.shape)) if compute_dmod else None
+    return (dx if compute_dx else x.new_empty((0,)), dmod if compute_dmod else scale.new_empty((0,)))
+
+
+def _bwd_fake(grad_y, x, scale, mean, rstd, compute_dx, compute_dmod):
+    dmod_shape = (2, x.shape[0], x.shape[2]) if compute_dmod else (0,)
+    return x.new_empty(x.shape if compute_dx else (0,)), scale.new_empty(dmod_shape)
+
+
+_bwd = FusedOp("layernorm_modulate_bwd", _bwd_impl, _bwd_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    x, _, scale, *_ = inputs
+    _, y_dot, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.mark_non_differentiable(y_dot, mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for y_dot, mean, rstd (a launch and a write each)
+
+
+def _backward(ctx, grad_y, _grad_y_dot, _grad_mean, _grad_rstd):
+    """y = xh (1 + scale) + shift: dx, dshift, dscale from one kernel (see `_layernorm_modulate_bwd_kernel`)."""
+    x, scale, mean, rstd = ctx.saved_tensors
+    need_dx, need_dshift, need_dscale = ctx.needs_input_grad[:3]
+    need_dmod = need_dshift or need_dscale
+    if grad_y is None or not (need_dx or need_dmod):
+        return (None,) * 8
+    dx, dmod = _bwd(grad_y, x, scale, mean, rstd, need_dx, need_dmod)
+    dshift, dscale = dmod.unbind(0) if need_dmod else (None, None)
+    return (dx if need_dx else None, dshift if need_dshift else None, dscale if need_dscale else None,
+            None, None, None, None, None)
+
+
+def _check_op_args(x, shift, scale, x_dot, shift_dot, scale_dot, eps, save_stats):
+    check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot)
+    require_triton("layernorm_modulate_fwd", x)
+
+
+_fwd = FusedOp("layernorm_modulate_fwd", _fwd_impl, _fwd_fake, setup_context=_setup_context, backward=_backward,
+               check=_check_op_args)
 
 
 # ---------------------------------------------------------------------------------------------------------- public
@@ -234,9 +266,12 @@ def layernorm_modulate_jvp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     x: (B, N, C); shift, scale: (B, C); x_dot: (kt, N, C); shift_dot, scale_dot: (kt, C); kt <= B, all one dtype and
     device. Returns (y (B, N, C) differentiable in x, shift, scale; y_dot (kt, N, C) detached). Same contract and
     checks as `reference.layernorm_modulate_jvp_ref`; falls back to it (one warning) where Triton cannot run.
+    The op is `torch.ops.mfkernels.layernorm_modulate_fwd` (what torch.compile records).
     """
     check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot)
     if not _runtime.triton_can_run(x):
         _runtime.warn_fallback("layernorm_modulate_jvp", x)
         return layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, eps=eps)
-    return LayerNormModulateJVPFunction.apply(x, shift, scale, x_dot, shift_dot, scale_dot, float(eps))
+    save_stats = torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad)
+    y, y_dot, _, _ = _fwd(x, shift, scale, x_dot, shift_dot, scale_dot, float(eps), save_stats)
+    return y, y_dot

@@ -8,7 +8,6 @@ A model written against `JVPOps` switches implementation by switching tables; no
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,8 +33,19 @@ class JVPOps:
     qk_norm_rope: Callable
 
 
-@functools.lru_cache(maxsize=None)
+_TABLES: dict[str, JVPOps] = {}
+
+
 def ops_table(implementation: str = "fused") -> JVPOps:
+    """The op table of an implementation, built once (a plain dict rather than functools.lru_cache: torch.compile
+    traces this call in every model forward, and Dynamo reads a dict lookup as a constant but warns about lru_cache)."""
+    table = _TABLES.get(implementation)
+    if table is None:
+        table = _TABLES[implementation] = _build_table(implementation)
+    return table
+
+
+def _build_table(implementation: str) -> JVPOps:
     if implementation == "reference":
         from . import reference as R
 

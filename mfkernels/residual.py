@@ -11,8 +11,9 @@ Dtypes: as in the reference, x, gate and f may differ (the usual autocast case: 
 branch output f); y and y_dot have their promoted dtype, math in fp32 (fp64 if any input is fp64). Each tangent must
 have its primal's dtype.
 
-Chain: `_gated_residual_jvp_fwd_kernel` -> `gated_residual_jvp_fwd()` -> `GatedResidualJVPFunction`
--> `gated_residual_jvp()`; backward `gated_residual_bwd()` (torch ops: measured faster on Hopper).
+Chain: `_gated_residual_jvp_fwd_kernel` -> `gated_residual_jvp_fwd()` -> op `mfkernels::gated_residual_fwd`
+-> `gated_residual_jvp()`; backward `gated_residual_bwd()` (torch ops: measured faster on Hopper; traced by
+torch.compile as they are).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import torch
 
 from . import _runtime
 from ._checks import check_gated_residual_args
+from ._library import FusedOp
 from ._tl_math import (
     acc_dtype,
     next_power_of_2,
@@ -29,7 +31,7 @@ from ._tl_math import (
 )
 from .reference import gated_residual_jvp_ref
 
-__all__ = ["gated_residual_jvp", "GatedResidualJVPFunction"]
+__all__ = ["gated_residual_jvp"]
 
 
 # ---------------------------------------------------------------------------------------------------------- kernels
@@ -82,7 +84,7 @@ def _tile(c: int) -> tuple[int, int, int]:
 def gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot) -> tuple[torch.Tensor, torch.Tensor]:
     batch, tokens, c = x.shape
     kt = x_dot.shape[0]
-    out_dtype = torch.promote_types(torch.promote_types(x.dtype, gate.dtype), f.dtype)
+    out_dtype = _runtime.promote(x.dtype, gate.dtype, f.dtype)
     x, f, x_dot, f_dot = x.contiguous(), f.contiguous(), x_dot.contiguous(), f_dot.contiguous()
     gate, s_gate = row_stride(gate)
     gate_dot, s_gate_dot = row_stride(gate_dot)
@@ -109,38 +111,51 @@ def gated_residual_bwd(grad_y, gate, f, compute_df: bool, compute_dgate: bool):
     df = (grad_y * gate[:, None, :]).to(f.dtype) if compute_df else None
     dgate = None
     if compute_dgate:
-        acc = torch.promote_types(torch.promote_types(grad_y.dtype, f.dtype), torch.float32)
+        acc = _runtime.promote(grad_y.dtype, f.dtype, torch.float32)
         dgate = (grad_y * f).sum(1, dtype=acc).to(gate.dtype)  # products as eager autograd, fp32 accumulation
     return df, dgate
 
 
-# ---------------------------------------------------------------------------------------------- autograd Function
-class GatedResidualJVPFunction(torch.autograd.Function):
-    """y differentiable in x, gate, f (saves gate and f); y_dot non-differentiable."""
+# ------------------------------------------------------------------------------------------------------ custom op
+def _fwd_impl(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, x_dot: torch.Tensor, gate_dot: torch.Tensor,
+              f_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot)
 
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, gate, f, x_dot, gate_dot, f_dot):
-        y, y_dot = gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot)
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(gate, f)  # df needs gate, dgate needs f; nothing of the tangents is kept
-        ctx.mark_non_differentiable(y_dot)
-        return y, y_dot
 
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad_y, _grad_y_dot):
-        gate, f = ctx.saved_tensors
-        need_dx, need_dgate, need_df = ctx.needs_input_grad[:3]
-        grad_x = grad_gate = grad_f = None
-        if need_dx:  # y = x + ...: dy is dx (in x's dtype if the output dtype was promoted)
-            grad_x = grad_y if grad_y.dtype == ctx.x_dtype else grad_y.to(ctx.x_dtype)
-        if (need_dgate or need_df) and grad_y.numel():
-            grad_f, grad_gate = gated_residual_bwd(grad_y, gate, f, need_df, need_dgate)
-        elif need_dgate or need_df:  # no tokens: the sums over tokens are zero
-            grad_f = torch.zeros_like(f) if need_df else None
-            grad_gate = torch.zeros_like(gate) if need_dgate else None
-        return grad_x, grad_gate, grad_f, None, None, None
+def _fwd_fake(x, gate, f, x_dot, gate_dot, f_dot):
+    out_dtype = _runtime.promote(x.dtype, gate.dtype, f.dtype)
+    return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x_dot.shape, dtype=out_dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    x, gate, f, *_ = inputs
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(gate, f)  # df needs gate, dgate needs f; nothing of the tangents is kept
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for y_dot (a launch and a write per call)
+
+
+def _backward(ctx, grad_y, _grad_y_dot):
+    """dx = dy (in x's dtype), df = gate dy, dgate = sum over tokens of dy f (torch ops, see gated_residual_bwd)."""
+    gate, f = ctx.saved_tensors
+    need_dx, need_dgate, need_df = ctx.needs_input_grad[:3]
+    grad_x = grad_gate = grad_f = None
+    if grad_y is None:  # y took no part in what is differentiated
+        return (None,) * 6
+    if need_dx:  # y = x + ...: dy is dx (in x's dtype if the output dtype was promoted)
+        grad_x = grad_y if grad_y.dtype == ctx.x_dtype else grad_y.to(ctx.x_dtype)
+    if need_dgate or need_df:
+        grad_f, grad_gate = gated_residual_bwd(grad_y, gate, f, need_df, need_dgate)
+    return grad_x, grad_gate, grad_f, None, None, None
+
+
+def _check_op_args(x, gate, f, x_dot, gate_dot, f_dot):
+    check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
+    _runtime.require_triton("gated_residual_fwd", x)
+
+
+_fwd = FusedOp("gated_residual_fwd", _fwd_impl, _fwd_fake, setup_context=_setup_context, backward=_backward,
+               check=_check_op_args)
 
 
 # ---------------------------------------------------------------------------------------------------------- public
@@ -151,10 +166,10 @@ def gated_residual_jvp(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor,
 
     x, f: (B, N, C); gate: (B, C); x_dot, f_dot: (kt, N, C); gate_dot: (kt, C); kt <= B. Same contract and checks as
     `reference.gated_residual_jvp_ref` (mixed dtypes of x, gate, f allowed; outputs in the promoted dtype); falls back
-    to it (one warning) where Triton cannot run.
+    to it (one warning) where Triton cannot run. The op is `torch.ops.mfkernels.gated_residual_fwd`.
     """
     check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
     if not _runtime.triton_can_run(x):
         _runtime.warn_fallback("gated_residual_jvp", x)
         return gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot)
-    return GatedResidualJVPFunction.apply(x, gate, f, x_dot, gate_dot, f_dot)
+    return _fwd(x, gate, f, x_dot, gate_dot, f_dot)

@@ -61,6 +61,12 @@ SCENARIOS = {
     "fsdp_from_single": (["train.parallel=fsdp"], "single/checkpoints/ckpt_00000002.pt"),
     # a DDP checkpoint continued under FSDP (the same parameter names: DCP reshards)
     "fsdp_from_ddp": (["train.parallel=fsdp", "train.grad_accum=2"], "ddp/checkpoints/ckpt_00000002"),
+    # train.compile: torch.compile around DDP (the whole model), per block before fully_shard under FSDP2
+    # (aot_eager: Dynamo + AOT autograd as with inductor, without compiling C++ on 2 CPU cores)
+    "ddp_compiled": (["train.parallel=ddp", "train.grad_accum=2", "train.compile=true",
+                      "train.compile_backend=aot_eager"], None),
+    "fsdp_compiled": (["train.parallel=fsdp", "train.grad_accum=2", "train.compile=true",
+                       "train.compile_backend=aot_eager"], None),
     # bf16: FSDP's MixedPrecisionPolicy (bf16 compute copies, fp32 reduction) under CPU autocast
     "fsdp_bf16": (["train.parallel=fsdp", "train.precision=bf16", "train.steps=2"], None),
 }
@@ -74,11 +80,16 @@ def run(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
     out_dir = Path(out)
     try:
+        from torch._dynamo.utils import counters
+
         for name, (overrides, resume) in SCENARIOS.items():
+            torch._dynamo.reset()
+            counters.clear()
             trainer = Trainer(dit_config(*overrides), out_dir / name,
                               resume=out_dir / resume if resume else None)
             trainer.train()
             state = full_state(trainer)
+            state["compiled_graphs"] = counters["stats"]["unique_graphs"]  # Dynamo graphs this scenario compiled
             if rank == 0:
                 torch.save(state, out_dir / f"{name}.result.pt")
         # prepare-latents over the 2 ranks (each encodes its shards, rank 0 writes the manifest)

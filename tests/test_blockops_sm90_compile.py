@@ -18,7 +18,10 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
             activations.act_jvp_fwd(x, x[:kt], act)
             activations.act_bwd(x, x, act, write_da=True, write_g=act == ACT_GELU_TANH)
         w1, w2 = torch.randn(4 * c, c, dtype=dtype), torch.randn(c, 4 * c, dtype=dtype)
-        mlp.mlp_jvp_fwd(x, w1, torch.randn(4 * c, dtype=dtype), w2, None, x[:kt], True)
+        b1 = torch.randn(4 * c, dtype=dtype)
+        mlp.mlp_jvp_fwd(x, w1, b1, w2, None, x[:kt], True)
+        activations.act_bwd(x.new_empty(B * N, 4 * c), x.new_empty(B * N, 4 * c), ACT_GELU_TANH, bias=b1,
+                            write_g=True, in_place=True)
 print(json.dumps(out))
 '''
 

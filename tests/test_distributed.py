@@ -81,12 +81,19 @@ def runs(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------- equivalence
-@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_graphs"])
+@pytest.mark.parametrize("name", ["ddp", "fsdp", "ddp_graphs", "ddp_compiled", "fsdp_compiled"])
 def test_two_ranks_equal_one_process_on_the_same_global_batch(runs, name):
     """DDP / FSDP2, explicit backend, 2 ranks x 2 micro-batches of 2 rows == 1 process with one batch of 8: weights and
-    both EMAs after 4 steps (guidance, label dropout, clipping active), and the logged (rank-averaged) losses."""
+    both EMAs after 4 steps (guidance, label dropout, clipping active), and the logged (rank-averaged) losses. Also
+    with train.compile (torch.compile around DDP; each block compiled before fully_shard)."""
     out, refs, results = runs
     got, ref = results[name], refs["single"]
+    if name.endswith("compiled"):
+        # whole model: the tangent call and the guidance call (dynamic rows); per block: forward_jvp and forward
+        # of the blocks (one graph each, shared by both blocks); nothing recompiled over the 4 steps
+        assert 2 <= got["compiled_graphs"] <= 3, got["compiled_graphs"]
+    else:
+        assert got["compiled_graphs"] == 0
     assert got["step"] == ref["step"] == 4
     assert_same(got["model"], ref["model"])
     for decay in ("0.9", "0.5"):

@@ -14,17 +14,28 @@ B, N, C = 3, 7, 24
 
 
 def _ragged_check(fn_plain, fn_jvp, primals, k):
-    """fn_jvp(primals, tangents) must equal jvp(fn_plain) restricted to the first k rows."""
+    """fn_jvp(primals, tangents) must equal jvp(fn_plain) restricted to the first k rows, and its y must carry the
+    graph: the gradients of y with respect to the primals and fn_plain's parameters equal the plain forward's (a
+    forward_jvp that returns a detached or otherwise wrong y fails here)."""
+    primals = tuple(p.detach().requires_grad_() for p in primals)
     tangents = tuple(torch.randn((k,) + p.shape[1:], dtype=F64) for p in primals)
     y, y_dot = fn_jvp(primals, tangents)
     y_ref = fn_plain(*primals)
     assert max_rel_err(y, y_ref) < 1e-12
-    assert y.requires_grad == any(p.requires_grad for p in primals) or y.grad_fn is not None
+    assert y.requires_grad and y.grad_fn is not None, "y must be differentiable"
+    wrt = list(primals) + (list(fn_plain.parameters()) if isinstance(fn_plain, torch.nn.Module) else [])
+    w = torch.randn_like(y_ref)
+    grads = torch.autograd.grad((y * w).sum(), wrt, allow_unused=True)
+    grads_ref = torch.autograd.grad((y_ref * w).sum(), wrt, allow_unused=True)
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+        assert (g is None) == (g_ref is None), f"gradient {i}: one of forward_jvp / forward does not reach it"
+        if g is not None:
+            assert max_rel_err(g, g_ref) < 1e-10, f"gradient {i}"
     assert y_dot.shape == (k,) + y_ref.shape[1:]
     assert not y_dot.requires_grad, "tangent outputs must be detached"
     if k:
         with sdpa_kernel(SDPBackend.MATH):  # torch's fused SDPA kernels have no forward-mode rule
-            _, y_dot_ref = jvp(fn_plain, tuple(p[:k] for p in primals), tangents)
+            _, y_dot_ref = jvp(fn_plain, tuple(p[:k].detach() for p in primals), tangents)
         assert max_rel_err(y_dot, y_dot_ref) < 1e-10
 
 

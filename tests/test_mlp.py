@@ -1,4 +1,4 @@
-"""linear_jvp and mlp_jvp: stacked-row GEMMs with the fused bias + GELU(tanh) + tangent kernel in between."""
+"""linear_jvp and mlp_jvp: primal and tangent GEMMs with the fused bias + GELU(tanh) + tangent kernel in between."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,8 @@ def test_mlp_without_bias_and_partial_grads(device):
 
 @pytest.mark.gpu
 def test_mlp_saves_no_tangent_and_no_hidden_activation(device):
-    """Saved for backward: x, the biased pre-activation a (B*N rows, not B*N + kt*N), w1, w2. Not g, not g_dot."""
+    """Saved for backward: x, the GEMM output h (B*N rows, not B*N + kt*N), w1, b1, w2 (parameters cost no memory).
+    Not g, not g_dot, nothing of the tangent."""
     B, N, C, kt, hidden = 3, 4, 24, 3, 40
     x = rand(B, N, C, dtype=torch.float32, device=device, requires_grad=True)
     params = make_params(C, hidden, C, torch.float32, device)
@@ -100,7 +101,7 @@ def test_mlp_saves_no_tangent_and_no_hidden_activation(device):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         mlp_jvp(x, *params, rand(kt, N, C, dtype=torch.float32, device=device))
-    assert sorted(saved) == sorted([(B, N, C), (B * N, hidden), (hidden, C), (C, hidden)])
+    assert sorted(saved) == sorted([(B, N, C), (B * N, hidden), (hidden, C), (hidden,), (C, hidden)])
 
 
 def test_mlp_under_autocast_cpu():

@@ -357,6 +357,31 @@ def test_device_kernel_matches_reference(device, dtype, batch, shape, kt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["native", "torch"])
+def test_clip_of_t_minus_r(device, backend):
+    """u_tgt = v_g - clip(t - r, 0, 1) du_dt, both bounds hit: rows with t - r > 1 (t > 1 or r < 0) get h = 1, a row
+    with t - r = 1 exactly, and (where t < r is not refused: the reference, and the CUDA kernel without check_times)
+    a row with t < r gets h = 0. Without the clip these rows' targets differ by (t - r - 1) du_dt: checked below."""
+    batch, kt = 7, 6
+    u, v_g, du_dt, _, _ = inputs(batch, (3, 5), kt, device=device)
+    t = torch.tensor([1.0, 1.5, 0.7, 1.0, 0.6, 0.5, 0.4], device=device)
+    r = torch.tensor([-0.5, 0.2, -0.6, 0.0, 0.1, 0.5, 0.4], device=device)  # h: 1.5, 1.3, 1.3, 1, 0.5, 0; r = t after kt
+    lower = backend == "torch" or torch.device(device).type == "cuda"
+    if lower:
+        r[5] = 0.7  # t < r: h = clip(-0.2) = 0
+    loss, per_sample, weight = mt.meanflow_loss(u, v_g, du_dt, t, r, backend=backend, check_times=False)
+    f_loss, f_L, f_w, _ = formula_f64(*(a.cpu() for a in (u, v_g, du_dt, t, r)), 1.0, 0.01)
+    close(per_sample, f_L, torch.float32, f"{backend} per_sample with clipped rows")
+    close(loss, f_loss, torch.float32, f"{backend} loss with clipped rows")
+    h = (t - r)[:kt].double().cpu().reshape(kt, 1, 1)
+    diff = u.detach().double().cpu() - v_g.double().cpu()
+    diff[:kt] += h * du_dt.double().cpu()
+    unclipped = diff.square().sum((1, 2))  # the same loss without the clip
+    clipped_rows = [i for i in range(batch) if not torch.isclose(unclipped[i], f_L[i], rtol=1e-3)]
+    assert clipped_rows == ([0, 1, 2, 5] if lower else [0, 1, 2]), "the inputs must exercise the clip"
+
+
+@pytest.mark.gpu
 def test_device_misaligned_and_time_check(device):
     """Storage offsets that break 16-byte alignment take the scalar path; check_times=True refuses t < r."""
     def misaligned(*shape):  # contiguous, but 4 bytes past an aligned address (.contiguous() keeps it there)

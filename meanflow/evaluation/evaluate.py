@@ -45,9 +45,12 @@ def _sampling_bar(eval_cfg, enabled: bool):
 @torch.no_grad()
 def generate(model: nn.Module, num: int, data_shape: tuple[int, ...], num_classes: int, *, steps: int = 1,
              seed: int = 0, batch_size: int = 250, device: str | torch.device = "cpu",
-             autocast: Callable | None = None, bar=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+             autocast: Callable | None = None, bar=None, sampler: Callable | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`num` samples (CPU, fp32) with seeded noise; class-conditional models get balanced labels 0, 1, ..., K-1, 0, ...
-    `bar`: a progress bar advanced by each batch's size."""
+    `bar`: a progress bar advanced by each batch's size. `sampler`: the objective's
+    (meanflow.evaluation.samplers.sampler_for); default MeanFlow's `sample`."""
+    sampler = sampler or sample
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn((num,) + tuple(data_shape), generator=g)
     labels = torch.arange(num) % num_classes if num_classes > 0 else None
@@ -56,14 +59,15 @@ def generate(model: nn.Module, num: int, data_shape: tuple[int, ...], num_classe
         e = noise[i:i + batch_size].to(device)
         y = labels[i:i + batch_size].to(device) if labels is not None else None
         with (autocast() if autocast else contextlib.nullcontext()):
-            out.append(sample(model, e, y, steps=steps).float().cpu())
+            out.append(sampler(model, e, y, steps=steps).float().cpu())
         if bar is not None:
             bar.update(len(e))
     return torch.cat(out), labels
 
 
 # ------------------------------------------------------------------------------------------------ per data kind
-def evaluate_toy(model, dataset: Dataset, eval_cfg, device, autocast=None, progress: bool = False) -> dict:
+def evaluate_toy(model, dataset: Dataset, eval_cfg, device, autocast=None, progress: bool = False,
+                 sampler=None) -> dict:
     n = eval_cfg.num_samples
     data = dataset.sample(n, torch.Generator().manual_seed(eval_cfg.seed + 1))[0]
     other = dataset.sample(n, torch.Generator().manual_seed(eval_cfg.seed + 2))[0]
@@ -76,12 +80,14 @@ def evaluate_toy(model, dataset: Dataset, eval_cfg, device, autocast=None, progr
     with _sampling_bar(eval_cfg, progress) as bar:
         for steps in eval_cfg.steps:
             x, _ = generate(model, n, dataset.data_shape, 0, steps=steps, seed=eval_cfg.seed, device=device,
-                            batch_size=eval_cfg.batch_size, autocast=autocast, bar=bar)
+                            batch_size=eval_cfg.batch_size, autocast=autocast, bar=bar,
+                            sampler=sampler)
             out[f"{steps}step"] = {"sw": sw(x, data)}
     return out
 
 
-def evaluate_digits(model, name: str, eval_cfg, device, autocast=None, progress: bool = False) -> dict:
+def evaluate_digits(model, name: str, eval_cfg, device, autocast=None, progress: bool = False,
+                    sampler=None) -> dict:
     from .classifier import load_or_train, predict
     from ..data.datasets import build_dataset
 
@@ -98,7 +104,7 @@ def evaluate_digits(model, name: str, eval_cfg, device, autocast=None, progress:
         for steps in eval_cfg.steps:
             x, labels = generate(model, eval_cfg.num_samples, test.data_shape, test.num_classes, steps=steps,
                                  seed=eval_cfg.seed, device=device, batch_size=eval_cfg.batch_size, autocast=autocast,
-                                 bar=bar)
+                                 bar=bar, sampler=sampler)
             pred, conf, feats = predict(clf, x.clamp(-1, 1))
             out[f"{steps}step"] = {"confident": float((conf > 0.9).float().mean()),
                                    "label_match": float((pred == labels).float().mean()),
@@ -106,7 +112,8 @@ def evaluate_digits(model, name: str, eval_cfg, device, autocast=None, progress:
     return out
 
 
-def evaluate_images(model, dataset: Dataset, eval_cfg, device, autocast=None, progress: bool = False) -> dict:
+def evaluate_images(model, dataset: Dataset, eval_cfg, device, autocast=None, progress: bool = False,
+                    sampler=None) -> dict:
     path = eval_cfg.inception or os.environ.get(INCEPTION_ENV, "")
     extractor, reason = load_inception(path)
     if extractor is None:
@@ -125,28 +132,31 @@ def evaluate_images(model, dataset: Dataset, eval_cfg, device, autocast=None, pr
     with _sampling_bar(eval_cfg, progress) as bar:
         for steps in eval_cfg.steps:
             x, _ = generate(model, n, dataset.data_shape, dataset.num_classes, steps=steps, seed=eval_cfg.seed,
-                            device=device, batch_size=eval_cfg.batch_size, autocast=autocast, bar=bar)
+                            device=device, batch_size=eval_cfg.batch_size, autocast=autocast, bar=bar,
+                            sampler=sampler)
             mu, sigma = feature_statistics(extractor.features(x, eval_cfg.batch_size))
             out[f"{steps}step"] = {"fid": frechet_distance(mu, sigma, mu_ref, sigma_ref)}
     return out
 
 
 def evaluate_model(model: nn.Module, data_cfg, eval_cfg, device: str | torch.device = "cpu",
-                   autocast: Callable | None = None, progress: bool = False) -> dict:
+                   autocast: Callable | None = None, progress: bool = False,
+                   sampler: Callable | None = None) -> dict:
     """Metrics of `model` for the dataset in `data_cfg` (see the module docstring for what each kind reports).
-    `progress`: tqdm bars (stderr) for the sampling and for a first-use classifier training."""
+    `progress`: tqdm bars (stderr) for the sampling and for a first-use classifier training. `sampler`: the
+    objective's (meanflow.evaluation.samplers.sampler_for(cfg.loss)); default MeanFlow's."""
     model.eval()
     if data_cfg.name in TOYS:
-        return evaluate_toy(model, dataset_from_config(data_cfg), eval_cfg, device, autocast, progress)
+        return evaluate_toy(model, dataset_from_config(data_cfg), eval_cfg, device, autocast, progress, sampler)
     if data_cfg.name in ("mnist", "digits"):
-        return evaluate_digits(model, data_cfg.name, eval_cfg, device, autocast, progress)
+        return evaluate_digits(model, data_cfg.name, eval_cfg, device, autocast, progress, sampler)
     if data_cfg.name == "latents":
         reason = ("FID on latents needs the decoded images: run `meanflow sample --ckpt RUN --vae VAE --num 50000 --out "
                   "samples.npz` (torchrun spreads it over GPUs), then `meanflow eval --samples samples.npz --fid-ref "
                   "REF.npz`")
         print(f"FID skipped: {reason}")
         return {"fid_skipped": reason}
-    return evaluate_images(model, dataset_from_config(data_cfg), eval_cfg, device, autocast, progress)
+    return evaluate_images(model, dataset_from_config(data_cfg), eval_cfg, device, autocast, progress, sampler)
 
 
 # -------------------------------------------------------------------------------------------- Inception (FID)

@@ -107,12 +107,12 @@ def rank_rounds(num: int, batch_size: int, world_size: int) -> int:
 @torch.no_grad()
 def generate_uint8(model, num: int, data_shape: Sequence[int], labels: torch.Tensor | None, *, steps: int = 1,
                    midpoint: float | None = None, seed: int = 0, batch_size: int = 250, device="cpu", decode=None,
-                   autocast=None, rank: int = 0, world_size: int = 1, log=None):
+                   autocast=None, rank: int = 0, world_size: int = 1, log=None, sampler=None):
     """`num` samples as uint8 images (N, H, W, C), spread over the ranks, gathered on rank 0 (the others get None).
 
     `decode`: latents -> images in [-1, 1] (a VAE decoder) for latent models; images are stored as
     round((x + 1) * 127.5), the convention of meanflow.evaluation.plotting and of the FID code. Under torchrun every rank must call
-    this (the gathering is a collective).
+    this (the gathering is a collective). `sampler`: the objective's (meanflow.evaluation.samplers); default `sample`.
     """
     import contextlib
     import time
@@ -134,7 +134,7 @@ def generate_uint8(model, num: int, data_shape: Sequence[int], labels: torch.Ten
             e = per_sample_noise(idx, data_shape, seed).to(device)
             y = labels[idx[0]:idx[-1] + 1].to(device) if labels is not None else None
             with (autocast() if autocast else contextlib.nullcontext()):
-                x = sample(model, e, y, steps=steps, midpoint=midpoint).float()
+                x = (sampler or sample)(model, e, y, steps=steps, midpoint=midpoint).float()
             if decode is not None:
                 x = decode(x)
             out = torch.from_numpy(to_uint8(x))

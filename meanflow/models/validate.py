@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from mfkernels._checks import check_float, check_tangent, check_tangent_batches, describe
+from mfkernels._checks import check_float, check_tangent, check_tangent_batches, describe, require_values
 
 
 def _check_times(name: str, x: torch.Tensor, batch: int, ref: torch.Tensor) -> None:
@@ -17,7 +17,8 @@ def _check_times(name: str, x: torch.Tensor, batch: int, ref: torch.Tensor) -> N
 def check_network_inputs(model, z, t, h, y, tangents, *, check_values: bool = True) -> int:
     """Validate a network call; returns the tangent batch kt (0 without tangents). Shapes, dtypes and devices are
     always checked (host-side only); the values of t, h and y only with check_values (each costs a host sync, which
-    also makes the call impossible to record in a CUDA graph)."""
+    also makes the call impossible to record in a CUDA graph; under torch.compile they are device-side asserts:
+    mfkernels._checks.require_values)."""
     check_float("z", z)
     expected = tuple(model.data_shape)
     if tuple(z.shape[1:]) != expected:
@@ -26,21 +27,20 @@ def check_network_inputs(model, z, t, h, y, tangents, *, check_values: bool = Tr
     _check_times("t", t, batch, z)
     _check_times("h", h, batch, z)
     if check_values:
-        if bool(((t < 0) | (t > 1)).any()):
-            raise ValueError(f"t must lie in [0, 1]; got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
-        if bool((h < 0).any()):
-            raise ValueError("h = t - r must be >= 0 (r <= t); got a negative h, i.e. r > t in some row")
-        if bool((h > t + 1e-6).any()):
-            raise ValueError("h = t - r must be <= t (r >= 0); got h > t in some row")
+        require_values((t >= 0) & (t <= 1), "t must lie in [0, 1]",
+                       lambda: f"; got values in [{t.min().item():.4g}, {t.max().item():.4g}]")
+        require_values(h >= 0, "h = t - r must be >= 0 (r <= t)", lambda: "; got a negative h, i.e. r > t in some row")
+        require_values(h <= t + 1e-6, "h = t - r must be <= t (r >= 0)", lambda: "; got h > t in some row")
     if model.num_classes > 0:
         if y is None:
             raise ValueError(f"the model is class-conditional ({model.num_classes} classes): pass labels y of shape "
                              f"(B,), with index {model.num_classes} for the null class")
         if y.dtype not in (torch.int64, torch.int32) or y.shape != (batch,):
             raise ValueError(f"y must be an integer tensor of shape ({batch},); got {describe(y)}")
-        if check_values and bool(((y < 0) | (y > model.num_classes)).any()):
-            raise ValueError(f"labels y must lie in [0, {model.num_classes}] ({model.num_classes} is the null class); "
-                             f"got values in [{int(y.min())}, {int(y.max())}]")
+        if check_values:
+            require_values((y >= 0) & (y <= model.num_classes),
+                           f"labels y must lie in [0, {model.num_classes}] ({model.num_classes} is the null class)",
+                           lambda: f"; got values in [{int(y.min())}, {int(y.max())}]")
     elif y is not None:
         raise ValueError("the model is unconditional (num_classes = 0): y must be None")
     if tangents is None:

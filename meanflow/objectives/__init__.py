@@ -1,10 +1,27 @@
-"""Training objectives on the same JVP machinery: today MeanFlow (flow matching as its ratio-0 baseline).
+"""Training objectives on the same JVP machinery, one module each, one interface (base.py):
 
-    meanflow.py       MeanFlowConfig, MeanFlowLoss: loss, stats = objective(model, x, y, **draws)
+    loss, stats = objective(model, x, y, **draws)       # every random draw can be passed in
+
+    base.py           Objective / ObjectiveConfig: the interface, network checks, draws
+    registry.py       objectives by name (loss.objective): build_objective, default_config, network_spec
+    flow_matching.py  flow matching (the baseline)
+    meanflow.py       MeanFlow (DESIGN.md 1), with MeanFlow's own ratio-0 flow-matching flag
+    imf.py            improved MeanFlow (two heads, omega / interval conditioning)
+    scm.py            sCM: continuous-time consistency training on TrigFlow, learned logvar(t)
+    alphaflow.py      alpha-Flow: flow matching -> MeanFlow by training step
     guidance.py       classifier-free guidance folded into training, with the extra forwards kept small
     time_sampling.py  (t, r) samplers, rows ordered so that the tangent rows come first
 """
+from .alphaflow import AlphaFlowConfig, AlphaFlowLoss, alpha_at
+from .base import Objective, ObjectiveConfig
+from .flow_matching import FlowMatchingConfig, FlowMatchingLoss
+from .imf import IMFConfig, IMFLoss
 from .meanflow import MeanFlowConfig, MeanFlowLoss
+from .registry import OBJECTIVES, build_objective, config_from_dict, default_config, network_spec
+from .scm import SCMConfig, SCMLoss
 from .time_sampling import num_jvp_rows, sample_t_r
 
-__all__ = ["MeanFlowConfig", "MeanFlowLoss", "num_jvp_rows", "sample_t_r"]
+__all__ = ["Objective", "ObjectiveConfig", "MeanFlowConfig", "MeanFlowLoss", "FlowMatchingConfig", "FlowMatchingLoss",
+           "IMFConfig", "IMFLoss", "SCMConfig", "SCMLoss", "AlphaFlowConfig", "AlphaFlowLoss", "alpha_at",
+           "OBJECTIVES", "build_objective", "config_from_dict", "default_config", "network_spec", "num_jvp_rows",
+           "sample_t_r"]

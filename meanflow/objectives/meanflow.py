@@ -7,17 +7,23 @@
 
 Rows are ordered so that the r != t rows come first; only those k rows enter the tangent computation (the `autograd`
 backend, like peers, still differentiates the whole batch). Any row order of the inputs gives the same loss.
+
+Under torch.compile the whole call traces into one graph (fullgraph=True): value checks become device-side asserts,
+the guidance call takes a fixed bucket of rows (guidance.py), and with t, r passed in (rows not drawn by the sampler,
+so k would be data-dependent) every row gets a tangent: rows with r = t have clip(t - r) = 0, so the loss is the same.
+Draw the randomness outside, or from the global RNG (a torch.Generator argument is not traced).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
 
-from mfkernels._checks import check_float, describe
+from mfkernels._checks import check_float, describe, require_values
 
+from .base import Objective, ObjectiveConfig
+from .base import knob as _knob
 from .guidance import guided_velocity
 from ..models.network import unwrap
 from .time_sampling import TIME_SAMPLERS, num_jvp_rows, sample_t_r
@@ -25,13 +31,8 @@ from .time_sampling import TIME_SAMPLERS, num_jvp_rows, sample_t_r
 LOSS_OPS = ("auto", "native", "torch")
 
 
-def _knob(default, help: str):
-    """A config field with its help line (shown by `meanflow train --help-config` and `meanflow presets -v`)."""
-    return dataclasses.field(default=default, metadata={"help": help})
-
-
 @dataclass
-class MeanFlowConfig:
+class MeanFlowConfig(ObjectiveConfig):
     """Every knob of the MeanFlow objective. Defaults follow the paper's ImageNet setting."""
 
     time_sampler: str = _knob("logit_normal", "(t, r) sampler: logit_normal (paper v0), logit_normal_v1 or uniform")
@@ -51,8 +52,10 @@ class MeanFlowConfig:
     loss_op: str = _knob("auto", "target/loss implementation: auto (native op when built) | native | torch")
     flow_matching: bool = _knob(False, "plain flow-matching baseline: r = t everywhere, unweighted loss "
                                        "(overrides ratio and p while set)")
+    objective: str = _knob("meanflow", "training objective: fm | meanflow | imf | scm | alphaflow")
 
     def __post_init__(self):
+        self._check_name("meanflow")
         if self.time_sampler not in TIME_SAMPLERS:
             raise ValueError(f"time_sampler must be one of {TIME_SAMPLERS}; got {self.time_sampler!r}")
         if not 0.0 <= self.ratio <= 1.0:
@@ -86,9 +89,19 @@ class MeanFlowConfig:
         return dataclasses.replace(self, **changes)
 
 
-@functools.lru_cache(maxsize=None)
+_LOSS_OPS: dict = {}
+
+
 def loss_op(name: str):
-    """The target/loss implementation: mfkernels' native op (C++/CUDA) or its pure-torch reference."""
+    """The target/loss implementation: mfkernels' native op (C++/CUDA) or its pure-torch reference (looked up once; a
+    dict rather than functools.lru_cache, which torch.compile warns about)."""
+    op = _LOSS_OPS.get(name)
+    if op is None:
+        op = _LOSS_OPS[name] = _find_loss_op(name)
+    return op
+
+
+def _find_loss_op(name: str):
     if name in ("auto", "native"):
         try:
             from mfkernels.target import meanflow_loss
@@ -106,7 +119,7 @@ def _as_rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
 
 
-class MeanFlowLoss:
+class MeanFlowLoss(Objective):
     """loss_fn(model, x, y=None, *, noise=None, t=None, r=None, drop=None) -> (loss, stats).
 
     The keyword arguments override the random draws (tests, reproducibility). `stats` holds detached tensors: loss
@@ -114,9 +127,21 @@ class MeanFlowLoss:
     jvp_rows (rows that needed a tangent), guidance_rows (rows evaluated by the no-grad guidance call).
     """
 
-    def __init__(self, config: MeanFlowConfig | None = None, **overrides):
-        config = config or MeanFlowConfig()
-        self.config = config.replace(**overrides) if overrides else config
+    name = "meanflow"
+    config_class = MeanFlowConfig
+    draw_names = ("noise", "drop", "t", "r")
+
+    def guidance_description(self) -> str:
+        return f"guidance (omega = {self.config.omega}, kappa = {self.config.kappa})"
+
+    def draw(self, batch: int, like: torch.Tensor, *, conditional: bool,
+             generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """noise, label dropout, (t, r): in the order __call__ draws them itself."""
+        out = {"noise": torch.randn(like.shape, device=like.device, dtype=like.dtype, generator=generator)}
+        if conditional:
+            out["drop"] = torch.rand(batch, device=like.device, generator=generator) < self.config.label_dropout
+        out["t"], out["r"] = self.sample_times(batch, like.device, generator)
+        return out
 
     def sample_times(self, batch: int, device, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -127,6 +152,7 @@ class MeanFlowLoss:
                  drop=None, generator: torch.Generator | None = None):
         c = self.config
         net = unwrap(model)
+        self.check_network(net)
         batch = self._check_data(net, x, noise)
         conditional = net.num_classes > 0
         if conditional and y is None:
@@ -154,7 +180,8 @@ class MeanFlowLoss:
             x, noise, t, r = x[order], noise[order], t[order], r[order]
             if conditional:
                 y, drop = y[order], drop[order]
-            k = int(needs_jvp.sum())
+            # Under torch.compile k would be data-dependent: every row gets a tangent instead (same loss, see above).
+            k = batch if torch.compiler.is_compiling() else int(needs_jvp.sum())
         t, r = t.to(x.dtype), r.to(x.dtype)
 
         tb = _as_rows(t, x)
@@ -205,11 +232,11 @@ class MeanFlowLoss:
     def _check_labels(net, y, drop, batch):
         if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"y must be an integer tensor of shape ({batch},); got {describe(y)}")
-        if bool(((y < 0) | (y >= net.num_classes)).any()):
-            raise ValueError(f"labels y must lie in [0, {net.num_classes - 1}] (the null class {net.null_class} is set "
-                             f"by label dropout, not passed in); got values in [{int(y.min())}, {int(y.max())}]")
         if drop.shape != (batch,) or drop.dtype != torch.bool:
             raise ValueError(f"drop must be a bool tensor of shape ({batch},); got {describe(drop)}")
+        require_values((y >= 0) & (y < net.num_classes),
+                       f"labels y must lie in [0, {net.num_classes - 1}] (the null class {net.null_class} is set by "
+                       f"label dropout, not passed in)", lambda: f"; got values in [{int(y.min())}, {int(y.max())}]")
 
     @staticmethod
     def _check_times(t, r, batch, x):
@@ -217,9 +244,11 @@ class MeanFlowLoss:
             check_float(name, s)
             if s.shape != (batch,) or s.device != x.device:
                 raise ValueError(f"{name} must have shape ({batch},) on {x.device}; got {describe(s)}")
-            if bool(((s < 0) | (s > 1)).any()):
-                raise ValueError(f"{name} must lie in [0, 1]; got values in [{s.min().item():.4g}, {s.max().item():.4g}]")
-        if bool((r > t).any()):
+            require_values((s >= 0) & (s <= 1), f"{name} must lie in [0, 1]",
+                           lambda s=s: f"; got values in [{s.min().item():.4g}, {s.max().item():.4g}]")
+
+        def first_bad_row() -> str:
             row = int((r > t).nonzero()[0, 0])
-            raise ValueError(f"r must be <= t in every row; row {row} has r = {r[row].item():.4g} > t = "
-                             f"{t[row].item():.4g}")
+            return f"; row {row} has r = {r[row].item():.4g} > t = {t[row].item():.4g}"
+
+        require_values(r <= t, "r must be <= t in every row", first_bad_row)

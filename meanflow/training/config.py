@@ -4,10 +4,13 @@ A run is `RunConfig(model=..., data=..., loss=MeanFlowConfig(...), train=..., ev
 RunConfigs; the command line changes single fields with dotted keys:
 
     apply_overrides(cfg, ["loss.omega=0.5", "model.name=DiT-S/2", "train.steps=100", "train.betas=0.9,0.99"])
+    apply_overrides(cfg, ["loss.objective=imf", "loss.omega_max=4"])     # another objective, then its knobs
 
 Values are parsed by the field's declared type and checked against the field's rule (validation.py); an unknown key is
-an error that lists the valid ones. The loss section
-IS the core's `MeanFlowConfig`, so every objective knob is settable and validated by its own `__post_init__`.
+an error that lists the valid ones. The loss section IS the objective's own config (meanflow.objectives:
+MeanFlowConfig, IMFConfig, SCMConfig, AlphaFlowConfig, FlowMatchingConfig, picked by its `objective` field), so every
+objective knob is settable and validated by its own `__post_init__`. `loss.objective=NAME` is applied before the other
+overrides and starts from that objective's defaults.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..objectives.meanflow import MeanFlowConfig
+from ..objectives.registry import CONFIGS, ObjectiveConfigs, config_from_dict, default_config
 from .validation import check_field
 
 
@@ -39,6 +43,8 @@ class ModelConfig:
     heads: int = _f(0, "attention heads (0: from `name`)")
     patch: int = _f(0, "patch size (0: from `name`)")
     mlp_ratio: float = _f(4.0, "DiT MLP hidden size / width")
+    v_depth: int = _f(0, "iMF's v-branch: blocks (DiT) / layers (MLP) forking before the last ones (0: auto = "
+                         "min(8, depth // 2) for DiT, depth // 2 for the MLP); only built for loss.objective=imf")
     backend: str = _f("auto", "JVP backend: 'autograd', 'explicit', 'fused', or 'auto' (fused on CUDA, explicit on CPU)")
 
 
@@ -70,6 +76,9 @@ class TrainConfig:
     grad_clip: float = _f(0.0, "clip the gradient norm to this (0: no clipping; the norm is logged either way)")
     ema_decays: tuple[float, ...] = _f((0.9999,), "EMA decays; the first one samples grids and evaluates")
     seed: int = _f(0, "seed of the model init, data order, noise and times")
+    init_from: str = _f("", "start from these weights (run dir, checkpoint or .safetensors: its EMA) instead of a "
+                            "random init, e.g. sCM from a flow-matching run of the same network (weights the source "
+                            "lacks, such as a logvar head, keep their init); ignored on --resume")
     precision: str = _f("auto", "'auto' (bf16 autocast on CUDA, fp32 on CPU), 'fp32' or 'bf16'")
     device: str = _f("auto", "'auto' (cuda if available), 'cpu', 'cuda', 'cuda:1', ... (under torchrun: "
                              "cuda:LOCAL_RANK or cpu)")
@@ -78,6 +87,12 @@ class TrainConfig:
     cuda_graphs: bool = _f(False, "replay the training call (forward + JVP + backward) from CUDA graphs: CUDA, one "
                                   "process or DDP (not FSDP); removes the host overhead of small models "
                                   "(meanflow/training/cuda_graphs.py)")
+    compile: bool = _f(False, "torch.compile the model (fullgraph): the whole model in one process and under DDP, "
+                              "each block under FSDP2 (meanflow/training/compile.py)")
+    compile_mode: str = _f("default", "torch.compile mode with train.compile: default | max-autotune-no-cudagraphs | "
+                                      "reduce-overhead (CUDA graphs; not with FSDP) | max-autotune")
+    compile_backend: str = _f("inductor", "torch.compile backend with train.compile: inductor | aot_eager | eager "
+                                          "(the last two for debugging and CPU tests)")
     threads: int = _f(0, "CPU threads (0: auto = cores not busy with other processes); the count a run used is saved "
                          "in its checkpoints and reused by --resume unless this is set (bit-exact resume needs the "
                          "same count)")
@@ -108,7 +123,7 @@ class RunConfig:
     description: str = _f("", "one line about the run")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: MeanFlowConfig = field(default_factory=MeanFlowConfig)
+    loss: ObjectiveConfigs = field(default_factory=MeanFlowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -123,8 +138,11 @@ class RunConfig:
             if f.name not in d:
                 continue
             value = d[f.name]
-            kwargs[f.name] = _section_from_dict(_section_types()[f.name], value, f.name) \
-                if f.name in _section_types() else value
+            if f.name == "loss":
+                kwargs[f.name] = _loss_from_dict(value)
+            else:
+                kwargs[f.name] = _section_from_dict(_section_types()[f.name], value, f.name) \
+                    if f.name in _section_types() else value
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown config keys {sorted(unknown)}")
@@ -135,8 +153,16 @@ class RunConfig:
 
 
 def _section_types() -> dict[str, type]:
-    return {"model": ModelConfig, "data": DataConfig, "loss": MeanFlowConfig, "train": TrainConfig,
-            "eval": EvalConfig}
+    return {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def _loss_from_dict(d: dict):
+    """The loss section: the config class of its 'objective' (MeanFlow when absent: configs saved before objectives)."""
+    cls = CONFIGS.get(d.get("objective", "meanflow"))
+    if cls is None:
+        return config_from_dict(d)  # raises: unknown objective
+    hints = typing.get_type_hints(cls)
+    return config_from_dict({k: _coerce_loaded(v, hints[k]) if k in hints else v for k, v in d.items()})
 
 
 # Help lines for the core's MeanFlowConfig fields (that dataclass documents them in comments only).
@@ -208,10 +234,17 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set takes key=value (e.g. train.steps=100); got {item!r}")
+    # the objective first: its knobs are only keys once the loss section is its config
+    overrides = sorted(overrides, key=lambda item: item.split("=", 1)[0].strip() != "loss.objective")
+    for item in overrides:
         key, text = item.split("=", 1)
         key = key.strip()
+        if key == "loss.objective":
+            if text.strip() != cfg.loss.objective:
+                cfg.loss = default_config(text.strip())  # the new objective's defaults (its official settings)
+            continue
         if key not in valid_keys(cfg):
-            raise ValueError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(cfg))}")
+            raise ValueError(_unknown_key_message(cfg, key))
         if "." not in key:
             setattr(cfg, key, text)
             continue
@@ -219,9 +252,19 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         section = getattr(cfg, section_name)
         value = parse_value(text, typing.get_type_hints(type(section))[name], key)
         check_field(key, value)
-        # dataclasses.replace re-runs __post_init__, so MeanFlowConfig validates the new value
+        # dataclasses.replace re-runs __post_init__, so the section (e.g. the objective's config) validates the value
         setattr(cfg, section_name, dataclasses.replace(section, **{name: value}))
     return cfg
+
+
+def _unknown_key_message(cfg: RunConfig, key: str) -> str:
+    if key.startswith("loss."):
+        name = key.split(".", 1)[1]
+        owners = [obj for obj, cls in CONFIGS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+        if owners:
+            return (f"{key} is a knob of objective {' / '.join(owners)}; this run's objective is "
+                    f"{cfg.loss.objective!r} (set loss.objective={owners[0]} as well)")
+    return f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(cfg))}"
 
 
 def describe_config(cfg: RunConfig) -> str:

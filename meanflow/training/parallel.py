@@ -33,13 +33,15 @@ PARALLEL_MODES = ("ddp", "fsdp", "none")
 
 
 # ------------------------------------------------------------------------------------------------- wrapping
-def _shard_units(net: nn.Module) -> list[nn.Module]:
-    """The modules fully_shard wraps one by one (then the root): a DiT's blocks, an MLPNet's layers."""
-    for name in ("blocks", "layers"):
-        units = getattr(net, name, None)
-        if isinstance(units, nn.ModuleList) and len(units):
-            return list(units)
-    return []
+def shard_units(net: nn.Module) -> list[nn.Module]:
+    """The modules fully_shard wraps one by one (then the root), and per-block compile compiles: a DiT's blocks (and
+    its iMF v-branch), the iMF network's shared / u / v blocks, an MLPNet's layers (and v-branch layers)."""
+    units = []
+    for name in ("blocks", "shared_blocks", "u_blocks", "v_blocks", "layers", "v_layers"):
+        found = getattr(net, name, None)
+        if isinstance(found, nn.ModuleList):
+            units += list(found)
+    return units
 
 
 def mixed_precision_policy(precision: str):
@@ -70,7 +72,7 @@ def shard_model(net: nn.Module, mesh, mp_policy=None) -> nn.Module:
     )
 
     kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    for unit in _shard_units(net):
+    for unit in shard_units(net):
         fully_shard(unit, **kwargs)
         if hasattr(unit, "forward_jvp"):
             register_fsdp_forward_method(unit, "forward_jvp")

@@ -7,6 +7,12 @@
 | digits            | sklearn 8x8 digits        | DiT 64 wide, 3 blocks, p 2 | 1500 steps, ~1 min            |
 | mnist (the demo)  | 5,000 MNIST digits, 32 px | DiT-Tiny/4 (96 wide, 4)    | 2500 steps, ~7-10 min         |
 | imagenet-B/2, -L/2, -XL/2 | SD-VAE latents 4x32x32 | DiT-B/2, L/2, XL/2 | 240 epochs (1,201,095 steps) |
+| toy-OBJ, mnist-OBJ | as toy / mnist          | as toy / mnist (+ the objective's heads) | as toy / mnist  |
+
+toy-OBJ and mnist-OBJ (OBJ = fm, meanflow, imf, scm, alphaflow) train the same network on the same data with the same
+optimizer, batch and steps as `toy` / `mnist` (an equal budget), each with its objective (loss.objective) tuned for it;
+bench/learn_objectives.py trains them all and writes the learning table (docs/objectives.md). toy-meanflow and
+mnist-meanflow ARE toy and mnist.
 
 The ImageNet presets carry the official hyperparameters (DESIGN.md 1) and need `--set data.path=...` (latent shards
 from `meanflow prepare-latents`). train.batch_size is the global batch (256): under
@@ -19,7 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from ..objectives.meanflow import MeanFlowConfig
+from ..objectives import AlphaFlowConfig, FlowMatchingConfig, IMFConfig, MeanFlowConfig, SCMConfig
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -98,6 +104,50 @@ def _imagenet(size: str, omega: float, kappa: float, t_end: float) -> Callable[[
     return build
 
 
+# The objectives on the toy and the demo, at the same budget as `toy` / `mnist` (only the loss section differs; see
+# docs/objectives.md for what each learns and how the knobs were chosen).
+OBJECTIVE_NAMES = ("fm", "meanflow", "imf", "scm", "alphaflow")
+
+
+def _toy_loss(objective: str):
+    # Unconditional 2-D data (std ~1.15): no guidance. iMF's and alpha-Flow's knobs mirror the toy MeanFlow's where they
+    # have the same one (ratio 0.75 of r != t rows, p 0.5): 30-60 s runs scored by SW_2 at 1 step preferred them to the
+    # official ratio 0.5 / p 1 (iMF 0.079 vs 0.129; alpha-Flow 0.063 vs 0.115, and 0.121 with alpha held at 0: the
+    # weighting, not the curriculum, made the difference). sCM: warm-up 300 or 1000 steps gave the same (0.070).
+    return {
+        "fm": FlowMatchingConfig(label_dropout=0.0),
+        "meanflow": MeanFlowConfig(ratio=0.75, p=0.5, eps=0.01, label_dropout=0.0),
+        "imf": IMFConfig(ratio=0.75, p=0.5, omega_max=1.0, sample_omega=1.0, label_dropout=0.0),
+        "scm": SCMConfig(sigma_data=1.0, warmup_steps=1000, label_dropout=0.0),
+        "alphaflow": AlphaFlowConfig(ratio=0.75, p=0.5, clamp=10.0, label_dropout=0.0),
+    }[objective]
+
+
+def _mnist_loss(objective: str):
+    # Class-conditional digits in [-1, 1]: training-time guidance where the objective has it (MeanFlow's omega 2 =
+    # the demo; iMF's omega ~ log-uniform [1, 4], sampled at 2 inside [0, 1]), sampling-time guidance 2 for flow
+    # matching (2 forwards per Euler step).
+    return {
+        "fm": FlowMatchingConfig(label_dropout=0.1, sample_cfg=2.0),
+        "meanflow": MeanFlowConfig(ratio=0.25, omega=2.0, kappa=0.0, p=1.0, eps=0.01),
+        "imf": IMFConfig(ratio=0.25, omega_max=4.0, sample_omega=2.0, sample_t_min=0.0, sample_t_max=1.0),
+        "scm": SCMConfig(sigma_data=0.5, warmup_steps=500, label_dropout=0.0),
+        "alphaflow": AlphaFlowConfig(ratio=0.25, omega=2.0, kappa=0.0),
+    }[objective]
+
+
+def _with_objective(base: Callable[[], RunConfig], kind: str, objective: str) -> Callable[[], RunConfig]:
+    def build() -> RunConfig:
+        cfg = base()
+        cfg.preset = f"{kind}-{objective}"
+        cfg.description = f"{cfg.description}; objective {objective} (an equal budget with `{kind}`)"
+        cfg.loss = (_toy_loss if kind == "toy" else _mnist_loss)(objective)
+        if objective == "fm":  # the Euler baseline: 1, 2 and 50 steps
+            cfg.eval.steps = (1, 2, 50)
+        return cfg
+    return build
+
+
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("toy", "2-D checkerboard, MLP, ~30 s of training on 1 CPU core (MeanFlow 1-step vs the data; "
                   "more sampling steps score worse on this preset, see the README)", _toy("checkerboard")),
@@ -112,6 +162,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                            "needs data.path", _imagenet("L", 0.2, 0.92, 0.8)),
     Preset("imagenet-XL/2", "ImageNet-256 latents, DiT-XL/2, official settings (omega 0.2, kappa 0.92, "
                             "[0, 0.75]); needs data.path", _imagenet("XL", 0.2, 0.92, 0.75)),
+    *[Preset(f"toy-{o}", f"2-D checkerboard, MLP, objective {o} (the toy's budget)",
+             _with_objective(_toy("checkerboard"), "toy", o)) for o in OBJECTIVE_NAMES],
+    *[Preset(f"mnist-{o}", f"real MNIST digits, DiT-Tiny/4, objective {o} (the demo's budget, ~10 min on 2 cores)",
+             _with_objective(_mnist, "mnist", o)) for o in OBJECTIVE_NAMES],
 ]}
 
 

@@ -54,7 +54,8 @@ class TrainerReporting:
         """Append one metrics line: means over the steps since the last line."""
         now = time.perf_counter()
         n, sums = window["n"], window["sums"]
-        row = {"step": self.step, **{k: sums[k] / n for k in ("loss", "v_loss", "raw_loss", "grad_norm")},
+        extra = [k for k in sums if k not in ("loss", "v_loss", "raw_loss", "grad_norm", "lr")]  # objective's own
+        row = {"step": self.step, **{k: sums[k] / n for k in ("loss", "v_loss", "raw_loss", "grad_norm", *extra)},
                "lr": sums["lr"] / n,
                "samples_per_s": n * self.config.train.batch_size / max(now - window["t"], 1e-9),
                "elapsed": self.elapsed + now - t_start}
@@ -99,8 +100,9 @@ class TrainerReporting:
         """1-step and 2-step samples of the EMA model (by default) as PNGs: image grids, or scatter plots for toys;
         latents are decoded to images when data.vae names a VAE."""
         from ..evaluation.plotting import save_samples
-        from ..evaluation.sampling import sample
+        from ..evaluation.samplers import sampler_for
 
+        sample = sampler_for(self.config.loss)
         model = model or self.ema.default
         directory.mkdir(parents=True, exist_ok=True)
         noise = self.grid_noise.to(self.device)
@@ -127,9 +129,11 @@ class TrainerReporting:
 
     def evaluate(self, model: nn.Module | None = None) -> dict:
         from ..evaluation.evaluate import evaluate_model
+        from ..evaluation.samplers import sampler_for
 
         return evaluate_model(model or self.ema.default, self.config.data, self.config.eval, self.device,
-                              autocast=self._autocast, progress=self.config.train.progress)
+                              autocast=self._autocast, progress=self.config.train.progress,
+                              sampler=sampler_for(self.config.loss))
 
     def _stage(self, what: str) -> None:
         """One line when a stage after the progress bar starts (with train.progress, on the main process)."""

@@ -13,12 +13,18 @@ Layout (meanflow.training.parallel and meanflow.runtime.distributed hold the tor
 - reporting ............. run directory, metrics.jsonl, sample grids, evaluation in reporting.py (TrainerReporting);
                           on the main process only (`self.is_main`); logged losses are means over all ranks.
 
-Determinism: every random draw of the objective (noise, t, r, label dropout) comes from one generator owned by the
+Determinism: every random draw of the objective (noise, t, r, label dropout, ...) comes from one generator owned by the
 trainer, the data order from the BatchIterator's seed, and both positions are checkpointed, so on CPU a resumed run
-reproduces the uninterrupted run's losses bit for bit (same thread count).
+reproduces the uninterrupted run's losses bit for bit (same thread count). Objectives whose loss follows the training
+step (alpha-Flow's alpha schedule, sCM's tangent warm-up) get `step=` from the trainer: the checkpointed step count, so
+a resumed run continues their schedules exactly.
 
-Distributed runs draw the objective's noise, times and label dropout for the WHOLE global batch on every rank (the
-generator has the same seed and state everywhere) and each rank keeps the rows of its own data: every row gets the same
+The objective is `loss.objective` (meanflow.objectives.build_objective); the network is built with what it needs (its
+NetworkSpec: iMF's v head and conditions, sCM's logvar head) and checked against it before training starts.
+
+Distributed runs draw the objective's random draws (`objective.draw`: noise, times, label dropout, omega, ...) for the
+WHOLE global batch on every rank (the generator has the same seed and state everywhere) and each rank keeps the rows of
+its own data: every row gets the same
 numbers whatever the world size or the gradient accumulation, so a run on W processes with A micro-batches computes the
 same step as one process on the full batch (up to float summation order; tested), and the generator's state is one
 global state, which is why a checkpoint resumes exactly at another world size too.
@@ -38,12 +44,13 @@ from torch import nn
 
 from ..data.datasets import BatchIterator, Dataset, dataset_from_config
 from ..models.registry import build_model
-from ..objectives.meanflow import MeanFlowLoss
+from ..objectives.registry import build_objective, network_spec
 from ..runtime import distributed
 from ..runtime.host import resolve_device
 from ..runtime.seeding import seed_everything
 from . import checkpoint as ckpt
 from . import parallel
+from .compile import check_compile_options, compile_blocks, compile_model
 from .config import RunConfig, TrainConfig
 from .cuda_graphs import CUDAGraphModel
 from .ema import EMA
@@ -54,15 +61,19 @@ from .validation import check_config
 __all__ = ["NonFiniteLossError", "Trainer"]
 
 
+# parameters of the objective-specific parts (meanflow.models.heads) that a source network of another objective lacks
+_HEAD_PREFIXES = ("logvar.", "v_blocks.", "v_final.", "v_layers.", "v_out.", "cond_embedder.")
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN / inf; training stopped without writing a checkpoint."""
 
 
 class Trainer(TrainerState, TrainerReporting):
-    """Trains a MeanFlow model from a RunConfig into a run directory.
+    """Trains a model with the objective of config.loss from a RunConfig into a run directory.
 
     `resume`: a checkpoint file or run directory to continue from exactly (same batches, same noise).
-    `loss_fn`: override the objective (tests); default MeanFlowLoss(config.loss).
+    `loss_fn`: override the objective (tests); default build_objective(config.loss) (MeanFlowLoss for MeanFlow).
     """
 
     def __init__(self, config: RunConfig, out_dir: str | os.PathLike, *, resume: str | os.PathLike | None = None,
@@ -81,14 +92,20 @@ class Trainer(TrainerState, TrainerReporting):
             raise ValueError(f"train.batch_size {tc.batch_size} (the global batch) must divide by world size "
                              f"{self.world_size} x train.grad_accum {tc.grad_accum}")
         self.parallel = tc.parallel if self.world_size > 1 else "none"
+        if tc.compile:
+            check_compile_options(tc.compile_mode, tc.compile_backend, self.parallel)
         self.device = self.dist.device if self.world_size > 1 else resolve_device(tc.device)
         self.threads = torch.get_num_threads()  # set by the entry point (cli: set_threads(train.threads))
         seed_everything(tc.seed)  # the same seed on every rank: identical initial weights
 
         self.dataset: Dataset = dataset_from_config(config.data)
-        self.net = build_model(config.model, self.dataset.data_shape, self.dataset.num_classes, self.device)
-        self.net.to(self.device)
+        self.net = self._build_plain_model()
         self.net.check_inputs = False  # inputs come from our own sampler; the range checks would sync every call
+        # the objective, checked against the network before anything else is built (a clear error naming what is
+        # missing, e.g. iMF's v head for a custom architecture)
+        self.loss_fn = loss_fn or build_objective(config.loss, model=self.net, total_steps=tc.steps)
+        if tc.init_from and resume is None:
+            self._init_weights(tc.init_from)
         self.mesh = parallel.device_mesh(self.dist) if self.parallel == "fsdp" else None
         if self.parallel == "fsdp":  # EMA copies made from the full model, then sharded like it
             self.ema = parallel.ShardedEMA(self.net, tc.ema_decays, self.mesh, factory=self._build_plain_model)
@@ -100,7 +117,6 @@ class Trainer(TrainerState, TrainerReporting):
         # after wrapping: under FSDP the parameters are this rank's shards (DTensors)
         self.optimizer = torch.optim.AdamW(self.net.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                            weight_decay=tc.weight_decay)
-        self.loss_fn = loss_fn or MeanFlowLoss(config.loss)
         self.batches = self._build_batches()
         # One generator for every random draw of the objective: checkpointed, so resuming repeats the same draws.
         self.generator = torch.Generator(self.device).manual_seed(tc.seed + 1)
@@ -115,13 +131,24 @@ class Trainer(TrainerState, TrainerReporting):
     def _wrap_model(self, net: nn.Module) -> nn.Module:
         """DDP(net) or FSDP2-sharded net under torchrun (train.parallel), net itself in one process. The loss calls
         `model(..., tangents=...)` through the wrapper, so DDP's gradient hooks / FSDP's all-gathers see the real
-        forward, for every JVP backend."""
+        forward, for every JVP backend. With train.compile: each block compiled before FSDP2 shards it, or the
+        network's forward (then DDP around it)."""
+        tc = self.config.train
+        if tc.compile:  # in place, before the wrappers: they run eagerly around the compiled code
+            options = {"mode": tc.compile_mode, "backend": tc.compile_backend}
+            if self.parallel == "fsdp":
+                compile_blocks(net, parallel.shard_units(net), **options)
+            else:
+                compile_model(net, **options)
         return parallel.wrap_model(net, self.parallel, self.dist, precision=self._precision(), mesh=self.mesh)
 
     def _graph_model(self, net: nn.Module) -> nn.Module:
         """CUDAGraphModel(net) with train.cuda_graphs (one process or DDP), else net."""
         if not self.config.train.cuda_graphs:
             return net
+        if self.config.train.compile:
+            raise ValueError("train.cuda_graphs and train.compile do not combine: for CUDA graphs of a compiled model "
+                             "use train.compile_mode=reduce-overhead (Inductor's CUDA graphs) with cuda_graphs off")
         if self.parallel == "fsdp":
             raise ValueError("train.cuda_graphs does not work with train.parallel=fsdp: FSDP2 gathers and frees each "
                              "block's weights from Python hooks inside the forward and backward, which a graph replay "
@@ -132,9 +159,31 @@ class Trainer(TrainerState, TrainerReporting):
         return CUDAGraphModel(net)  # passes non-CUDA and no-grad calls through to net
 
     def _build_plain_model(self) -> nn.Module:
-        """A fresh, unwrapped network of this run's architecture (on this rank's device)."""
-        return build_model(self.config.model, self.dataset.data_shape, self.dataset.num_classes,
-                           self.device).to(self.device)
+        """A fresh, unwrapped network of this run's architecture (on this rank's device), with what the objective
+        needs (its heads and conditions)."""
+        return build_model(self.config.model, self.dataset.data_shape, self.dataset.num_classes, self.device,
+                           spec=network_spec(self.config.loss)).to(self.device)
+
+    def _init_weights(self, path: str) -> None:
+        """train.init_from: start from another run's EMA weights (e.g. sCM from a flow-matching run of the same
+        network). Every weight of the source must fit; weights the source lacks (an extra head such as sCM's logvar)
+        keep their initialisation and are listed."""
+        state, _, step = ckpt.load_weights(path, "ema")
+        try:
+            missing, unexpected = self.net.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shapes differ
+            raise ckpt.CheckpointError(f"train.init_from={path} does not fit this network ({type(self.net).__name__})"
+                                       f": {str(exc).splitlines()[-1].strip()}; is it the same architecture?") from exc
+        if unexpected:
+            raise ckpt.CheckpointError(f"train.init_from={path}: weights {sorted(unexpected)[:5]} do not exist in "
+                                       f"this network ({type(self.net).__name__}); is it the same architecture?")
+        body = [k for k in missing if not k.startswith(_HEAD_PREFIXES)]
+        if body:
+            raise ckpt.CheckpointError(f"train.init_from={path} lacks weights of this network's body: "
+                                       f"{sorted(body)[:5]}; is it the same architecture?")
+        if self.is_main:
+            extra = f"; kept the initialisation of {sorted({k.split('.')[0] for k in missing})}" if missing else ""
+            print(f"initialised the network from {path} (step {step}){extra}", flush=True)
 
     def _build_batches(self) -> BatchIterator:
         return BatchIterator(self.dataset, self.config.train.batch_size, self.config.train.seed,
@@ -174,11 +223,13 @@ class Trainer(TrainerState, TrainerReporting):
         y = y.to(self.device, non_blocking=True) if y is not None else None
         draws = self._objective_draws(x)
         xs, ys = x.chunk(n), (y.chunk(n) if y is not None else [None] * n)
-        keys = ("loss", "v_loss", "raw_loss")
+        keys = tuple(getattr(self.loss_fn, "log_keys", ("loss", "v_loss", "raw_loss")))
         totals = dict.fromkeys(keys, 0.0)
         local = torch.zeros(len(keys), device=self.device)
         for i in range(n):
             kwargs = {k: v[i] for k, v in draws.items()} if draws else {"generator": self.generator}
+            if getattr(self.loss_fn, "uses_step", False):
+                kwargs["step"] = self.step  # alpha-Flow's schedule, sCM's warm-up: restored with the step on resume
             # all but the last micro-batch skip the gradient all-reduce (DDP no_sync / FSDP requires_gradient_sync)
             with parallel.gradient_sync(self.model, i == n - 1):
                 with self._autocast():
@@ -194,7 +245,8 @@ class Trainer(TrainerState, TrainerReporting):
                 for k in keys:
                     totals[k] += float(stats[k]) / n
             else:
-                local += torch.stack([stats[k].detach().float() for k in keys]) / n
+                local += torch.stack([torch.as_tensor(stats[k], device=self.device).detach().float()
+                                      for k in keys]) / n
         if self.world_size > 1:
             # one all-reduce for the logged means; a NaN on any rank reaches every rank, so all stop together
             # (before the optimizer step: the weights stay clean)
@@ -209,26 +261,23 @@ class Trainer(TrainerState, TrainerReporting):
     def _objective_draws(self, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, ...]] | None:
         """The objective's random draws for the WHOLE global batch, this rank's rows of them, per micro-batch.
 
-        Drawn in the order MeanFlowLoss draws them itself (noise, label dropout, (t, r)), from the generator that has
-        the same state on every rank; rank r keeps rows r::W, as the BatchIterator does with the data, then the
+        `objective.draw` makes them in the order the objective draws them itself, from the generator that has the
+        same state on every rank; rank r keeps rows r::W, as the BatchIterator does with the data, then the
         micro-batch chunks. So the numbers of each row do not depend on the world size or on grad_accum. One process
         with one micro-batch lets the loss draw them itself (the same numbers, without the loss's checks of given
-        times, which cost host syncs).
+        draws, which cost host syncs).
         """
         tc = self.config.train
         if self.world_size == 1 and tc.grad_accum == 1:
             return None
-        if not isinstance(self.loss_fn, MeanFlowLoss):
+        if not hasattr(self.loss_fn, "draw"):
             if self.world_size > 1:
-                raise ValueError("distributed training needs the MeanFlowLoss objective (its random draws are made "
-                                 "for the global batch and split over the ranks)")
+                raise ValueError("distributed training needs an objective with draw() (meanflow.objectives.Objective): "
+                                 "its random draws are made for the global batch and split over the ranks")
             return None  # a custom objective draws per micro-batch itself
-        c, g, batch = self.loss_fn.config, self.generator, tc.batch_size
-        noise = torch.randn((batch,) + tuple(x.shape[1:]), device=x.device, dtype=x.dtype, generator=g)
-        out = {"noise": noise}
-        if self.net.num_classes > 0:
-            out["drop"] = torch.rand(batch, device=x.device, generator=g) < c.label_dropout
-        out["t"], out["r"] = self.loss_fn.sample_times(batch, x.device, g)
+        batch = tc.batch_size
+        like = x.new_empty((batch,) + tuple(x.shape[1:]))
+        out = self.loss_fn.draw(batch, like, conditional=self.net.num_classes > 0, generator=self.generator)
         rows = slice(self.rank, None, self.world_size)
         return {k: v[rows].chunk(tc.grad_accum) for k, v in out.items()}
 

@@ -1,8 +1,8 @@
 """The values each run-config field accepts, checked where a value enters: `--set key=value` (apply_overrides) and
 the start of a Trainer (check_config), so a bad value fails at once with one line that names the key.
 
-The loss section is the core's MeanFlowConfig, which validates itself in __post_init__; the rules below only add
-what it leaves open. Fields without a rule take any value of their type, except that floats must be finite.
+The loss section is the objective's own config (MeanFlowConfig, IMFConfig, ...), which validates itself in
+__post_init__; the rules below only add what it leaves open. Fields without a rule take any value of their type, except that floats must be finite.
 """
 from __future__ import annotations
 
@@ -52,14 +52,28 @@ def device(v) -> str | None:
     return None if DEVICE_RE.match(str(v)) else "must be auto, cpu, cuda or cuda:N"
 
 
+def _archs() -> tuple[str, ...]:
+    """The registered architectures (meanflow.models.registry.ARCHS: dit, mlp, imf_dit and any register_arch)."""
+    from ..models.registry import ARCHS
+
+    return tuple(ARCHS)
+
+
 def _datasets() -> tuple[str, ...]:
     from ..data.datasets import DATASETS
 
     return DATASETS
 
 
+def _compile_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    from .compile import COMPILE_BACKENDS, COMPILE_MODES
+
+    return COMPILE_MODES, COMPILE_BACKENDS
+
+
 RULES: dict[str, Check] = {
-    "model.arch": one_of("dit", "mlp"),
+    "model.arch": lambda v: one_of(*_archs())(v),
+    "model.v_depth": at_least(0),
     "model.hidden": at_least(0),
     "model.depth": at_least(0),
     "model.heads": at_least(0),
@@ -89,6 +103,8 @@ RULES: dict[str, Check] = {
     "train.precision": one_of("auto", "fp32", "bf16"),
     "train.device": device,
     "train.parallel": one_of("ddp", "fsdp"),
+    "train.compile_mode": lambda v: one_of(*_compile_choices()[0])(v),
+    "train.compile_backend": lambda v: one_of(*_compile_choices()[1])(v),
     "train.threads": at_least(0),
     "train.log_every": at_least(1),
     "train.sample_every": at_least(0),

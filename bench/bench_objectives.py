@@ -1,0 +1,156 @@
+"""Step cost of every objective against flow matching, on the same DiT, data and batch.
+
+A step is forward + loss + backward + AdamW update, with the objective's network (meanflow.objectives.network_spec:
+iMF's DiT has a v-branch of v_depth more blocks and the condition embedders; sCM's a logvar head). Every step uses
+the same draws (a fixed generator seed), so the guidance and tangent row counts do not vary between repetitions.
+Flow matching (the `fm` objective, no tangent, no guidance) is the baseline of the ratios. On CPU the cases are
+timed round-robin (a shared machine's load drifts hit all of them alike).
+
+    python bench/bench_objectives.py --out bench/results/cpu/objectives.json --threads 1      # CPU, explicit
+    python bench/bench_objectives.py --device cuda --backends fused --out objectives_h100.json  # GPU, fused, bf16
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import peak_memory_mb, time_fn, time_interleaved, write_results  # noqa: E402
+from meanflow.models import DIT_MODELS, DiT, count_parameters  # noqa: E402
+from meanflow.objectives import build_objective, default_config, network_spec  # noqa: E402
+
+# (row name, objective, config changes, extra call keywords)
+CASES = [
+    ("fm", "fm", {}, {}),
+    ("meanflow", "meanflow", {"ratio": 0.25}, {}),
+    ("meanflow +guidance", "meanflow", {"ratio": 0.25, "omega": 1.0, "kappa": 0.5}, {}),
+    ("imf", "imf", {"omega_max": 1.0, "sample_omega": 1.0}, {}),
+    ("imf +guidance", "imf", {}, {}),
+    ("scm", "scm", {}, {"step": 10_000}),
+    ("alphaflow alpha=1", "alphaflow", {}, {"alpha": 1.0}),
+    ("alphaflow alpha=0.5", "alphaflow", {}, {"alpha": 0.5}),
+    ("alphaflow alpha=0", "alphaflow", {}, {"alpha": 0.0}),
+    ("alphaflow alpha=0.5 +guidance", "alphaflow", {"omega": 1.0, "kappa": 0.5}, {"alpha": 0.5}),
+]
+
+
+def build_net(name: str, spec, args, device):
+    cfg = DIT_MODELS[name]
+    extra = {"v_depth": min(8, max(1, cfg.depth // 2)) if "v" in spec.heads else 0, "logvar": "logvar" in spec.heads,
+             "conditions": spec.conditions}
+    net = DiT(args.size, args.channels, cfg.hidden, cfg.depth, cfg.heads, cfg.patch, num_classes=args.num_classes,
+              **extra).to(device)
+    net.check_inputs = False
+    torch.manual_seed(0)
+    with torch.no_grad():  # random (not adaLN-zero) weights: realistic magnitudes for every op
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    return net
+
+
+def make_step(net, objective, x, y, opt, backend, call_kw, device):
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+
+    def step():
+        net.backend = backend
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss, stats = objective(net, x, y, generator=torch.Generator(device).manual_seed(0), **call_kw)
+        loss.backward()
+        opt.step()
+        return stats
+
+    return step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model", default=None, help="DiT registry name (default: DiT-Tiny/2 on CPU, DiT-B/2 on CUDA)")
+    ap.add_argument("--backends", nargs="+", default=None, help="default: explicit on CPU, fused on CUDA")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--size", type=int, default=None, help="image side (default 32)")
+    ap.add_argument("--channels", type=int, default=None, help="channels (default 1 on CPU, 4 on CUDA)")
+    ap.add_argument("--num-classes", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 warm-up, 2 reps (a dry run of the harness)")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model = args.model or ("DiT-B/2" if cuda else "DiT-Tiny/2")
+    args.backends = args.backends or (["fused"] if cuda else ["explicit"])
+    args.size = args.size or 32
+    args.channels = args.channels or (4 if cuda else 1)
+    batch = args.batch or (128 if cuda else 32)
+    if args.quick:
+        args.model, args.size, batch, args.num_classes, args.warmup, args.reps = "DiT-Micro/4", 16, 4, 10, 1, 2
+    x = torch.randn(batch, args.channels, args.size, args.size, device=args.device)
+    y = torch.randint(0, args.num_classes, (batch,), device=args.device)
+    rows, steps = [], []
+    for backend in args.backends:
+        for name, objective, changes, call_kw in CASES:
+            if objective == "fm" and backend != args.backends[0]:
+                continue  # flow matching has no tangent: one baseline row
+            cfg = default_config(objective).replace(label_dropout=0.1, **changes)
+            spec = network_spec(cfg)
+            net = build_net(args.model, spec, args, args.device)
+            obj = build_objective(cfg, model=net, total_steps=1)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+            step = make_step(net, obj, x, y, opt, backend, call_kw, args.device)
+            stats = step()  # the row counts of this (fixed) draw
+            row = {"bench": "objectives", "model": args.model, "case": name, "objective": objective,
+                   "backend": "-" if objective == "fm" else backend, "batch": batch,
+                   "input": [args.channels, args.size, args.size], "params": count_parameters(net),
+                   "heads": list(spec.heads), "jvp_rows": int(stats.get("jvp_rows", 0)),
+                   "guidance_rows": int(stats.get("guidance_rows", 0)), "extra_rows": int(stats.get("extra_rows", 0)),
+                   "dtype": "bf16-autocast" if cuda else "fp32", "config": {k: v for k, v in changes.items()},
+                   "call": {k: v for k, v in call_kw.items()}}
+            if cuda:
+                row.update(time_fn(step, args.device, warmup=args.warmup, reps=args.reps, cuda_warmup_ms=500,
+                                   cuda_rep_ms=2000))
+                row["peak_mem_mb"] = peak_memory_mb(step, args.device)
+                row["samples_per_s"] = batch / row["ms"] * 1e3
+                print({k: v for k, v in row.items() if k != "config"}, flush=True)
+            else:
+                steps.append(step)
+            rows.append(row)
+    if steps:
+        for row, result in zip(rows, time_interleaved(steps, warmup=args.warmup, reps=args.reps)):
+            row.update(result, samples_per_s=batch / result["ms"] * 1e3)
+            print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "config"},
+                  flush=True)
+    base = next(r for r in rows if r["objective"] == "fm")
+    for r in rows:
+        r["ratio_to_fm"] = r["ms"] / base["ms"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    write_results(args.out, "objectives", args.device, rows, args=vars(args), commit=commit,
+                  command="python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]))
+    print(f"wrote {args.out}")
+    print(markdown(rows))
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| case | backend | params | tangent rows | guidance rows | extra rows | ms / step | vs flow matching |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['case']} | {r['backend']} | {r['params'] / 1e6:.2f}M | {r['jvp_rows']} | "
+                     f"{r['guidance_rows']} | {r['extra_rows']} | {r['ms']:.1f} | {r['ratio_to_fm']:.2f}x |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
