@@ -6,10 +6,11 @@ exceed Hopper's shared memory. MFKERNELS_AOT_ALL_CONFIGS=1 compiles every config
 before changing a list).
 
 Split head dims (issue 19, mfkernels/attention/_pieces.py): D = 72 (DiT-XL/2, pieces 64 + 16) in every kernel and
-mask kind; 80, 96 (64 + 32) and 112 (64 + 32 + 16) and a Dv split differently from D in the heaviest variants; fp32 at
-112 (the widest split: shared memory). The opt-in Hopper levers of the forward (_levers.py: tensor descriptors,
-persistent programs) compile at D = 72 and 128 without spilling. Warp specialisation is not a lever: Triton 3.6 ignores
-it on sm_90 at 8 warps (test_warp_specialize_is_a_no_op_on_sm90 notices a Triton that starts to honour it).
+mask kind; 96 (64 + 32), 112 (64 + 32 + 16) and a Dv split differently from D in the heaviest variants (80 has 72's
+pieces); fp32 at 112 (the widest split: shared memory). The opt-in Hopper levers of the forward (_levers.py: tensor
+descriptors, persistent programs) compile at D = 72 and 128 (the persistent one spills a little: KNOWN_SPILLS). Warp
+specialisation is not a lever: Triton 3.6 ignores it on sm_90 at 8 warps (test_warp_specialize_is_a_no_op_on_sm90
+notices a Triton that starts to honour it).
 
 An H200 run once failed here: the fp32 D = 128 forward + JVP config needed 233472 B of the 232448 available.
 """
@@ -74,27 +75,31 @@ def run(dtype, d, dv, light):
 
 
 def forward_only(d):
-    """The forward + JVP and the plain forward, without a mask."""
-    q, k, v = (torch.randn(2, 2, 40, d, dtype=DTYPE) for _ in range(3))
+    """The bf16 forward + JVP and plain forward, without a mask."""
+    q, k, v = (torch.randn(2, 2, 40, d, dtype=torch.bfloat16) for _ in range(3))
     attention_jvp_fwd(q, k, v, q[:2], k[:2], v[:2], None, False, d ** -0.5, False)
     attention_jvp_fwd(q, k, v, q[:0], k[:0], v[:0], None, False, d ** -0.5)
 
 
-for d in (64, 128):
-    run(DTYPE, d, d, light=False)
-if DTYPE == torch.bfloat16:
-    run(DTYPE, 64, 128, light=True)  # Dv != D: the wider tile picks the configs
-    run(DTYPE, 72, 72, light=False)  # split head dims: DiT-XL/2's in every variant
-    for d in (80, 96, 112):
-        run(DTYPE, d, d, light=True)
-    run(DTYPE, 72, 112, light=True)  # D and Dv split differently
+# Two processes of about equal work (CI has two cores): bf16 at today's dims and D = 72 (DiT-XL/2's, split) in every
+# variant; fp32, the other splits (80 has 72's pieces), a Dv split differently from D, and the forward's levers.
+if PART == "bf16":
+    for d in (64, 128):
+        run(torch.bfloat16, d, d, light=False)
+    run(torch.bfloat16, 64, 128, light=True)  # Dv != D: the wider tile picks the configs
+    run(torch.bfloat16, 72, 72, light=False)
+else:
+    for d in (64, 128):
+        run(torch.float32, d, d, light=False)
+    run(torch.float32, 112, 112, light=True)  # the widest split: shared memory
+    for d in (96, 112):
+        run(torch.bfloat16, d, d, light=True)
+    run(torch.bfloat16, 72, 112, light=True)  # D and Dv split differently
     for lever in ("MFKERNELS_ATTN_TMA", "MFKERNELS_ATTN_PERSISTENT"):
         os.environ[lever] = "1"
         for d in (72, 128):
             forward_only(d)
         del os.environ[lever]
-else:
-    run(DTYPE, 112, 112, light=True)  # the widest split: shared memory
 '''
 
 
@@ -118,8 +123,8 @@ def _allowed_spill(r: dict) -> int:
 @pytest.mark.slow
 def test_attention_kernels_fit_sm90():
     env = {"MFKERNELS_AUTOTUNE": "0"} if os.environ.get("MFKERNELS_AOT_ALL_CONFIGS") != "1" else {}
-    # one compiler process per dtype, side by side (the compiles are independent; CI has two cores)
-    bodies = [f"DTYPE = torch.{dtype}\n" + BODY for dtype in ("bfloat16", "float32")]
+    # two compiler processes side by side (the compiles are independent; CI has two cores)
+    bodies = [f"PART = {part!r}\n" + BODY for part in ("bf16", "fp32 and the rest")]
     with ThreadPoolExecutor(2) as pool:
         compiled = [r for records in pool.map(lambda body: compile_for_sm90(body, **env), bodies) for r in records]
     kernels = {r["kernel"] for r in compiled}

@@ -59,11 +59,6 @@ def head_pieces(d: int, pad: bool | None = None) -> tuple[int, ...]:
     return tuple(1 << bit for bit in range(width.bit_length() - 1, 3, -1) if width & (1 << bit))
 
 
-def pieces_width(pieces: tuple[int, ...]) -> int:
-    """Columns of work a head dim runs at (the sum of its pieces)."""
-    return sum(pieces)
-
-
 def stride_align(*tensors) -> int:
     """The largest power of two <= 16 that divides every stride but the last of every tensor (0 strides count as any).
 
