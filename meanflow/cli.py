@@ -146,6 +146,13 @@ def _existing(path: str | None, what: str, *, folder: bool = False) -> None:
         raise FileNotFoundError(f"{what} {path} does not exist" + (" (or is not a folder)" if folder else ""))
 
 
+def _start(resume: bool, step: int, init_from: str) -> str:
+    """How a run starts, for its first line: resumed, initialised from another run's weights, or from scratch."""
+    if resume:
+        return f"resuming at step {step}"
+    return f"step 0 from the weights of {init_from}" if init_from else "from scratch"
+
+
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -304,7 +311,7 @@ def cmd_train(args) -> int:
             size = f"{n_params / 1e6:.2f}M" if n_params >= 100_000 else f"{n_params:,}"
             print(f"{cfg.preset or 'run'}: {arch} with {size} parameters on "
                   f"{trainer.dataset!r}, device {trainer.device}{ranks}, {_plural(threads, 'CPU thread')} ({why}), "
-                  f"{'resuming at step ' + str(trainer.step) if args.resume else 'from scratch'} -> {out}",
+                  f"{_start(args.resume, trainer.step, cfg.train.init_from)} -> {out}",
                   flush=True)
         try:
             summary = trainer.train()

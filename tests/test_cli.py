@@ -235,6 +235,7 @@ def test_toy_train_sample_eval_resume(tmp_path, capsys):
     assert main(["train", *TOY, "--out", str(run)]) == 0
     out = capsys.readouterr().out
     assert "1 CPU thread (train.threads)," in out and "(1 thread)," in out and "1 threads" not in out
+    assert f"from scratch -> {run}" in out
     assert f"sample grid:   {run / 'final_1step.png'}" in out and f"sample grid:   {run / 'final_2step.png'}" in out
     assert '"sw":' in out and "sw_data_vs_data" in out and "\nevaluation:    " in out
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
@@ -270,6 +271,10 @@ def test_toy_train_sample_eval_resume(tmp_path, capsys):
     from meanflow.cli import _rounded
 
     assert json.loads(block.removeprefix("metrics: ")) == _rounded(metrics) != metrics
+    # a run started from another run's weights says so on its first line (not "from scratch")
+    assert main(["train", *TOY, "--set", "train.steps=2", "--set", "eval.enabled=false", "--set",
+                 f"train.init_from={run}", "--out", str(tmp_path / "init")]) == 0
+    assert f"step 0 from the weights of {run} -> {tmp_path / 'init'}" in capsys.readouterr().out
 
 
 def test_resume_reuses_the_runs_thread_count_when_the_automatic_choice_changes(tmp_path, capsys, monkeypatch):
