@@ -1,6 +1,7 @@
 """Benchmark: fused attention forward + JVP, its backward and the tangent backward against torch's attention paths.
 
     python bench/bench_attention.py --out results.json [--quick] [--causal off|on|both] [--cases dense,keypad30,gqa]
+        [--dims 64,128,72] [--variants default,padded,tma,persistent] [--providers fused_fwd_jvp,sdpa_flash_fwd,...]
 
 On CUDA every provider is timed on the same fresh random inputs, in one run, with CUDA events around each call (L2
 flushed before each, at least MIN_RUNS timed runs and about 200 ms of them): every row records n_runs, the median and
@@ -27,11 +28,27 @@ the 20th / 80th percentiles, min and max. Cases (`case` field; the provider name
   gqa       k, v with H / 4 heads (enable_gqa=True)
     fused_fwd_jvp, fused_fwd, math_jvp, sdpa_flash_fwd / _bwd, sdpa_cudnn_fwd / _bwd, fused_bwd, fused_tangent_bwd
 
+Variants (--variants, issue 19) re-time the fused providers with one of the kernels' A/B switches on (environment
+variables, read at each launch); a row's `variant` field names it and its provider name carries `_<variant>` before
+the case suffix; fused_fwd_jvp rows of a variant add max_abs_diff_vs_default (o_dot against the default kernels):
+
+  default     the kernels as they ship (head dims 72 / 80 / 96 / 112 split into power-of-two pieces in the forward
+              kernels and the flash backward: _pieces.py)
+  padded      MFKERNELS_ATTN_PAD_D=1: the head dim padded to a power of two (the kernels before issue 19); only at
+              head dims that are not powers of two (elsewhere the tiles are the same) -- every fused provider but
+              fused_tangent_bwd (the tangent backward runs padded tiles anyway)
+  tma         MFKERNELS_ATTN_TMA=1: K / V tiles through tensor descriptors (TMA) -- forward providers only
+  persistent  MFKERNELS_ATTN_PERSISTENT=1: one program per SM walking the tiles -- forward providers only
+
+The summary's split / padded ratios are the issue's D = 72 target (forward + JVP <= 0.75x padded, backward no slower);
+the lever ratios say whether a lever is worth turning on by default (mfkernels/attention/_levers.py). Head dims that do
+not divide 2048 get H = 2048 // D heads (D = 72: 28 heads, model width 2016).
+
 A backend that refuses a case (FA2 takes no mask, cuDNN's support depends on the version) is a row with its error.
 Causal counts half of each (keypad30 is never causal: torch refuses a mask with is_causal). Every row also has the
 peak memory the call adds (peak_mem_mb, CUDA only); fused_fwd_jvp rows add max_abs_diff_vs_math (o_dot against
 math_jvp, a sanity check). The "summary" (in meta) lists the ratios: fused forward + JVP over SDPA flash and cuDNN
-forward (target <= 2.0 over flash), math JVP over fused (>= 10 at N = 2048), fused backward over flash and cuDNN
+forward (target over flash <= 2.0; issue 19: <= 1.75 at D 64, <= 1.85 at D 128), math JVP over fused (>= 10 at N = 2048), fused backward over flash and cuDNN
 backward (<= 1.2 over flash), the key-padding mask over the unmasked fused forward + JVP (<= 1.10), the tangent
 backward over the flash backward, the peer over the fused kernel.
 
@@ -39,12 +56,13 @@ The peer kernel: `pip download jvp_flash_attention --no-deps -d .whl` (repo root
 script imports it from site-packages or straight from that wheel (pure Python). Not importable: one row per shape with
 the reason, never silently absent.
 
-Without CUDA it runs the Triton interpreter on tiny shapes, timed with time.perf_counter over one run after a warm-up
-  keypad30  a bool key-padding mask (B, 1, 1, N): the last 30% of each row's keys padded (FLOPs counted as dense)
+Without CUDA it runs the Triton interpreter on tiny shapes (N 32 and 64; head dims 32 and 64 unless --dims is given),
+timed with time.perf_counter over one run after a warm-up: a dry run of the code paths, not a measurement.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import os
 import statistics
@@ -91,6 +109,10 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTEN
             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
 MIN_RUNS, TARGET_MS, MAX_RUNS = 10, 200.0, 500
 CPU_RUNS = 1
+# A/B switches of the fused kernels (read at each launch): environment, and which fused providers each one changes
+VARIANTS = {"default": {}, "padded": {"MFKERNELS_ATTN_PAD_D": "1"}, "tma": {"MFKERNELS_ATTN_TMA": "1"},
+            "persistent": {"MFKERNELS_ATTN_PERSISTENT": "1"}}
+FORWARD_ONLY_VARIANTS = {"tma", "persistent"}  # levers of the forward kernel (_levers.py)
 CPU_FIRST_SHAPE_ONLY = {"fused_tangent_bwd", "math_tangent_bwd", "peer_fwd_jvp", "reference_jvp"}
 
 
@@ -139,6 +161,36 @@ def _time(fn, grad_to_none=None) -> dict:
 def _peak_mb(fn):
     """Peak memory a call adds on top of what is allocated before it (CUDA only)."""
     return peak_memory_mb(fn, DEVICE)
+
+
+@contextlib.contextmanager
+def _env(values: dict):
+    """Set environment variables for the duration (the kernels' A/B switches are read at each launch)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def variants_for(name: str, d: int, variants) -> list[str]:
+    """The variants a provider is timed in at head dim d: non-fused providers once (default); padding only where it
+    changes the tiles (d not a power of two); the forward levers on the forward providers."""
+    if not name.startswith("fused_"):
+        return ["default"]
+    out = []
+    for v in variants:
+        if v == "padded" and (d & (d - 1) == 0 or name == "fused_tangent_bwd"):
+            continue  # the same tiles (the tangent backward always runs padded ones: _pieces.py)
+        if v in FORWARD_ONLY_VARIANTS and name.endswith("_bwd"):
+            continue
+        out.append(v)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ the peer kernel
@@ -217,7 +269,7 @@ def _backward_provider(name, q, k, v, q_dot, k_dot, v_dot, causal, mask, gqa):
 # ----------------------------------------------------------------------------------------------------- driver
 def _shapes(quick: bool, dtypes=None, ns=None, dims=None):
     if not CUDA:
-        return ["bf16"], [32, 64], [32, 64], (lambda n, d: (1, 4))
+        return ["bf16"], dims or [32, 64], [32, 64], (lambda n, d: (1, 4))
     dtypes = dtypes or (["bf16"] if quick else ["bf16", "fp16"])
     ns = ns or ([1024, 2048] if quick else [1024, 2048, 4096, 8192])
     # 16k tokens per batch and a model width of 2048 (the FlashAttention papers' setting).
@@ -237,7 +289,7 @@ def _case_inputs(case, b, h, n, d, dtype, gen):
 
 
 def run(quick: bool, causal_modes, only=None, log=print, dtypes=None, ns=None, dims=None, cases=CASES,
-        on_shape_done=None, peer=None, peer_error=None):
+        on_shape_done=None, peer=None, peer_error=None, variants=("default",)):
     dtypes, dims, ns, bh = _shapes(quick, dtypes, ns, dims)
     rows = []
     first_shape = True
@@ -255,7 +307,7 @@ def run(quick: bool, causal_modes, only=None, log=print, dtypes=None, ns=None, d
                         if causal and mask is not None:
                             continue  # torch refuses attn_mask with is_causal (so does mfkernels)
                         rows += _run_case(case, dname, b, h, n, d, causal, (q, k, v), (q_dot, k_dot, v_dot), mask,
-                                          only, log, peer, peer_error, first_shape)
+                                          only, log, peer, peer_error, first_shape, variants)
                         if on_shape_done is not None:
                             on_shape_done(rows)  # partial results survive a time limit
                     del q, k, v, q_dot, k_dot, v_dot, mask
@@ -265,7 +317,8 @@ def run(quick: bool, causal_modes, only=None, log=print, dtypes=None, ns=None, d
     return rows
 
 
-def _run_case(case, dname, b, h, n, d, causal, prim, tan, mask, only, log, peer, peer_error, first_shape):
+def _run_case(case, dname, b, h, n, d, causal, prim, tan, mask, only, log, peer, peer_error, first_shape,
+              variants=("default",)):
     gqa = case == "gqa"
     base = {"bench": "attention", "case": case, "dtype": dname, "B": b, "H": h, "N": n, "D": d, "causal": causal}
     if gqa:
@@ -279,8 +332,24 @@ def _run_case(case, dname, b, h, n, d, causal, prim, tan, mask, only, log, peer,
             continue
         if not CUDA and not first_shape and name in CPU_FIRST_SHAPE_ONLY:
             continue  # CPU dry run: proven once at the first shape
-        row = dict(base, provider=name if case == "dense" else f"{name}_{case}", base_provider=name)
-        try:
+        for variant in variants_for(name, d, variants):
+            rows.append(_run_provider(name, variant, case, base, flops_unit, prim, tan, causal, mask, gqa, peer,
+                                      peer_error, outputs))
+            log(_fmt(rows[-1]))
+    if "fused_fwd_jvp" in outputs and "math_jvp" in outputs:
+        diff = (outputs["fused_fwd_jvp"] - outputs["math_jvp"]).abs().max().item()
+        for row in rows:
+            if row["base_provider"] == "fused_fwd_jvp" and row["variant"] == "default":
+                row["max_abs_diff_vs_math"] = diff
+    return rows
+
+
+def _run_provider(name, variant, case, base, flops_unit, prim, tan, causal, mask, gqa, peer, peer_error, outputs):
+    """One timed row: provider `name` in `variant` (its environment set around the setup, the timing and the memory)."""
+    label = name if variant == "default" else f"{name}_{variant}"
+    row = dict(base, provider=label if case == "dense" else f"{label}_{case}", base_provider=name, variant=variant)
+    try:
+        with _env(VARIANTS[variant]):
             if name == "peer_fwd_jvp" and peer is None:
                 raise RuntimeError(f"jvp_flash_attention not importable: {peer_error}")
             if name.endswith("_bwd"):
@@ -294,28 +363,28 @@ def _run_case(case, dname, b, h, n, d, causal, prim, tan, mask, only, log, peer,
                     row.update(_time(fn))
                     row["peak_mem_mb"] = _peak_mb(fn)
                     if name in ("fused_fwd_jvp", "math_jvp"):
-                        outputs[name] = fn()[1].float()
-            if name == "peer_fwd_jvp" and mask is not None:
-                row["note"] = "mask materialised as a (B, H, N, N) tensor (the peer takes no broadcast mask)"
-            row["tflops"] = FLOPS_PER_HEAD[name] * flops_unit / (row["ms"] * 1e-3) / 1e12
-        except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
-            row.update(ms=None, ms_p20=None, ms_p80=None, tflops=None,
-                       error="OOM" if is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}")
-            if CUDA:
-                torch.cuda.empty_cache()
-        rows.append(row)
-        log(_fmt(row))
-    if "fused_fwd_jvp" in outputs and "math_jvp" in outputs:
-        diff = (outputs["fused_fwd_jvp"] - outputs["math_jvp"]).abs().max().item()
-        for row in rows:
-            if row["base_provider"] == "fused_fwd_jvp":
-                row["max_abs_diff_vs_math"] = diff
-    return rows
+                        result = fn()[1].float()
+                        if variant == "default":
+                            outputs[name] = result
+                        elif "fused_fwd_jvp" in outputs:  # a switch must not change the answer beyond rounding
+                            row["max_abs_diff_vs_default"] = (result - outputs["fused_fwd_jvp"]).abs().max().item()
+        if name == "peer_fwd_jvp" and mask is not None:
+            row["note"] = "mask materialised as a (B, H, N, N) tensor (the peer takes no broadcast mask)"
+        row["tflops"] = FLOPS_PER_HEAD[name] * flops_unit / (row["ms"] * 1e-3) / 1e12
+    except Exception as e:  # noqa: BLE001 - every failure is recorded, the run goes on
+        row.update(ms=None, ms_p20=None, ms_p80=None, tflops=None,
+                   error="OOM" if is_oom(e) else f"{type(e).__name__}: {str(e)[:300]}")
+        if CUDA:
+            torch.cuda.empty_cache()
+    return row
 
 
 # ---------------------------------------------------------------------------------------------------- summary
-RATIOS = [  # (name, numerator (case, provider), denominator (case, provider), target or None)
-    ("fused_fwd_jvp_over_flash_fwd", ("dense", "fused_fwd_jvp"), ("dense", "sdpa_flash_fwd"), "<= 2.0"),
+# (name, numerator (case, provider[, variant]), denominator (likewise), target: None, a string, or {D: string} with
+# the string under key None for the other head dims)
+FWD_JVP_OVER_FLASH_TARGET = {64: "<= 1.75 (issue 19)", 128: "<= 1.85 (issue 19)", None: "<= 2.0"}
+RATIOS = [
+    ("fused_fwd_jvp_over_flash_fwd", ("dense", "fused_fwd_jvp"), ("dense", "sdpa_flash_fwd"), FWD_JVP_OVER_FLASH_TARGET),
     ("fused_fwd_jvp_over_cudnn_fwd", ("dense", "fused_fwd_jvp"), ("dense", "sdpa_cudnn_fwd"), None),
     ("math_jvp_over_fused_fwd_jvp", ("dense", "math_jvp"), ("dense", "fused_fwd_jvp"), ">= 10 at N 2048"),
     ("fused_bwd_over_flash_bwd", ("dense", "fused_bwd"), ("dense", "sdpa_flash_bwd"), "<= 1.2"),
@@ -335,7 +404,20 @@ RATIOS = [  # (name, numerator (case, provider), denominator (case, provider), t
     ("gqa_fused_fwd_jvp_over_cudnn_fwd", ("gqa", "fused_fwd_jvp"), ("gqa", "sdpa_cudnn_fwd"), None),
     ("gqa_fused_bwd_over_flash_bwd", ("gqa", "fused_bwd"), ("gqa", "sdpa_flash_bwd"), None),
     ("gqa_fused_bwd_over_cudnn_bwd", ("gqa", "fused_bwd"), ("gqa", "sdpa_cudnn_bwd"), None),
+    # issue 19: a split head dim against padding, the Hopper levers against the default kernels
+    ("split_over_padded_fwd_jvp", ("dense", "fused_fwd_jvp"), ("dense", "fused_fwd_jvp", "padded"),
+     "<= 0.75 (issue 19, D 72)"),
+    ("split_over_padded_fwd", ("dense", "fused_fwd"), ("dense", "fused_fwd", "padded"), None),
+    ("split_over_padded_bwd", ("dense", "fused_bwd"), ("dense", "fused_bwd", "padded"), "<= 1.0 (issue 19)"),
+    ("tma_over_default_fwd_jvp", ("dense", "fused_fwd_jvp", "tma"), ("dense", "fused_fwd_jvp"), None),
+    ("tma_over_default_fwd", ("dense", "fused_fwd", "tma"), ("dense", "fused_fwd"), None),
+    ("persistent_over_default_fwd_jvp", ("dense", "fused_fwd_jvp", "persistent"), ("dense", "fused_fwd_jvp"), None),
+    ("persistent_over_default_fwd", ("dense", "fused_fwd", "persistent"), ("dense", "fused_fwd"), None),
 ]
+
+
+def _ratio_key(side: tuple) -> tuple:
+    return side if len(side) == 3 else side + ("default",)
 
 
 def summarize(rows):
@@ -343,15 +425,17 @@ def summarize(rows):
     by = {}
     for r in rows:
         if r.get("ms") is not None:
-            key = (r.get("case", "dense"), r.get("base_provider", r["provider"]))
+            key = (r.get("case", "dense"), r.get("base_provider", r["provider"]), r.get("variant", "default"))
             by[(r["dtype"], r["D"], r["N"], r["causal"]) + key] = r
     out = []
     for key in sorted({k[:4] for k in by}):
         entry = dict(zip(("dtype", "D", "N", "causal"), key))
         for name, num, den, target in RATIOS:
-            a, b = by.get(key + num), by.get(key + den)
+            a, b = by.get(key + _ratio_key(num)), by.get(key + _ratio_key(den))
             if a and b:
                 entry[name] = a["ms"] / b["ms"]
+                if isinstance(target, dict):
+                    target = target.get(entry["D"], target[None])
                 if target:
                     entry[name + "_target"] = target
         if len(entry) > 4:
@@ -360,7 +444,7 @@ def summarize(rows):
 
 
 def _fmt(r):
-    head = (f"{r['provider']:>29} {r['dtype']} B{r['B']} H{r['H']} N{r['N']:<5} D{r['D']:<3} "
+    head = (f"{r['provider']:>36} {r['dtype']} B{r['B']} H{r['H']} N{r['N']:<5} D{r['D']:<3} "
             f"causal={int(r['causal'])}")
     if r.get("ms") is None:
         return f"{head}  {r.get('error')}"
@@ -380,6 +464,9 @@ def main(argv=None):
     ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ",".join(CASES))
     ap.add_argument("--dtypes", default=None, help="comma-separated subset of bf16,fp16 (CUDA)")
     ap.add_argument("--dims", default=None, help="comma-separated head dims (CUDA), default 64,128")
+    ap.add_argument("--variants", default="default",
+                    help="comma-separated A/B switches of the fused kernels: " + ",".join(VARIANTS)
+                    + " (default first; see the module docstring)")
     ap.add_argument("--ns", default=None, help="comma-separated sequence lengths (CUDA), e.g. 1024,2048,4096,8192")
     args = ap.parse_args(argv)
     mode = args.causal or ("off" if (args.quick or not CUDA) else "both")
@@ -389,6 +476,10 @@ def main(argv=None):
     unknown = set(cases) - set(CASES)
     if unknown:
         ap.error(f"--cases: unknown {sorted(unknown)}; choose from {','.join(CASES)}")
+    variants = [v for v in args.variants.split(",") if v]
+    if set(variants) - set(VARIANTS):
+        ap.error(f"--variants: unknown {sorted(set(variants) - set(VARIANTS))}; choose from {','.join(VARIANTS)}")
+    variants = sorted(set(variants), key=list(VARIANTS).index)  # default first: the others are checked against it
     t0 = time.time()
     dtypes = args.dtypes.split(",") if args.dtypes else None
     ns = [int(n) for n in args.ns.split(",")] if args.ns else None
@@ -399,7 +490,7 @@ def main(argv=None):
     timing = {"min_runs": MIN_RUNS, "target_ms": TARGET_MS, "max_runs": MAX_RUNS, "l2_flush": CUDA} if CUDA else \
         {"cpu_runs": CPU_RUNS, "warmup": 1}
     rows = run(args.quick or not CUDA, causal_modes, only, dtypes=dtypes, ns=ns, dims=dims, cases=cases,
-               peer=peer, peer_error=peer_error,
+               peer=peer, peer_error=peer_error, variants=variants,
                on_shape_done=lambda partial: _write(args.out, partial, t0, False, peer_info, timing))
     result = _write(args.out, rows, t0, True, peer_info, timing)
     for s in result["summary"]:

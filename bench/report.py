@@ -362,8 +362,34 @@ ATTN_NAMES = {"fused_fwd_jvp": "fused fwd+JVP", "sdpa_flash_fwd": "SDPA flash (F
 
 
 def attention_section(rows: list[dict], readme: bool = False) -> str:
-    """One line per shape; a column per provider present (ms; '*' marks a single sample: p20 = p80 = median)."""
+    """The dense table (one line per shape; a column per provider present), then (not in the README) one table per
+    other case (keypad30, gqa), then the variants table (split vs padded head dims, the Hopper levers) where a run
+    timed variants. '*' marks a single sample (p20 = p80 = median)."""
     rows = [r for r in rows if not r.get("causal")]
+    plain = [r for r in rows if r.get("variant", "default") == "default"]
+    dense = [r for r in plain if r.get("case", "dense") == "dense"]
+    parts = [dense_attention_table(dense, readme)]
+    if not readme:
+        for case in sorted({r.get("case", "dense") for r in plain} - {"dense"}):
+            parts.append(f"Case `{case}`:\n\n" + case_attention_table([r for r in plain if r.get("case") == case]))
+    if any(r.get("variant", "default") != "default" for r in rows):
+        parts.append("A/B switches of the fused kernels (bench_attention.py --variants; split / padded < 1: the split "
+                     "head dim is faster; lever / default < 1: the lever is faster):\n\n"
+                     + variant_attention_table([r for r in rows if r.get("case", "dense") == "dense"]))
+    return "\n\n".join(p for p in parts if p)
+
+
+def _ms_cell(r: dict) -> tuple[str, bool]:
+    """(cell, single sample?) for a row's median: ms, its error, or '-'."""
+    if not r:
+        return "-", False
+    if not r.get("ms"):
+        return short_error(r.get("error", "-")), False
+    single = r.get("ms_p20") == r.get("ms_p80")
+    return fmt(r["ms"], 3) + ("*" if single else ""), single
+
+
+def dense_attention_table(rows: list[dict], readme: bool = False) -> str:
     providers = [p for p in ATTN_ORDER if any(r["provider"] == p for r in rows)]
     if not readme:
         providers += sorted({r["provider"] for r in rows} - set(providers) - {"reference_jvp", "fused_fwd"})
@@ -377,11 +403,8 @@ def attention_section(rows: list[dict], readme: bool = False) -> str:
             continue
         line = [f"{dtype} D{d} N{n} (B{fused['B']} H{fused['H']})", fmt(fused.get("tflops"), 0)]
         for p in providers:
-            r = get(p)
-            cell = fmt(r.get("ms"), 3) if r.get("ms") else short_error(r.get("error", "-")) if r else "-"
-            if r.get("ms") and r.get("ms_p20") == r.get("ms_p80"):
-                cell += "*"
-                single = True
+            cell, one = _ms_cell(get(p))
+            single |= one
             line.append(cell)
         flash, math = get("sdpa_flash_fwd"), get("math_jvp")
         ratio = fused["ms"] / flash["ms"] if flash.get("ms") else None
@@ -396,8 +419,10 @@ def attention_section(rows: list[dict], readme: bool = False) -> str:
                 line.append(fmt(fb["ms"] / ob["ms"]) + "x" if fb.get("ms") and ob.get("ms") else "-")
         line.append(f"{fmt(fused.get('peak_mem_mb'), 0)} / {fmt(math.get('peak_mem_mb'), 0)}")
         lines.append(line)
+    if not lines:
+        return ""
     header = ["shape", "fused eff. TFLOP/s (12 N^2 D per head)"] + [f"{ATTN_NAMES.get(p, p)} ms" for p in providers]
-    header += ["fused / flash fwd (target <= 2.0x)"]
+    header += ["fused / flash fwd (target <= 2.0x; issue 19: 1.75x at D 64, 1.85x at D 128)"]
     header += [f"fused / {ATTN_NAMES[o].split(' fwd')[0]}" for o in ("sdpa_cudnn_fwd", "sdpa_default_fwd")
                if o in providers]
     header += ["math JVP / fused"]
@@ -406,6 +431,56 @@ def attention_section(rows: list[dict], readme: bool = False) -> str:
     header += ["peak MB fused / math"]
     note = ("\n\n\\* a single timed run (p20 = median = p80): not a distribution." if single else "")
     return table(header, lines) + note
+
+
+def case_attention_table(rows: list[dict]) -> str:
+    """A masked or GQA case: ms per provider (its base name) and the fused rows' ratios to every other provider."""
+    order = [p for p in ATTN_ORDER + sorted({r["base_provider"] for r in rows}) if p != "reference_jvp"]
+    providers = list(dict.fromkeys(p for p in order if any(r.get("base_provider") == p for r in rows)))
+    by = {(r["dtype"], r["D"], r["N"], r["base_provider"]): r for r in rows}
+    lines = []
+    for dtype, d, n in sorted({k[:3] for k in by}):
+        get = lambda p: by.get((dtype, d, n, p), {})  # noqa: E731
+        any_row = next(r for k, r in by.items() if k[:3] == (dtype, d, n))
+        line = [f"{dtype} D{d} N{n} (B{any_row['B']} H{any_row['H']}" + (f" Hkv{any_row['Hkv']}" if "Hkv" in any_row
+                                                                         else "") + ")"]
+        line += [_ms_cell(get(p))[0] for p in providers]
+        for fused, others in (("fused_fwd_jvp", ("sdpa_flash_fwd", "sdpa_efficient_fwd", "sdpa_cudnn_fwd")),
+                              ("fused_bwd", ("sdpa_flash_bwd", "sdpa_efficient_bwd", "sdpa_cudnn_bwd"))):
+            for other in others:
+                if other in providers:
+                    a, b = get(fused), get(other)
+                    line.append(fmt(a["ms"] / b["ms"]) + "x" if a.get("ms") and b.get("ms") else "-")
+        lines.append(line)
+    header = ["shape"] + [f"{ATTN_NAMES.get(p, p)} ms" for p in providers]
+    for fused, others in (("fused fwd+JVP", ("sdpa_flash_fwd", "sdpa_efficient_fwd", "sdpa_cudnn_fwd")),
+                          ("fused bwd", ("sdpa_flash_bwd", "sdpa_efficient_bwd", "sdpa_cudnn_bwd"))):
+        header += [f"{fused} / {other}" for other in others if other in providers]
+    return table(header, lines)
+
+
+def variant_attention_table(rows: list[dict]) -> str:
+    """Per shape and fused provider: the default kernels' ms, each variant's ms and its ratio to the default."""
+    variants = [v for v in ("padded", "tma", "persistent") if any(r.get("variant") == v for r in rows)]
+    variants += sorted({r.get("variant", "default") for r in rows} - set(variants) - {"default"})
+    by = {(r["dtype"], r["D"], r["N"], r["base_provider"], r.get("variant", "default")): r for r in rows}
+    lines = []
+    for dtype, d, n, p in sorted({k[:4] for k in by if k[4] != "default"}):
+        base = by.get((dtype, d, n, p, "default"), {})
+        ref = base or next(r for k, r in by.items() if k[:4] == (dtype, d, n, p))
+        line = [f"{dtype} D{d} N{n} (B{ref['B']} H{ref['H']})", p,
+                _ms_cell(base)[0], fmt(base.get("tflops"), 0)]
+        for v in variants:
+            r = by.get((dtype, d, n, p, v), {})
+            # padded: the split (default) kernels over the padded ones, the issue's ratio; a lever: lever over default
+            num, den = (base, r) if v == "padded" else (r, base)
+            line += [_ms_cell(r)[0], fmt(num["ms"] / den["ms"]) + "x" if num.get("ms") and den.get("ms") else "-"]
+        lines.append(line)
+    header = ["shape", "provider", "default ms", "default eff. TFLOP/s"]
+    for v in variants:
+        header += [f"{v} ms", "split / padded (target <= 0.75x fwd+JVP at D 72)" if v == "padded"
+                   else f"{v} / default"]
+    return table(header, lines)
 
 
 def attention_sections(files: list[ResultFile], folder: Path | None = None, readme: bool = False) -> str:
@@ -546,6 +621,44 @@ def _short(model: str, batch) -> str:
     return f"{model.replace('DiT-', '')} b{batch}"
 
 
+def _issue19_flash(dtype, d, n, r, by):
+    """Fused forward + JVP over FA2's forward: <= 1.75x at D 64, <= 1.85x at D 128 (bf16)."""
+    limit = {64: 1.75, 128: 1.85}.get(d)
+    flash = by.get((dtype, d, n, "sdpa_flash_fwd"))
+    if limit and flash and dtype == "bf16":
+        v = r["ms"] / flash["ms"]
+        return f"attention fwd+JVP <= {limit}x SDPA flash (FA2) fwd at D {d} (issue 19)", v, v <= limit, "x"
+    return None
+
+
+def _issue19_tflops(dtype, d, n, r, by):
+    """>= 550 effective TFLOP/s (12 N^2 D a head) at N >= 2048 (bf16)."""
+    if n >= 2048 and dtype == "bf16" and r.get("tflops"):
+        return "attention fwd+JVP >= 550 eff. TFLOP/s at N >= 2048 (issue 19)", r["tflops"], r["tflops"] >= 550, " TFLOP/s"
+    return None
+
+
+def _issue19_split(dtype, d, n, r, by):
+    """Split head dim (default kernels) over the padded kernels: fwd+JVP <= 0.75x at D 72."""
+    padded = by.get((dtype, d, n, "fused_fwd_jvp_padded"))
+    if padded and d == 72:
+        v = r["ms"] / padded["ms"]
+        return "attention fwd+JVP at D 72 <= 0.75x the padded kernel (issue 19)", v, v <= 0.75, "x"
+    return None
+
+
+def _issue19_split_bwd(dtype, d, n, r, by):
+    """Backward no slower than today's (padded) kernel at a split head dim."""
+    split, padded = by.get((dtype, d, n, "fused_bwd")), by.get((dtype, d, n, "fused_bwd_padded"))
+    if split and padded:
+        v = split["ms"] / padded["ms"]
+        return "attention bwd at a split head dim <= 1.0x the padded kernel (issue 19)", v, v <= 1.0, "x"
+    return None
+
+
+ATTN_ISSUE19_CHECKS = (_issue19_flash, _issue19_tflops, _issue19_split, _issue19_split_bwd)
+
+
 def targets(files: list[ResultFile]) -> list[Check]:
     """The project's speed targets (the README's), checked against every GPU file that has the rows: one line per
     target and file, the value per model (or head dim) in it. CPU files are not judged against GPU targets."""
@@ -599,6 +712,11 @@ def targets(files: list[ResultFile]) -> list[Check]:
                 else:
                     v, ok = fn(r["ms"], o["ms"])
                 _check(checks, target, part, v, ok, _name(rf), rf.label)
+            for check in ATTN_ISSUE19_CHECKS:
+                got = check(dtype, d, n, r, by)
+                if got:
+                    target, v, ok, unit = got
+                    _check(checks, target, part, v, ok, _name(rf), rf.label, unit=unit)
     for rf in files:
         if rf.family != "target":
             continue

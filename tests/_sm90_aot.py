@@ -4,7 +4,8 @@ The interpreter accepts code the real compiler rejects (and the reverse), and it
 memory, so the CPU tests alone do not prove that the kernels build and fit on the target. `compile_for_sm90(body)` runs
 `body` in a subprocess WITHOUT TRITON_INTERPRET, with `JITFunction.run` replaced by an ahead-of-time `triton.compile`
 for GPUTarget("cuda", 90, 32) (nothing is launched), and returns one record per distinct kernel specialisation:
-kernel name, warps, pointer dtypes, constexprs, registers and spill bytes (from the bundled ptxas) and shared memory.
+kernel name, warps, pointer dtypes, constexprs, registers and spill bytes (from the bundled ptxas), shared memory and
+a digest of the PTX.
 """
 import json
 import os
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 HOPPER_SHARED_MEMORY = 232448  # bytes a block may use on sm_90 (227 KB)
 
 PRELUDE = r'''
-import json, os, re, subprocess, sys, tempfile
+import hashlib, json, os, re, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
@@ -48,7 +49,8 @@ def compile_instead_of_launch(self, *args, grid, warmup, **kwargs):
     out.append({"kernel": self.fn.__name__, "warps": options.num_warps, "shared": kernel.metadata.shared,
                 "constexprs": {str(k): str(v) for k, v in constexprs.items()},
                 "dtypes": sorted({v for v in signature.values() if v.startswith("*")}),
-                "regs": int(regs.group(1)) if regs else None, "spill": int(spill.group(1)) if spill else None})
+                "regs": int(regs.group(1)) if regs else None, "spill": int(spill.group(1)) if spill else None,
+                "ptx_sha256": hashlib.sha256(kernel.asm["ptx"].encode()).hexdigest()})
 
 JITFunction.run = compile_instead_of_launch
 '''

@@ -100,7 +100,8 @@ def test_forward_jvp_dtypes(device, dtype, causal):
     _assert_close_fa("o_dot", o_dot, ref_o_dot, low_o_dot, dtype)
 
 
-# (B, H, Nq, Nk, D, kt): batch 1, kt in {0, 1, B}, Nq < Nk and Nq > Nk, D 16 / 32 / 64 / 128, padded D (72 -> 128).
+# (B, H, Nq, Nk, D, kt): batch 1, kt in {0, 1, B}, Nq < Nk and Nq > Nk, D 16 / 32 / 64 / 128, a split D (72 -> 64 + 16;
+# more in test_attention_head_dims.py).
 SHAPES = [
     (1, 2, 20, 41, 64, 1),
     (2, 2, 33, 33, 32, 0),
@@ -471,7 +472,7 @@ def test_autotune_configs(monkeypatch):
               attn._TBWD_DQ_CONFIGS, attn._FP32_TBWD_DKDV_CONFIGS, attn._FP32_TBWD_DQ_CONFIGS,
               attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS, attn._DQ_MASKED_CONFIGS)
     for table in tables:
-        assert set(table) == {64, 128, 256}
+        assert set(table) == {64, 80, 96, 112, 128, 256}
         for cfgs in table.values():
             for c in cfgs:
                 for key in ("BLOCK_M", "BLOCK_N"):
@@ -483,27 +484,31 @@ def test_autotune_configs(monkeypatch):
     every = attn._all_configs(*tables)
     prune = attn._pruner(attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._FP32_FWD_CONFIGS)["early_config_prune"]
     bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
-    for block_d, group in ((32, 64), (64, 64), (128, 128), (256, 256)):
-        assert sig(prune(every, {"Q": bf16}, BLOCK_D=block_d, HAS_TANGENT=True)) == sig(attn._FWD_JVP_CONFIGS[group])
-        assert sig(prune(every, {"Q": bf16}, BLOCK_D=block_d, HAS_TANGENT=False)) == sig(
-            attn._FWD_PLAIN_CONFIGS[group])
-        assert sig(prune(every, {"Q": fp32}, BLOCK_D=block_d, HAS_TANGENT=True)) == sig(
-            attn._FP32_FWD_CONFIGS[group])
+    # head dims to lists: by the width the pieces run at (_pieces.py), the split ones (72, 80 -> 80, 96, 112) their own
+    for d, group in ((32, 64), (40, 64), (64, 64), (72, 80), (80, 80), (96, 96), (112, 112), (128, 128), (200, 256)):
+        pieces = dict(D_PIECES=attn._pieces.head_pieces(d), DV_PIECES=attn._pieces.head_pieces(d))
+        assert sig(prune(every, {"Q": bf16}, **pieces, HAS_TANGENT=True)) == sig(attn._FWD_JVP_CONFIGS[group])
+        assert sig(prune(every, {"Q": bf16}, **pieces, HAS_TANGENT=False)) == sig(attn._FWD_PLAIN_CONFIGS[group])
+        assert sig(prune(every, {"Q": fp32}, **pieces, HAS_TANGENT=True)) == sig(attn._FP32_FWD_CONFIGS[group])
     prune_dq = attn._pruner(attn._DQ_CONFIGS, fp32_table=attn._FP32_DQ_CONFIGS)["early_config_prune"]
-    assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128])
-    assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": fp32})) == sig(attn._FP32_DQ_CONFIGS[128])
+    d128 = dict(D_PIECES=(128,), DV_PIECES=(128,))
+    assert sig(prune_dq(every, {**d128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128])
+    assert sig(prune_dq(every, {**d128, "Q": fp32})) == sig(attn._FP32_DQ_CONFIGS[128])
     monkeypatch.setenv("MFKERNELS_AUTOTUNE", "0")  # GPU test runs: the first config of the list only
-    assert sig(prune_dq(every, {"BLOCK_D": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128][:1])
-    assert sig(prune(every, {"Q": bf16}, BLOCK_D=64, HAS_TANGENT=False)) == sig(attn._FWD_PLAIN_CONFIGS[64][:1])
+    assert sig(prune_dq(every, {**d128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128][:1])
+    assert sig(prune(every, {"Q": bf16}, D_PIECES=(64,), DV_PIECES=(64,), HAS_TANGENT=False)) == sig(
+        attn._FWD_PLAIN_CONFIGS[64][:1])
     # masks: the masked lists for 2-D and additive masks (MASK_KIND 1, 2, 4), the main ones for bool key padding (3)
     prune = attn._pruner(attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._FP32_FWD_CONFIGS,
                          attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS)["early_config_prune"]
     for kind, jvp_table, plain_table in ((1, attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS),
                                          (3, attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS),
                                          (4, attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS)):
-        assert sig(prune(every, {"Q": bf16}, BLOCK_D=128, HAS_TANGENT=True, MASK_KIND=kind)) == sig(jvp_table[128][:1])
-        assert sig(prune(every, {"Q": bf16}, BLOCK_D=128, HAS_TANGENT=False, MASK_KIND=kind)) == sig(
+        assert sig(prune(every, {"Q": bf16}, **d128, HAS_TANGENT=True, MASK_KIND=kind)) == sig(jvp_table[128][:1])
+        assert sig(prune(every, {"Q": bf16}, **d128, HAS_TANGENT=False, MASK_KIND=kind)) == sig(
             plain_table[128][:1])
-    # Dv != D: the wider of the two tiles picks the list
+    # Dv != D: the wider of the two picks the list
     monkeypatch.setenv("MFKERNELS_AUTOTUNE", "1")
-    assert sig(prune_dq(every, {"BLOCK_D": 64, "BLOCK_DV": 128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128])
+    assert sig(prune_dq(every, {"D_PIECES": (64,), "DV_PIECES": (128,), "Q": bf16})) == sig(attn._DQ_CONFIGS[128])
+    assert sig(prune_dq(every, {"D_PIECES": (64, 32), "DV_PIECES": (64, 16), "Q": bf16})) == sig(
+        attn._DQ_CONFIGS[96])

@@ -219,6 +219,49 @@ def test_report_reads_the_committed_folders():
     assert not any(ok for c in eager.values() for ok in c.met)
 
 
+def _attn_row(d, n, provider, ms, variant="default", tflops=None):
+    name = provider if variant == "default" else f"{provider}_{variant}"
+    return {"bench": "attention", "case": "dense", "dtype": "bf16", "B": 16384 // n, "H": 2048 // d, "N": n, "D": d,
+            "causal": False, "provider": name, "base_provider": provider, "variant": variant, "ms": ms,
+            "ms_p20": ms * 0.99, "ms_p80": ms * 1.01, "tflops": tflops}
+
+
+def test_attention_variants_summary_and_issue19_checks(tmp_path):
+    """bench_attention's A/B variants (issue 19): which providers each one re-times, the split / padded and lever
+    ratios of the summary, report.py's variants table and the issue's targets (1.75x FA2 at D 64, 0.75x padded at
+    D 72, backward no slower, 550 TFLOP/s)."""
+    from bench import bench_attention as ba
+
+    every = ["default", "padded", "tma", "persistent"]
+    assert ba.variants_for("fused_fwd_jvp", 72, every) == every
+    assert ba.variants_for("fused_fwd_jvp", 64, every) == ["default", "tma", "persistent"]  # padding changes nothing
+    assert ba.variants_for("fused_bwd", 72, every) == ["default", "padded"]  # the levers are the forward's
+    assert ba.variants_for("fused_tangent_bwd", 72, every) == ["default"]  # always padded tiles
+    assert ba.variants_for("sdpa_flash_fwd", 72, every) == ["default"]
+    rows = [_attn_row(72, 2048, "fused_fwd_jvp", 0.7, tflops=600), _attn_row(72, 2048, "fused_fwd_jvp", 1.0, "padded"),
+            _attn_row(72, 2048, "fused_bwd", 1.1), _attn_row(72, 2048, "fused_bwd", 1.0, "padded"),
+            _attn_row(64, 2048, "fused_fwd_jvp", 1.8, tflops=500), _attn_row(64, 2048, "fused_fwd_jvp", 1.6, "tma"),
+            _attn_row(64, 2048, "sdpa_flash_fwd", 1.0)]
+    by = {(e["D"], e["N"]): e for e in ba.summarize(rows)}
+    assert by[(72, 2048)]["split_over_padded_fwd_jvp"] == pytest.approx(0.7)
+    assert by[(72, 2048)]["split_over_padded_bwd"] == pytest.approx(1.1)
+    assert by[(64, 2048)]["tma_over_default_fwd_jvp"] == pytest.approx(1.6 / 1.8)
+    assert by[(64, 2048)]["fused_fwd_jvp_over_flash_fwd_target"] == "<= 1.75 (issue 19)"
+    (tmp_path / "attention.json").write_text(json.dumps({"bench": "attention", "rows": rows, "meta": {
+        "commit": "e" * 40, "dirty": False, "device": "NVIDIA H200", "device_type": "cuda"}}))
+    files = report.load_folder(tmp_path)
+    checks = {c.target: c for c in report.targets(files)}
+    assert checks["attention fwd+JVP at D 72 <= 0.75x the padded kernel (issue 19)"].met == [True]
+    assert checks["attention bwd at a split head dim <= 1.0x the padded kernel (issue 19)"].met == [False]
+    assert checks["attention fwd+JVP <= 1.75x SDPA flash (FA2) fwd at D 64 (issue 19)"].met == [False]
+    assert sorted(checks["attention fwd+JVP >= 550 eff. TFLOP/s at N >= 2048 (issue 19)"].met) == [False, True]
+    variants = next(t for t in _tables(report.build_report(tmp_path)) if "| shape | provider | default ms |" in t)
+    lines = {tuple(line.split(" | ")[:2]): line for line in variants.splitlines() if line.startswith("| bf16")}
+    assert "| 0.70x |" in lines[("| bf16 D72 N2048 (B8 H28)", "fused_fwd_jvp")]  # split / padded
+    assert "| 1.10x |" in lines[("| bf16 D72 N2048 (B8 H28)", "fused_bwd")]
+    assert "| 0.89x |" in lines[("| bf16 D64 N2048 (B8 H32)", "fused_fwd_jvp")]  # tma / default
+
+
 # ------------------------------------------------------------------------------------------------ target bytes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_target_byte_model_counts_each_tensor_once(dtype):

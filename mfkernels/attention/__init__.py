@@ -52,7 +52,7 @@ _common._store_row_stats). This needs c > 0 (a scale <= 0 is refused).
 from __future__ import annotations
 
 # Re-exports: the public API, plus what tests and benchmarks reach for (kernels, config tables).
-from . import _common, _configs  # noqa: F401
+from . import _common, _configs, _levers, _pieces  # noqa: F401
 from ._common import LOG2E, MAX_HEAD_DIM
 from ._configs import (_DKDV_CONFIGS, _DQ_CONFIGS, _FP32_DKDV_CONFIGS, _FP32_DQ_CONFIGS,  # noqa: F401
                        _FP32_FWD_CONFIGS, _FP32_TBWD_DKDV_CONFIGS, _FP32_TBWD_DQ_CONFIGS, _FWD_JVP_CONFIGS,

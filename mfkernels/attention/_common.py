@@ -1,4 +1,5 @@
-"""Shared pieces of the attention kernels: head-dim handling, softmax-scale and mask arguments, tile helpers."""
+"""Shared pieces of the attention kernels: softmax-scale and mask arguments, row statistics, tile helpers (head dims:
+_pieces.py)."""
 from __future__ import annotations
 
 import torch
@@ -12,19 +13,6 @@ MAX_HEAD_DIM = 256
 # query rows (a (.., Nq, Nk) tile is read) or only over the keys (key padding: one BLOCK_N vector a tile, broadcast;
 # a 2-D tile of 64-bit pointers costs the forward + JVP kernel ~30 registers a thread: see _configs.py).
 NO_MASK, BOOL_MASK, ADDITIVE_MASK, KEY_BOOL_MASK, KEY_ADDITIVE_MASK = 0, 1, 2, 3, 4
-
-
-# ========================================================================================================= head dims
-# The one place that decides how a head dim maps onto kernel tiles (issue 19 changes only this).
-def _block_d(d: int) -> int:
-    """tl.dot needs every dimension >= 16; other head dims are zero-padded (masked loads) up to a power of two."""
-    return max(16, triton.next_power_of_2(d))
-
-
-def head_dim_args(d: int, dv: int) -> dict:
-    """The head-dim constexprs of every attention kernel: q/k head dim D and value head dim Dv, with their tiles."""
-    block_d, block_dv = _block_d(d), _block_d(dv)
-    return dict(HEAD_D=d, BLOCK_D=block_d, MASK_D=block_d != d, HEAD_DV=dv, BLOCK_DV=block_dv, MASK_DV=block_dv != dv)
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -229,7 +217,12 @@ def _tile_and_head(N_ROWS, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     """Split a 1-D program id into (row tile, batch*head). 1-D because grid dim 1 is capped at 65535 (B*H can exceed
     it); row tiles of one head stay adjacent (K/V reuse in L2), and the heads keep their order (tangent heads first).
     REVERSE runs a head's row tiles last-to-first: under causal masking the last tiles have the most keys."""
-    pid = tl.program_id(0)
+    return _tile_of(tl.program_id(0), N_ROWS, BLOCK, REVERSE)
+
+
+@triton.jit
+def _tile_of(pid, N_ROWS, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """_tile_and_head for tile number pid (a persistent program walks several)."""
     num_tiles = tl.cdiv(N_ROWS, BLOCK)
     bh = pid // num_tiles
     tile = pid % num_tiles

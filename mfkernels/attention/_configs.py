@@ -117,8 +117,24 @@ _FP32_DQ_CONFIGS = {
 }
 
 
-def _config_group(block_d: int) -> int:
-    return 64 if block_d <= 64 else block_d
+# Split head dims (_pieces.py: 72 / 80 -> 64 + 16, 96 -> 64 + 32, 112 -> 64 + 32 + 16) run at their width W (80, 96,
+# 112 columns) and get lists of their own: for now copies of the D = 128 lists (narrower tiles of the same blocks fit
+# wherever 128 does: tests/test_attention_sm90_compile.py checks the first config of each), to be tuned on a GPU.
+for _table in (_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS, _FWD_JVP_MASKED_CONFIGS,
+               _FWD_PLAIN_MASKED_CONFIGS, _DQ_MASKED_CONFIGS, _TBWD_DKDV_CONFIGS, _TBWD_DQ_CONFIGS,
+               _FP32_TBWD_DKDV_CONFIGS, _FP32_TBWD_DQ_CONFIGS, _FP32_FWD_CONFIGS, _FP32_DKDV_CONFIGS, _FP32_DQ_CONFIGS):
+    for _w in (80, 96, 112):
+        _table.setdefault(_w, list(_table[128]))
+
+
+def _config_group(width: int) -> int:
+    """The autotune list for a head dim that runs at `width` columns (the sum of its pieces, _pieces.py)."""
+    return 64 if width <= 64 else width
+
+
+def _width(arg, which: str) -> int:
+    """Columns of work of the D or Dv head dim (D_PIECES / DV_PIECES; 0 where a kernel has no such constexpr)."""
+    return sum(arg(f"{which}_PIECES") or ())
 
 
 def _all_configs(*tables):
@@ -152,7 +168,7 @@ def _pruner(table, plain_table=None, fp32_table=None, masked_table=None, plain_m
             chosen = masked_table
         else:
             chosen = table
-        group = _config_group(max(arg("BLOCK_D"), arg("BLOCK_DV") or 0))  # the wider of the q/k and v tiles
+        group = _config_group(max(_width(arg, "D"), _width(arg, "DV")))  # the wider of the q/k and v tiles
         wanted = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in chosen[group]}
         kept = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]

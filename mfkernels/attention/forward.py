@@ -6,21 +6,37 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, new_output
-from .._triton_utils import compute_dtypes, round_to
-from ._common import (_apply_mask, _load_mask, _load_rows, _lse_dtype, _masked_scores, _safe_max, _scale_args, _scales,
-                      _store_row_stats, _tile_and_head, head_dim_args, lse_shape, mask_args)
+from .._triton_utils import compute_dtypes
+from ._common import (_apply_mask, _load_mask, _lse_dtype, _masked_scores, _safe_max, _scale_args, _scales,
+                      _store_row_stats, _tile_of, lse_shape, mask_args)
 from ._configs import (_FP32_FWD_CONFIGS, _FWD_JVP_CONFIGS, _FWD_JVP_MASKED_CONFIGS, _FWD_PLAIN_CONFIGS,
                        _FWD_PLAIN_MASKED_CONFIGS, _all_configs, _pruner)
+from ._levers import forward_levers, persistent_programs
+from ._pieces import (_aligned, _dot_nt, _dot_nt_acc, _dot_pieces, _load_desc_pieces, _load_pieces, _make_descs,
+                      _scale_rows, _store_pieces, _zeros_pieces, head_dim_args)
+
+
+@triton.jit
+def _kv_tile(ptr, descs, offs_n, n_ok, start_n, s_r, s_c, HEAD: tl.constexpr, PIECES: tl.constexpr,
+             MASKED: tl.constexpr, DTYPE: tl.constexpr, USE_TMA: tl.constexpr):
+    """The pieces of a key/value tile (BLOCK_N rows from start_n): tensor descriptors (USE_TMA: TMA loads, the copy
+    engine zero-fills the key tail) or pointer loads (masked on the tail tiles)."""
+    if USE_TMA:
+        x = _load_desc_pieces(descs, start_n, PIECES, DTYPE)
+    else:
+        x = _load_pieces(ptr, offs_n, n_ok, s_r, s_c, HEAD, PIECES, MASKED, DTYPE)
+    return x
 
 
 # ============================================================================================= forward + JVP kernel
 @triton.jit
-def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh,
+def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh, KS, KDS, VS, VDS,
                    skn, skd, skdn, skdd, svn, svd, svdn, svdd, smm, smn,
-                   offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, lo, hi, N_K, sm, qk, inv_sm,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_D: tl.constexpr,
-                   MASK_DV: tl.constexpr, MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr,
-                   DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+                   offs_m, m_ok, lo, hi, N_K, sm, qk, inv_sm,
+                   HEAD_D: tl.constexpr, D_PIECES: tl.constexpr, HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr,
+                   DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr):
     """Key tiles [lo, hi) of the fused recurrence (s = raw scores q . k (+ b / c), m raw, qk = c log2 e):
 
     m' = max(m, rowmax s); alpha = 2^((m - m') qk); P~ = 2^((s - m') qk); T = P~ * S_dot
@@ -28,18 +44,20 @@ def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh,
     S_dot uses the plain scale c (not c log2 e); an additive mask has no tangent. 6 dots a tile: S (1), S_dot =
     Q_dot K^T + Q K_dot^T chained into one accumulator (2, i.e. one dot of inner width 2D), P~ V (1), T V + P~ V_dot
     chained into A_T (2, i.e. one dot of inner width 2 BLOCK_N). MASKED tiles (key tail, causal diagonal) set s = -inf
-    and S_dot = 0 there, so they add 0; the user's mask (MASK_KIND) applies to every tile.
+    and S_dot = 0 there, so they add 0; the user's mask (MASK_KIND) applies to every tile. q, qd, A_O, A_T are tuples
+    of head-dim pieces (_pieces.py): the score dots chain over the pieces of D, the value dots run one a piece of Dv.
+    KS, KDS, VS, VDS: the tensor descriptors of K, K_dot, V, V_dot with USE_TMA (else unused).
     """
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_K
         if MASK_KIND == 1 or MASK_KIND == 2:  # a 2-D mask tile: loaded first (see _load_mask)
             mtile = _load_mask(Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, ACC, MASK_KIND)
-        k = _load_rows(Kh + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
-        kd = _load_rows(KDh + offs_n[:, None] * skdn + offs_d[None, :] * skdd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC)
-        sd = tl.dot(qd, tl.trans(k), out_dtype=ACC, input_precision=PREC)
-        sd = tl.dot(q, tl.trans(kd), sd, out_dtype=ACC, input_precision=PREC) * sm
+        k = _kv_tile(Kh, KS, offs_n, n_ok, start_n, skn, skd, HEAD_D, D_PIECES, MASKED, DOT, USE_TMA)
+        kd = _kv_tile(KDh, KDS, offs_n, n_ok, start_n, skdn, skdd, HEAD_D, D_PIECES, MASKED, DOT, USE_TMA)
+        s = _dot_nt(q, k, ACC, PREC)
+        sd = _dot_nt(qd, k, ACC, PREC)
+        sd = _dot_nt_acc(q, kd, sd, ACC, PREC) * sm
         if MASKED:
             ok = n_ok[None, :]
             if IS_CAUSAL:
@@ -57,31 +75,31 @@ def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh,
         t = p * sd
         l_i = l_i * alpha + tl.sum(p, 1)
         mu_i = mu_i * alpha + tl.sum(t, 1)
-        v = _load_rows(Vh + offs_n[:, None] * svn + offs_dv[None, :] * svd, n_ok, dv_ok, MASKED, MASK_DV).to(DOT)
-        vd = _load_rows(VDh + offs_n[:, None] * svdn + offs_dv[None, :] * svdd, n_ok, dv_ok, MASKED,
-                        MASK_DV).to(DOT)
+        v = _kv_tile(Vh, VS, offs_n, n_ok, start_n, svn, svd, HEAD_DV, DV_PIECES, MASKED, DOT, USE_TMA)
+        vd = _kv_tile(VDh, VDS, offs_n, n_ok, start_n, svdn, svdd, HEAD_DV, DV_PIECES, MASKED, DOT, USE_TMA)
         p_dot = p.to(DOT)
-        acc_o = tl.dot(p_dot, v, acc_o * alpha[:, None], out_dtype=ACC, input_precision=PREC)
-        acc_t = tl.dot(t.to(DOT), v, acc_t * alpha[:, None], out_dtype=ACC, input_precision=PREC)
-        acc_t = tl.dot(p_dot, vd, acc_t, out_dtype=ACC, input_precision=PREC)
+        acc_o = _dot_pieces(p_dot, v, _scale_rows(acc_o, alpha), ACC, PREC)
+        acc_t = _dot_pieces(t.to(DOT), v, _scale_rows(acc_t, alpha), ACC, PREC)
+        acc_t = _dot_pieces(p_dot, vd, acc_t, ACC, PREC)
         m_i = m_new
     return acc_o, acc_t, m_i, l_i, mu_i
 
 
 @triton.jit
-def _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, skn, skd, svn, svd, smm, smn,
-               offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, lo, hi, N_K, sm, qk, inv_sm,
-               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_D: tl.constexpr,
-               MASK_DV: tl.constexpr, MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr,
-               DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
+def _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, KS, VS, skn, skd, svn, svd, smm, smn,
+               offs_m, m_ok, lo, hi, N_K, sm, qk, inv_sm,
+               HEAD_D: tl.constexpr, D_PIECES: tl.constexpr, HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
+               BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+               MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr,
+               DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, USE_TMA: tl.constexpr):
     """Key tiles [lo, hi) of the plain flash forward (rows without a tangent): the primal half of _fwd_jvp_tiles."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_K
         if MASK_KIND == 1 or MASK_KIND == 2:  # a 2-D mask tile: loaded first (see _load_mask)
             mtile = _load_mask(Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, ACC, MASK_KIND)
-        k = _load_rows(Kh + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, MASKED, MASK_D).to(DOT)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC)
+        k = _kv_tile(Kh, KS, offs_n, n_ok, start_n, skn, skd, HEAD_D, D_PIECES, MASKED, DOT, USE_TMA)
+        s = _dot_nt(q, k, ACC, PREC)
         if MASKED:
             ok = n_ok[None, :]
             if IS_CAUSAL:
@@ -96,10 +114,19 @@ def _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, skn, skd, svn, svd, smm, smn,
         alpha = tl.exp2((m_i - m_sub) * qk)
         p = tl.exp2((s - m_sub[:, None]) * qk)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(Vh + offs_n[:, None] * svn + offs_dv[None, :] * svd, n_ok, dv_ok, MASKED, MASK_DV).to(DOT)
-        acc_o = tl.dot(p.to(DOT), v, acc_o * alpha[:, None], out_dtype=ACC, input_precision=PREC)
+        v = _kv_tile(Vh, VS, offs_n, n_ok, start_n, svn, svd, HEAD_DV, DV_PIECES, MASKED, DOT, USE_TMA)
+        acc_o = _dot_pieces(p.to(DOT), v, _scale_rows(acc_o, alpha), ACC, PREC)
         m_i = m_new
     return acc_o, m_i, l_i
+
+
+@triton.jit
+def _tangent_out(acc_t, o, inv_l, mu_l):
+    """O_dot = A_T / l - (mu / l) O, piece by piece."""
+    out = ()
+    for i in tl.static_range(len(o)):
+        out = out + (acc_t[i] * inv_l[:, None] - mu_l[:, None] * o[i],)
+    return out
 
 
 @triton.jit
@@ -114,68 +141,49 @@ def _inv_l(l_i, MASK_KIND: tl.constexpr):
 
 
 @triton.jit
-def _fwd_plain_head(q, Kh, Vh, Mh, Oh, LSEh, skn, skd, svn, svd, smm, smn, som, sod,
-                    offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, mid, hi, N_K, sm, qk, inv_sm, STAT_STRIDE,
-                    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
-                    MASK_D: tl.constexpr, MASK_DV: tl.constexpr, MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr,
-                    DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr):
+def _fwd_plain_head(q, Kh, Vh, Mh, KS, VS, Oh, LSEh, skn, skd, svn, svd, smm, smn, som, sod,
+                    offs_m, m_ok, mid, hi, N_K, sm, qk, inv_sm, STAT_STRIDE,
+                    HEAD_D: tl.constexpr, D_PIECES: tl.constexpr, HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr,
+                    DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
+                    USE_TMA: tl.constexpr):
     """O = A_O / l and L = m + log2(l) / qk (raw units) for one (row block, head) without tangent."""
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
     l_i = tl.zeros([BLOCK_M], dtype=ACC)
-    acc_o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+    acc_o = _zeros_pieces(BLOCK_M, DV_PIECES, ACC)
     # Tiles below the diagonal / before the key tail need no tail mask; the rest (at most a few tiles) do.
-    acc_o, m_i, l_i = _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, skn, skd, svn, svd, smm, smn, offs_m, m_ok,
-                                 offs_d, d_ok, offs_dv, dv_ok, 0, mid, N_K, sm, qk, inv_sm,
-                                 BLOCK_N, False, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND, NEG_MAX, DOT, ACC, PREC)
-    acc_o, m_i, l_i = _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, skn, skd, svn, svd, smm, smn, offs_m, m_ok,
-                                 offs_d, d_ok, offs_dv, dv_ok, mid, hi, N_K, sm, qk, inv_sm,
-                                 BLOCK_N, True, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND, NEG_MAX, DOT, ACC, PREC)
-    o = acc_o * _inv_l(l_i, MASK_KIND)[:, None]
-    tl.store(Oh + offs_m[:, None] * som + offs_dv[None, :] * sod, round_to(o, Oh.dtype.element_ty, RNE_BF16),
-             mask=m_ok[:, None] & dv_ok[None, :])
+    acc_o, m_i, l_i = _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, KS, VS, skn, skd, svn, svd, smm, smn, offs_m, m_ok,
+                                 0, mid, N_K, sm, qk, inv_sm, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
+                                 BLOCK_N, False, IS_CAUSAL, MASK_KIND, NEG_MAX, DOT, ACC, PREC, USE_TMA)
+    acc_o, m_i, l_i = _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, KS, VS, skn, skd, svn, svd, smm, smn, offs_m, m_ok,
+                                 mid, hi, N_K, sm, qk, inv_sm, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
+                                 BLOCK_N, True, IS_CAUSAL, MASK_KIND, NEG_MAX, DOT, ACC, PREC, USE_TMA)
+    o = _scale_rows(acc_o, _inv_l(l_i, MASK_KIND))
+    _store_pieces(Oh, offs_m, m_ok, som, sod, o, HEAD_DV, DV_PIECES, RNE_BF16)
     _store_row_stats(LSEh, offs_m, m_ok, m_i, l_i, qk, STAT_STRIDE, MASK_KIND)
 
 
-@triton.autotune(configs=_all_configs(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS, _FWD_JVP_MASKED_CONFIGS,
-                                      _FWD_PLAIN_MASKED_CONFIGS),
-                 key=["N_K", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "HAS_TANGENT", "MASK_KIND"],
-                 prune_configs_by=_pruner(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS,
-                                          _FWD_JVP_MASKED_CONFIGS, _FWD_PLAIN_MASKED_CONFIGS))
 @triton.jit
-def _attn_jvp_fwd_kernel(
-    Q, K, V, QD, KD, VD, O, OD, LSE, MU, M,
+def _fwd_program(
+    pid, Q, K, V, QD, KD, VD, O, OD, LSE, MU, M,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     sqdb, sqdh, sqdm, sqdd, skdb, skdh, skdn, skdd, svdb, svdh, svdn, svdd,
     sob, soh, som, sod, sodb, sodh, sodm, sodd, smb, smh, smm, smn,
-    H, GROUP, N_Q, N_K, KT, STAT_STRIDE, sm_scale, qk_scale, inv_scale, SCALES,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_DV: tl.constexpr,
+    H, GROUP, N_Q, N_K, KT, STAT_STRIDE, sm, qk, inv_sm,
+    HEAD_D: tl.constexpr, D_PIECES: tl.constexpr, HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_TANGENT: tl.constexpr, MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr,
     STORE_MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
-    SCALE_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Fused attention forward + JVP for one block of BLOCK_M query rows of one (batch, query head).
-
-    O = softmax(c Q K^T + mask) V;  O_dot = (A_T / l) - (mu / l) O  with  A_T = sum_j P~_j (S_dot_j V_j + V_dot_j)
-    online (see _fwd_jvp_tiles); LSE (raw-score units) L = m + log2(l) / (c log2 e). Query head h reads key/value head
-    h // GROUP (GQA / MQA, GROUP = Hq / Hkv; no copies). Batch rows b < KT have a tangent (tangent row b); the others
-    run the plain flash forward (_fwd_plain_head) and never touch the tangent tensors. The grid is 1-D over (B*H, row
-    blocks) with the tangent heads first (see _tile_and_head), so the heavier programs start first; with causal masking
-    the row blocks run last-to-first for the same reason. STORE_MU (only when the tangent output is differentiable)
-    also saves mu / l = rowsum(P * S_dot) per tangent row for the tangent backward (tangent_backward.py).
-    """
-    pid_m, bh = _tile_and_head(N_Q, BLOCK_M, IS_CAUSAL)
+    """One block of BLOCK_M query rows of one (batch, query head): tile number pid (see _attn_jvp_fwd_kernel)."""
+    pid_m, bh = _tile_of(pid, N_Q, BLOCK_M, IS_CAUSAL)
     b = (bh // H).to(tl.int64)  # int64: b * stride can exceed 2^31 for large batches
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
-    sm, qk, inv_sm = _scales(sm_scale, qk_scale, inv_scale, SCALES, SCALE_PTR)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_D
-    dv_ok = offs_dv < HEAD_DV
     # Key range: [0, mid) needs no tail masking, [mid, hi) does (key tail; tiles crossing the causal diagonal).
     if IS_CAUSAL:
         hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
@@ -189,52 +197,114 @@ def _attn_jvp_fwd_kernel(
     Mh = M + b * smb + h * smh
     Oh = O + b * sob + h * soh
     LSEh = LSE + bh.to(tl.int64) * N_Q
-    q = _load_rows(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                   m_ok, d_ok, True, MASK_D).to(DOT)
+    if USE_TMA:  # one descriptor a head-dim piece (the launcher checked the alignment rules: _levers.tma_applies)
+        KS = _make_descs(Kh, N_K, skn, HEAD_D, D_PIECES, BLOCK_N)
+        VS = _make_descs(Vh, N_K, svn, HEAD_DV, DV_PIECES, BLOCK_N)
+    else:
+        KS = Kh
+        VS = Vh
+    q = _load_pieces(Q + b * sqb + h * sqh, offs_m, m_ok, sqm, sqd, HEAD_D, D_PIECES, True, DOT)
 
     if HAS_TANGENT:
         if b < KT:
-            qd = _load_rows(QD + b * sqdb + h * sqdh + offs_m[:, None] * sqdm + offs_d[None, :] * sqdd,
-                            m_ok, d_ok, True, MASK_D).to(DOT)
+            qd = _load_pieces(QD + b * sqdb + h * sqdh, offs_m, m_ok, sqdm, sqdd, HEAD_D, D_PIECES, True, DOT)
             KDh = KD + b * skdb + hk * skdh
             VDh = VD + b * svdb + hk * svdh
+            if USE_TMA:
+                KDS = _make_descs(KDh, N_K, skdn, HEAD_D, D_PIECES, BLOCK_N)
+                VDS = _make_descs(VDh, N_K, svdn, HEAD_DV, DV_PIECES, BLOCK_N)
+            else:
+                KDS = KDh
+                VDS = VDh
             m_i = tl.full([BLOCK_M], float("-inf"), dtype=ACC)
             l_i = tl.zeros([BLOCK_M], dtype=ACC)
             mu_i = tl.zeros([BLOCK_M], dtype=ACC)
-            acc_o = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
-            acc_t = tl.zeros([BLOCK_M, BLOCK_DV], dtype=ACC)
+            acc_o = _zeros_pieces(BLOCK_M, DV_PIECES, ACC)
+            acc_t = _zeros_pieces(BLOCK_M, DV_PIECES, ACC)
             acc_o, acc_t, m_i, l_i, mu_i = _fwd_jvp_tiles(
-                acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh,
+                acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh, KS, KDS, VS, VDS,
                 skn, skd, skdn, skdd, svn, svd, svdn, svdd, smm, smn,
-                offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, 0, mid, N_K, sm, qk, inv_sm,
-                BLOCK_N, False, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND, NEG_MAX, DOT, ACC, PREC)
+                offs_m, m_ok, 0, mid, N_K, sm, qk, inv_sm, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
+                BLOCK_N, False, IS_CAUSAL, MASK_KIND, NEG_MAX, DOT, ACC, PREC, USE_TMA)
             acc_o, acc_t, m_i, l_i, mu_i = _fwd_jvp_tiles(
-                acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh,
+                acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh, KS, KDS, VS, VDS,
                 skn, skd, skdn, skdd, svn, svd, svdn, svdd, smm, smn,
-                offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, mid, hi, N_K, sm, qk, inv_sm,
-                BLOCK_N, True, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND, NEG_MAX, DOT, ACC, PREC)
+                offs_m, m_ok, mid, hi, N_K, sm, qk, inv_sm, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
+                BLOCK_N, True, IS_CAUSAL, MASK_KIND, NEG_MAX, DOT, ACC, PREC, USE_TMA)
             inv_l = _inv_l(l_i, MASK_KIND)
-            o = acc_o * inv_l[:, None]
-            o_dot = acc_t * inv_l[:, None] - (mu_i * inv_l)[:, None] * o
-            mask = m_ok[:, None] & dv_ok[None, :]
-            tl.store(Oh + offs_m[:, None] * som + offs_dv[None, :] * sod,
-                     round_to(o, Oh.dtype.element_ty, RNE_BF16), mask=mask)
-            ODh = OD + b * sodb + h * sodh
-            tl.store(ODh + offs_m[:, None] * sodm + offs_dv[None, :] * sodd,
-                     round_to(o_dot, ODh.dtype.element_ty, RNE_BF16), mask=mask)
+            o = _scale_rows(acc_o, inv_l)
+            o_dot = _tangent_out(acc_t, o, inv_l, mu_i * inv_l)
+            _store_pieces(Oh, offs_m, m_ok, som, sod, o, HEAD_DV, DV_PIECES, RNE_BF16)
+            _store_pieces(OD + b * sodb + h * sodh, offs_m, m_ok, sodm, sodd, o_dot, HEAD_DV, DV_PIECES, RNE_BF16)
             _store_row_stats(LSEh, offs_m, m_ok, m_i, l_i, qk, STAT_STRIDE, MASK_KIND)
             if STORE_MU:
                 tl.store(MU + bh.to(tl.int64) * N_Q + offs_m, mu_i * inv_l, mask=m_ok)
         else:
-            _fwd_plain_head(q, Kh, Vh, Mh, Oh, LSEh, skn, skd, svn, svd, smm, smn, som, sod,
-                            offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, mid, hi, N_K, sm, qk, inv_sm, STAT_STRIDE,
-                            BLOCK_M, BLOCK_DV, BLOCK_N, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND, NEG_MAX,
-                            DOT, ACC, PREC, RNE_BF16)
+            _fwd_plain_head(q, Kh, Vh, Mh, KS, VS, Oh, LSEh, skn, skd, svn, svd, smm, smn, som, sod,
+                            offs_m, m_ok, mid, hi, N_K, sm, qk, inv_sm, STAT_STRIDE,
+                            HEAD_D, D_PIECES, HEAD_DV, DV_PIECES, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND, NEG_MAX,
+                            DOT, ACC, PREC, RNE_BF16, USE_TMA)
     else:
-        _fwd_plain_head(q, Kh, Vh, Mh, Oh, LSEh, skn, skd, svn, svd, smm, smn, som, sod,
-                        offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, mid, hi, N_K, sm, qk, inv_sm, STAT_STRIDE,
-                        BLOCK_M, BLOCK_DV, BLOCK_N, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND, NEG_MAX,
-                        DOT, ACC, PREC, RNE_BF16)
+        _fwd_plain_head(q, Kh, Vh, Mh, KS, VS, Oh, LSEh, skn, skd, svn, svd, smm, smn, som, sod,
+                        offs_m, m_ok, mid, hi, N_K, sm, qk, inv_sm, STAT_STRIDE,
+                        HEAD_D, D_PIECES, HEAD_DV, DV_PIECES, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND, NEG_MAX,
+                        DOT, ACC, PREC, RNE_BF16, USE_TMA)
+
+
+@triton.autotune(configs=_all_configs(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS, _FWD_JVP_MASKED_CONFIGS,
+                                      _FWD_PLAIN_MASKED_CONFIGS),
+                 key=["N_K", "D_PIECES", "DV_PIECES", "IS_CAUSAL", "HAS_TANGENT", "MASK_KIND", "USE_TMA", "PERSISTENT"],
+                 prune_configs_by=_pruner(_FWD_JVP_CONFIGS, _FWD_PLAIN_CONFIGS, _FP32_FWD_CONFIGS,
+                                          _FWD_JVP_MASKED_CONFIGS, _FWD_PLAIN_MASKED_CONFIGS))
+@triton.jit
+def _attn_jvp_fwd_kernel(
+    Q, K, V, QD, KD, VD, O, OD, LSE, MU, M,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    sqdb, sqdh, sqdm, sqdd, skdb, skdh, skdn, skdd, svdb, svdh, svdn, svdd,
+    sob, soh, som, sod, sodb, sodh, sodm, sodd, smb, smh, smm, smn,
+    H, GROUP, N_Q, N_K, KT, BH, STAT_STRIDE, sm_scale, qk_scale, inv_scale, SCALES,
+    HEAD_D: tl.constexpr, D_PIECES: tl.constexpr, HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_TANGENT: tl.constexpr, MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr,
+    STORE_MU: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
+    SCALE_PTR: tl.constexpr, STRIDE_ALIGN: tl.constexpr, USE_TMA: tl.constexpr, PERSISTENT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Fused attention forward + JVP for blocks of BLOCK_M query rows of one (batch, query head).
+
+    O = softmax(c Q K^T + mask) V;  O_dot = (A_T / l) - (mu / l) O  with  A_T = sum_j P~_j (S_dot_j V_j + V_dot_j)
+    online (see _fwd_jvp_tiles); LSE (raw-score units) L = m + log2(l) / (c log2 e). Query head h reads key/value head
+    h // GROUP (GQA / MQA, GROUP = Hq / Hkv; no copies). Batch rows b < KT have a tangent (tangent row b); the others
+    run the plain flash forward (_fwd_plain_head) and never touch the tangent tensors. Tiles are numbered 1-D over
+    (B*H = BH, row blocks) with the tangent heads first (see _tile_and_head), so the heavier tiles start first; with
+    causal masking the row blocks run last-to-first for the same reason. One tile a program, or with PERSISTENT (a
+    lever, _levers.py) a grid of about one program per SM, each walking tiles pid, pid + grid, ... in that order.
+    USE_TMA (a lever) loads K, V, K_dot, V_dot through tensor descriptors. STRIDE_ALIGN: what every row / head / batch
+    stride is a multiple of (_pieces.stride_align: at D = 72 it lets the key loop pipeline). STORE_MU (only when the
+    tangent output is differentiable) also saves mu / l = rowsum(P * S_dot) per tangent row for the tangent backward
+    (tangent_backward.py).
+    """
+    sm, qk, inv_sm = _scales(sm_scale, qk_scale, inv_scale, SCALES, SCALE_PTR)
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn = _aligned((sqb, sqh, sqm, skb, skh, skn, svb, svh, svn), STRIDE_ALIGN)
+    sqdb, sqdh, sqdm, skdb, skdh, skdn, svdb, svdh, svdn = _aligned(
+        (sqdb, sqdh, sqdm, skdb, skdh, skdn, svdb, svdh, svdn), STRIDE_ALIGN)
+    sob, soh, som, sodb, sodh, sodm = _aligned((sob, soh, som, sodb, sodh, sodm), STRIDE_ALIGN)
+    if PERSISTENT:
+        for tile in tl.range(tl.program_id(0), tl.cdiv(N_Q, BLOCK_M) * BH, tl.num_programs(0)):
+            _fwd_program(tile, Q, K, V, QD, KD, VD, O, OD, LSE, MU, M,
+                         sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                         sqdb, sqdh, sqdm, sqdd, skdb, skdh, skdn, skdd, svdb, svdh, svdn, svdd,
+                         sob, soh, som, sod, sodb, sodh, sodm, sodd, smb, smh, smm, smn,
+                         H, GROUP, N_Q, N_K, KT, STAT_STRIDE, sm, qk, inv_sm,
+                         HEAD_D, D_PIECES, HEAD_DV, DV_PIECES, IS_CAUSAL, HAS_TANGENT, MASK_KIND, NEG_MAX,
+                         STORE_MU, ACC, DOT, PREC, RNE_BF16, USE_TMA, BLOCK_M, BLOCK_N)
+    else:
+        _fwd_program(tl.program_id(0), Q, K, V, QD, KD, VD, O, OD, LSE, MU, M,
+                     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+                     sqdb, sqdh, sqdm, sqdd, skdb, skdh, skdn, skdd, svdb, svdh, svdn, svdd,
+                     sob, soh, som, sod, sodb, sodh, sodm, sodd, smb, smh, smm, smn,
+                     H, GROUP, N_Q, N_K, KT, STAT_STRIDE, sm, qk, inv_sm,
+                     HEAD_D, D_PIECES, HEAD_DV, DV_PIECES, IS_CAUSAL, HAS_TANGENT, MASK_KIND, NEG_MAX,
+                     STORE_MU, ACC, DOT, PREC, RNE_BF16, USE_TMA, BLOCK_M, BLOCK_N)
 
 
 def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask: torch.Tensor | None, causal: bool, scale: float,
@@ -262,12 +332,19 @@ def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask: torch.Tensor | No
     qd, kd, vd, od = (q_dot, k_dot, v_dot, o_dot) if has_t else (q, k, v, o)
     scale_args, scale_ptr = _scale_args(scale, q.dtype, q.device, lse)
     mask, mask_strides, mask_kind, neg_max = mask_args(attn_mask, (batch, heads, n_q, n_k), q.dtype, lse)
-    grid = lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
+    levers = forward_levers((k, v, kd, vd))
+    tiles = lambda meta: cdiv(n_q, meta["BLOCK_M"]) * batch * heads  # noqa: E731
+    if levers["PERSISTENT"]:
+        programs = persistent_programs(q.device)
+        grid = lambda meta: (min(tiles(meta), programs),)  # noqa: E731
+    else:
+        grid = lambda meta: (tiles(meta),)  # noqa: E731
     _attn_jvp_fwd_kernel[grid](
         q, k, v, qd, kd, vd, o, od, lse, mu if (tangent_grad and has_t) else lse, mask,
         *q.stride(), *k.stride(), *v.stride(), *qd.stride(), *kd.stride(), *vd.stride(), *o.stride(), *od.stride(),
-        *mask_strides, heads, heads // k.shape[1], n_q, n_k, kt, batch * heads * n_q, *scale_args,
-        **head_dim_args(d, dv), IS_CAUSAL=bool(causal), HAS_TANGENT=has_t, MASK_KIND=mask_kind, NEG_MAX=neg_max,
-        STORE_MU=bool(tangent_grad and has_t), ACC=acc, DOT=dot, PREC=prec, RNE_BF16=rne, SCALE_PTR=scale_ptr,
+        *mask_strides, heads, heads // k.shape[1], n_q, n_k, kt, batch * heads, batch * heads * n_q, *scale_args,
+        **head_dim_args(d, dv, q, k, v, qd, kd, vd, o, od), IS_CAUSAL=bool(causal), HAS_TANGENT=has_t,
+        MASK_KIND=mask_kind, NEG_MAX=neg_max, STORE_MU=bool(tangent_grad and has_t), ACC=acc, DOT=dot, PREC=prec,
+        RNE_BF16=rne, SCALE_PTR=scale_ptr, **levers,
     )
     return o, o_dot, lse, mu

@@ -43,11 +43,12 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, new_output
-from .._triton_utils import compute_dtypes, round_to
-from ._common import (_load_row_stats, _load_rows, _masked_scores, _probs, _scale_args, _scales, _tile_and_head,
-                      head_dim_args, mask_args)
+from .._triton_utils import compute_dtypes
+from ._common import _load_row_stats, _masked_scores, _probs, _scale_args, _scales, _tile_and_head, mask_args
 from ._configs import _FP32_TBWD_DKDV_CONFIGS, _FP32_TBWD_DQ_CONFIGS, _TBWD_DKDV_CONFIGS, _TBWD_DQ_CONFIGS
 from ._configs import _all_configs, _pruner
+from ._pieces import (_aligned, _dot_nt, _dot_nt_acc, _dot_pieces, _load_pieces, _row_dot, _scale_all,
+                      _store_pieces, _zeros_pieces, head_dim_args)
 from .backward import _dkdv_group, _dq_rows
 
 
@@ -56,31 +57,28 @@ from .backward import _dkdv_group, _dq_rows
 def _attn_tbwd_preprocess_kernel(O, OD, GO, GOD, DELTA, DDELTA,
                                  sob, soh, som, sod, sodb, sodh, sodm, sodd, sgb, sgh, sgm, sgd,
                                  sgdb, sgdh, sgdm, sgdd, H, N_Q, KT,
-                                 HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_DV: tl.constexpr,
-                                 HAS_GO: tl.constexpr, ACC: tl.constexpr, BLOCK_M: tl.constexpr):
+                                 HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
+                                 HAS_GO: tl.constexpr, ACC: tl.constexpr, STRIDE_ALIGN: tl.constexpr,
+                                 BLOCK_M: tl.constexpr):
     """Delta_i = G_i . O_i + G'_i . O_dot_i and delta'_i = G'_i . O_i for tangent rows (b < KT); Delta_i = G_i . O_i
     for the others. Without G (HAS_GO False: o took no part in the loss) its terms are absent."""
+    sob, soh, som, sodb, sodh, sodm = _aligned((sob, soh, som, sodb, sodh, sodm), STRIDE_ALIGN)
+    sgb, sgh, sgm, sgdb, sgdh, sgdm = _aligned((sgb, sgh, sgm, sgdb, sgdh, sgdm), STRIDE_ALIGN)
     pid_m, bh = _tile_and_head(N_Q, BLOCK_M, False)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_DV
-    o = _load_rows(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
-                   m_ok, d_ok, True, MASK_DV).to(ACC)
+    o = _load_pieces(O + b * sob + h * soh, offs_m, m_ok, som, sod, HEAD_DV, DV_PIECES, True, ACC)
     delta = tl.zeros([BLOCK_M], dtype=ACC)
     if HAS_GO:
-        g = _load_rows(GO + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_d[None, :] * sgd,
-                       m_ok, d_ok, True, MASK_DV).to(ACC)
-        delta += tl.sum(g * o, 1)
+        g = _load_pieces(GO + b * sgb + h * sgh, offs_m, m_ok, sgm, sgd, HEAD_DV, DV_PIECES, True, ACC)
+        delta += _row_dot(g, o)
     if b < KT:
-        gd = _load_rows(GOD + b * sgdb + h * sgdh + offs_m[:, None] * sgdm + offs_d[None, :] * sgdd,
-                        m_ok, d_ok, True, MASK_DV).to(ACC)
-        od = _load_rows(OD + b * sodb + h * sodh + offs_m[:, None] * sodm + offs_d[None, :] * sodd,
-                        m_ok, d_ok, True, MASK_DV).to(ACC)
-        delta += tl.sum(gd * od, 1)
-        tl.store(DDELTA + bh.to(tl.int64) * N_Q + offs_m, tl.sum(gd * o, 1), mask=m_ok)
+        gd = _load_pieces(GOD + b * sgdb + h * sgdh, offs_m, m_ok, sgdm, sgdd, HEAD_DV, DV_PIECES, True, ACC)
+        od = _load_pieces(OD + b * sodb + h * sodh, offs_m, m_ok, sodm, sodd, HEAD_DV, DV_PIECES, True, ACC)
+        delta += _row_dot(gd, od)
+        tl.store(DDELTA + bh.to(tl.int64) * N_Q + offs_m, _row_dot(gd, o), mask=m_ok)
     tl.store(DELTA + bh.to(tl.int64) * N_Q + offs_m, delta, mask=m_ok)
 
 
@@ -88,8 +86,9 @@ def _attn_tbwd_preprocess_kernel(O, OD, GO, GOD, DELTA, DDELTA,
 @triton.jit
 def _tbwd_dkdv_tiles(dk, dv, dkd, dvd, k, kd, v, vd, Qh, QDh, GOh, GODh, LSEh, MUh, DELTAh, DDELTAh, Mh,
                      sqm, sqd, sqdm, sqdd, sgm, sgd, sgdm, sgdd, smm, smn,
-                     offs_n, n_ok, offs_d, d_ok, offs_dv, dv_ok, lo, hi, N_Q, sm, qk, inv_sm, STAT_STRIDE,
-                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr, MASK_D: tl.constexpr, MASK_DV: tl.constexpr,
+                     offs_n, n_ok, lo, hi, N_Q, sm, qk, inv_sm, STAT_STRIDE,
+                     HEAD_D: tl.constexpr, D_PIECES: tl.constexpr, HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
+                     BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
                      MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr, HAS_GO: tl.constexpr,
                      DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Query tiles [lo, hi) of one query head against a resident key tile, transposed (keys x queries):
@@ -97,48 +96,48 @@ def _tbwd_dkdv_tiles(dk, dv, dkd, dvd, k, kd, v, vd, Qh, QDh, GOh, GODh, LSEh, M
     P^T, S_dot^T = c (K Q_dot^T + K_dot Q^T);  dP'^T = V G'^T;  dP^T = V G^T + V_dot G'^T;
     dS_dot^T = P^T * (dP'^T - delta');  dS^T = P^T * (dP^T - Delta) + (S_dot^T - mu) * dS_dot^T;
     dV += P^T G + (P^T * (S_dot^T - mu)) G';  dV_dot += P^T G';  dK += dS^T Q + dS_dot^T Q_dot;  dK_dot += dS_dot^T Q
-    (dK, dK_dot scaled by c at the end). Query-tail rows load zeros (and zero statistics): they add nothing.
+    (dK, dK_dot scaled by c at the end). Query-tail rows load zeros (and zero statistics): they add nothing. Tiles over
+    D or Dv are tuples of head-dim pieces (_pieces.py).
     """
     for start_m in tl.range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < N_Q
-        q = _load_rows(Qh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, m_ok, d_ok, True, MASK_D).to(DOT)
-        qd = _load_rows(QDh + offs_m[:, None] * sqdm + offs_d[None, :] * sqdd, m_ok, d_ok, True, MASK_D).to(DOT)
-        gd = _load_rows(GODh + offs_m[:, None] * sgdm + offs_dv[None, :] * sgdd, m_ok, dv_ok, True,
-                        MASK_DV).to(DOT)
+        q = _load_pieces(Qh, offs_m, m_ok, sqm, sqd, HEAD_D, D_PIECES, True, DOT)
+        qd = _load_pieces(QDh, offs_m, m_ok, sqdm, sqdd, HEAD_D, D_PIECES, True, DOT)
+        gd = _load_pieces(GODh, offs_m, m_ok, sgdm, sgdd, HEAD_DV, DV_PIECES, True, DOT)
         lse_a, lse_b = _load_row_stats(LSEh, offs_m, m_ok, STAT_STRIDE, MASK_KIND)
         mu = tl.load(MUh + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTAh + offs_m, mask=m_ok, other=0.0)
         ddelta = tl.load(DDELTAh + offs_m, mask=m_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), out_dtype=ACC, input_precision=PREC)
+        s_t = _dot_nt(k, q, ACC, PREC)
         s_t = _masked_scores(s_t, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, True)
         p_t = _probs(s_t, lse_a[None, :], lse_b[None, :], qk, MASK_KIND)
         if MASKED:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        sd_t = tl.dot(k, tl.trans(qd), out_dtype=ACC, input_precision=PREC)
-        sd_t = tl.dot(kd, tl.trans(q), sd_t, out_dtype=ACC, input_precision=PREC) * sm
-        dpd_t = tl.dot(v, tl.trans(gd), out_dtype=ACC, input_precision=PREC)
-        dp_t = tl.dot(vd, tl.trans(gd), out_dtype=ACC, input_precision=PREC)
+        sd_t = _dot_nt(k, qd, ACC, PREC)
+        sd_t = _dot_nt_acc(kd, q, sd_t, ACC, PREC) * sm
+        dpd_t = _dot_nt(v, gd, ACC, PREC)
+        dp_t = _dot_nt(vd, gd, ACC, PREC)
         if HAS_GO:
-            g = _load_rows(GOh + offs_m[:, None] * sgm + offs_dv[None, :] * sgd, m_ok, dv_ok, True, MASK_DV).to(DOT)
-            dp_t = tl.dot(v, tl.trans(g), dp_t, out_dtype=ACC, input_precision=PREC)
+            g = _load_pieces(GOh, offs_m, m_ok, sgm, sgd, HEAD_DV, DV_PIECES, True, DOT)
+            dp_t = _dot_nt_acc(v, g, dp_t, ACC, PREC)
         dsd_t = p_t * (dpd_t - ddelta[None, :])
         sdc_t = sd_t - mu[None, :]
         ds_t = p_t * (dp_t - delta[None, :]) + sdc_t * dsd_t
         p_low = p_t.to(DOT)
         dsd_low = dsd_t.to(DOT)
-        dvd = tl.dot(p_low, gd, dvd, out_dtype=ACC, input_precision=PREC)
-        dv = tl.dot((p_t * sdc_t).to(DOT), gd, dv, out_dtype=ACC, input_precision=PREC)
+        dvd = _dot_pieces(p_low, gd, dvd, ACC, PREC)
+        dv = _dot_pieces((p_t * sdc_t).to(DOT), gd, dv, ACC, PREC)
         if HAS_GO:
-            dv = tl.dot(p_low, g, dv, out_dtype=ACC, input_precision=PREC)
-        dk = tl.dot(ds_t.to(DOT), q, dk, out_dtype=ACC, input_precision=PREC)
-        dk = tl.dot(dsd_low, qd, dk, out_dtype=ACC, input_precision=PREC)
-        dkd = tl.dot(dsd_low, q, dkd, out_dtype=ACC, input_precision=PREC)
+            dv = _dot_pieces(p_low, g, dv, ACC, PREC)
+        dk = _dot_pieces(ds_t.to(DOT), q, dk, ACC, PREC)
+        dk = _dot_pieces(dsd_low, qd, dk, ACC, PREC)
+        dkd = _dot_pieces(dsd_low, q, dkd, ACC, PREC)
     return dk, dv, dkd, dvd
 
 
 @triton.autotune(configs=_all_configs(_TBWD_DKDV_CONFIGS, _FP32_TBWD_DKDV_CONFIGS),
-                 key=["N_Q", "N_K", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_GO"],
+                 key=["N_Q", "N_K", "D_PIECES", "DV_PIECES", "IS_CAUSAL", "MASK_KIND", "HAS_GO"],
                  prune_configs_by=_pruner(_TBWD_DKDV_CONFIGS, fp32_table=_FP32_TBWD_DKDV_CONFIGS))
 @triton.jit
 def _attn_tbwd_dkdv_kernel(
@@ -149,39 +148,36 @@ def _attn_tbwd_dkdv_kernel(
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, sdkdb, sdkdh, sdkdn, sdkdd, sdvdb, sdvdh, sdvdn, sdvdd,
     smb, smh, smm, smn,
     H, GROUP, N_Q, N_K, KT, STAT_STRIDE, sm_scale, qk_scale, inv_scale, SCALES,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_DV: tl.constexpr,
+    HEAD_D: tl.constexpr, D_PIECES: tl.constexpr, HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr, HAS_GO: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
-    SCALE_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE_PTR: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dK, dV, dK_dot, dV_dot (module docstring) for one tile of BLOCK_N keys of one (batch, key/value head), summed
     over the GROUP query heads that read it. Batch rows b >= KT: the flash backward's dK, dV (dK_dot, dV_dot have only
     KT rows); without G (HAS_GO False) those rows get zeros."""
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn = _aligned((sqb, sqh, sqm, skb, skh, skn, svb, svh, svn), STRIDE_ALIGN)
+    sqdb, sqdh, sqdm, skdb, skdh, skdn, svdb, svdh, svdn = _aligned(
+        (sqdb, sqdh, sqdm, skdb, skdh, skdn, svdb, svdh, svdn), STRIDE_ALIGN)
+    sgb, sgh, sgm, sgdb, sgdh, sgdm = _aligned((sgb, sgh, sgm, sgdb, sgdh, sgdm), STRIDE_ALIGN)
+    sdkb, sdkh, sdkn, sdvb, sdvh, sdvn = _aligned((sdkb, sdkh, sdkn, sdvb, sdvh, sdvn), STRIDE_ALIGN)
+    sdkdb, sdkdh, sdkdn, sdvdb, sdvdh, sdvdn = _aligned((sdkdb, sdkdh, sdkdn, sdvdb, sdvdh, sdvdn), STRIDE_ALIGN)
     pid_n, bhk = _tile_and_head(N_K, BLOCK_N, False)
     h_kv = H // GROUP
     b = (bhk // h_kv).to(tl.int64)
     hk = (bhk % h_kv).to(tl.int64)
     sm, qk, inv_sm = _scales(sm_scale, qk_scale, inv_scale, SCALES, SCALE_PTR)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     n_ok = offs_n < N_K
-    d_ok = offs_d < HEAD_D
-    dv_ok = offs_dv < HEAD_DV
-    k = _load_rows(K + b * skb + hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                   n_ok, d_ok, True, MASK_D).to(DOT)
-    v = _load_rows(V + b * svb + hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                   n_ok, dv_ok, True, MASK_DV).to(DOT)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+    k = _load_pieces(K + b * skb + hk * skh, offs_n, n_ok, skn, skd, HEAD_D, D_PIECES, True, DOT)
+    v = _load_pieces(V + b * svb + hk * svh, offs_n, n_ok, svn, svd, HEAD_DV, DV_PIECES, True, DOT)
+    dk = _zeros_pieces(BLOCK_N, D_PIECES, ACC)
+    dv = _zeros_pieces(BLOCK_N, DV_PIECES, ACC)
     if b < KT:
-        kd = _load_rows(KD + b * skdb + hk * skdh + offs_n[:, None] * skdn + offs_d[None, :] * skdd,
-                        n_ok, d_ok, True, MASK_D).to(DOT)
-        vd = _load_rows(VD + b * svdb + hk * svdh + offs_n[:, None] * svdn + offs_dv[None, :] * svdd,
-                        n_ok, dv_ok, True, MASK_DV).to(DOT)
-        dkd = tl.zeros([BLOCK_N, BLOCK_D], dtype=ACC)
-        dvd = tl.zeros([BLOCK_N, BLOCK_DV], dtype=ACC)
+        kd = _load_pieces(KD + b * skdb + hk * skdh, offs_n, n_ok, skdn, skdd, HEAD_D, D_PIECES, True, DOT)
+        vd = _load_pieces(VD + b * svdb + hk * svdh, offs_n, n_ok, svdn, svdd, HEAD_DV, DV_PIECES, True, DOT)
+        dkd = _zeros_pieces(BLOCK_N, D_PIECES, ACC)
+        dvd = _zeros_pieces(BLOCK_N, DV_PIECES, ACC)
         for g in range(0, GROUP):
             h = hk * GROUP + g
             row = (b * H + h) * N_Q
@@ -196,40 +192,37 @@ def _attn_tbwd_dkdv_kernel(
                 dk, dv, dkd, dvd = _tbwd_dkdv_tiles(
                     dk, dv, dkd, dvd, k, kd, v, vd, Qh, QDh, GOh, GODh, LSE + row, MU + row, DELTA + row,
                     DDELTA + row, Mh, sqm, sqd, sqdm, sqdd, sgm, sgd, sgdm, sgdd, smm, smn,
-                    offs_n, n_ok, offs_d, d_ok, offs_dv, dv_ok, lo, mid, N_Q, sm, qk, inv_sm, STAT_STRIDE,
-                    BLOCK_M, True, MASK_D, MASK_DV, MASK_KIND, NEG_MAX, HAS_GO, DOT, ACC, PREC)
+                    offs_n, n_ok, lo, mid, N_Q, sm, qk, inv_sm, STAT_STRIDE, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
+                    BLOCK_M, True, MASK_KIND, NEG_MAX, HAS_GO, DOT, ACC, PREC)
                 lo = tl.maximum(mid, lo)
             else:
                 lo = 0
             dk, dv, dkd, dvd = _tbwd_dkdv_tiles(
                 dk, dv, dkd, dvd, k, kd, v, vd, Qh, QDh, GOh, GODh, LSE + row, MU + row, DELTA + row,
                 DDELTA + row, Mh, sqm, sqd, sqdm, sqdd, sgm, sgd, sgdm, sgdd, smm, smn,
-                offs_n, n_ok, offs_d, d_ok, offs_dv, dv_ok, lo, N_Q, N_Q, sm, qk, inv_sm, STAT_STRIDE,
-                BLOCK_M, False, MASK_D, MASK_DV, MASK_KIND, NEG_MAX, HAS_GO, DOT, ACC, PREC)
-        dkd = dkd * sm
-        tl.store(DKD + b * sdkdb + hk * sdkdh + offs_n[:, None] * sdkdn + offs_d[None, :] * sdkdd,
-                 round_to(dkd, DKD.dtype.element_ty, RNE_BF16), mask=n_ok[:, None] & d_ok[None, :])
-        tl.store(DVD + b * sdvdb + hk * sdvdh + offs_n[:, None] * sdvdn + offs_dv[None, :] * sdvdd,
-                 round_to(dvd, DVD.dtype.element_ty, RNE_BF16), mask=n_ok[:, None] & dv_ok[None, :])
+                offs_n, n_ok, lo, N_Q, N_Q, sm, qk, inv_sm, STAT_STRIDE, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
+                BLOCK_M, False, MASK_KIND, NEG_MAX, HAS_GO, DOT, ACC, PREC)
+        dkd = _scale_all(dkd, sm)
+        _store_pieces(DKD + b * sdkdb + hk * sdkdh, offs_n, n_ok, sdkdn, sdkdd, dkd, HEAD_D, D_PIECES, RNE_BF16)
+        _store_pieces(DVD + b * sdvdb + hk * sdvdh, offs_n, n_ok, sdvdn, sdvdd, dvd, HEAD_DV, DV_PIECES, RNE_BF16)
     elif HAS_GO:
-        dk, dv = _dkdv_group(dk, dv, k, v, Q, GO, LSE, DELTA, M, b, hk, pid_n, offs_n, n_ok, offs_d, d_ok, offs_dv,
-                             dv_ok, sqb, sqh, sqm, sqd, sgb, sgh, sgm, sgd, smb, smh, smm, smn, H, GROUP, N_Q, sm,
-                             qk, inv_sm, STAT_STRIDE, BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND,
-                             NEG_MAX, DOT, ACC, PREC)
-    dk = dk * sm
-    tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
-             round_to(dk, DK.dtype.element_ty, RNE_BF16), mask=n_ok[:, None] & d_ok[None, :])
-    tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
-             round_to(dv, DV.dtype.element_ty, RNE_BF16), mask=n_ok[:, None] & dv_ok[None, :])
+        dk, dv = _dkdv_group(dk, dv, k, v, Q, GO, LSE, DELTA, M, b, hk, pid_n, offs_n, n_ok,
+                             sqb, sqh, sqm, sqd, sgb, sgh, sgm, sgd, smb, smh, smm, smn, H, GROUP, N_Q, sm,
+                             qk, inv_sm, STAT_STRIDE, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES, BLOCK_M, BLOCK_N, IS_CAUSAL,
+                             MASK_KIND, NEG_MAX, DOT, ACC, PREC)
+    dk = _scale_all(dk, sm)
+    _store_pieces(DK + b * sdkb + hk * sdkh, offs_n, n_ok, sdkn, sdkd, dk, HEAD_D, D_PIECES, RNE_BF16)
+    _store_pieces(DV + b * sdvb + hk * sdvh, offs_n, n_ok, sdvn, sdvd, dv, HEAD_DV, DV_PIECES, RNE_BF16)
 
 
 # ================================================================================================================ dQ
 @triton.jit
 def _tbwd_dq_tiles(dq, dqd, q, qd, g, gd, lse_a, lse_b, mu, delta, ddelta, Kh, KDh, Vh, VDh, Mh,
                    skn, skd, skdn, skdd, svn, svd, svdn, svdd, smm, smn,
-                   offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, lo, hi, N_K, sm, qk, inv_sm,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, MASK_D: tl.constexpr,
-                   MASK_DV: tl.constexpr, MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr, HAS_GO: tl.constexpr,
+                   offs_m, m_ok, lo, hi, N_K, sm, qk, inv_sm,
+                   HEAD_D: tl.constexpr, D_PIECES: tl.constexpr, HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
+                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                   MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr, HAS_GO: tl.constexpr,
                    DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """Key tiles [lo, hi) against a resident query tile: P, S_dot, dP, dP', dS, dS_dot as in the module docstring;
     dQ += dS K + dS_dot K_dot;  dQ_dot += dS_dot K  (both scaled by c at the end). MASKED tiles (key tail, causal
@@ -237,12 +230,11 @@ def _tbwd_dq_tiles(dq, dqd, q, qd, g, gd, lse_a, lse_b, mu, delta, ddelta, Kh, K
     for start_n in tl.range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N_K
-        k = _load_rows(Kh + offs_n[:, None] * skn + offs_d[None, :] * skd, n_ok, d_ok, True, MASK_D).to(DOT)
-        kd = _load_rows(KDh + offs_n[:, None] * skdn + offs_d[None, :] * skdd, n_ok, d_ok, True, MASK_D).to(DOT)
-        v = _load_rows(Vh + offs_n[:, None] * svn + offs_dv[None, :] * svd, n_ok, dv_ok, True, MASK_DV).to(DOT)
-        vd = _load_rows(VDh + offs_n[:, None] * svdn + offs_dv[None, :] * svdd, n_ok, dv_ok, True,
-                        MASK_DV).to(DOT)
-        s = tl.dot(q, tl.trans(k), out_dtype=ACC, input_precision=PREC)
+        k = _load_pieces(Kh, offs_n, n_ok, skn, skd, HEAD_D, D_PIECES, True, DOT)
+        kd = _load_pieces(KDh, offs_n, n_ok, skdn, skdd, HEAD_D, D_PIECES, True, DOT)
+        v = _load_pieces(Vh, offs_n, n_ok, svn, svd, HEAD_DV, DV_PIECES, True, DOT)
+        vd = _load_pieces(VDh, offs_n, n_ok, svdn, svdd, HEAD_DV, DV_PIECES, True, DOT)
+        s = _dot_nt(q, k, ACC, PREC)
         s = _masked_scores(s, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, False)
         if MASKED:
             ok = n_ok[None, :]
@@ -250,23 +242,23 @@ def _tbwd_dq_tiles(dq, dqd, q, qd, g, gd, lse_a, lse_b, mu, delta, ddelta, Kh, K
                 ok = ok & (offs_m[:, None] >= offs_n[None, :])
             s = tl.where(ok, s, float("-inf"))
         p = _probs(s, lse_a[:, None], lse_b[:, None], qk, MASK_KIND)
-        sd = tl.dot(qd, tl.trans(k), out_dtype=ACC, input_precision=PREC)
-        sd = tl.dot(q, tl.trans(kd), sd, out_dtype=ACC, input_precision=PREC) * sm
-        dpd = tl.dot(gd, tl.trans(v), out_dtype=ACC, input_precision=PREC)
-        dp = tl.dot(gd, tl.trans(vd), out_dtype=ACC, input_precision=PREC)
+        sd = _dot_nt(qd, k, ACC, PREC)
+        sd = _dot_nt_acc(q, kd, sd, ACC, PREC) * sm
+        dpd = _dot_nt(gd, v, ACC, PREC)
+        dp = _dot_nt(gd, vd, ACC, PREC)
         if HAS_GO:
-            dp = tl.dot(g, tl.trans(v), dp, out_dtype=ACC, input_precision=PREC)
+            dp = _dot_nt_acc(g, v, dp, ACC, PREC)
         dsd = p * (dpd - ddelta[:, None])
         ds = p * (dp - delta[:, None]) + (sd - mu[:, None]) * dsd
         dsd_low = dsd.to(DOT)
-        dq = tl.dot(ds.to(DOT), k, dq, out_dtype=ACC, input_precision=PREC)
-        dq = tl.dot(dsd_low, kd, dq, out_dtype=ACC, input_precision=PREC)
-        dqd = tl.dot(dsd_low, k, dqd, out_dtype=ACC, input_precision=PREC)
+        dq = _dot_pieces(ds.to(DOT), k, dq, ACC, PREC)
+        dq = _dot_pieces(dsd_low, kd, dq, ACC, PREC)
+        dqd = _dot_pieces(dsd_low, k, dqd, ACC, PREC)
     return dq, dqd
 
 
 @triton.autotune(configs=_all_configs(_TBWD_DQ_CONFIGS, _FP32_TBWD_DQ_CONFIGS),
-                 key=["N_Q", "N_K", "BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "HAS_GO"],
+                 key=["N_Q", "N_K", "D_PIECES", "DV_PIECES", "IS_CAUSAL", "MASK_KIND", "HAS_GO"],
                  prune_configs_by=_pruner(_TBWD_DQ_CONFIGS, fp32_table=_FP32_TBWD_DQ_CONFIGS))
 @triton.jit
 def _attn_tbwd_dq_kernel(
@@ -276,49 +268,45 @@ def _attn_tbwd_dq_kernel(
     sgb, sgh, sgm, sgd, sgdb, sgdh, sgdm, sgdd, sdqb, sdqh, sdqm, sdqd, sdqdb, sdqdh, sdqdm, sdqdd,
     smb, smh, smm, smn,
     H, GROUP, N_Q, N_K, KT, STAT_STRIDE, sm_scale, qk_scale, inv_scale, SCALES,
-    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, MASK_D: tl.constexpr,
-    HEAD_DV: tl.constexpr, BLOCK_DV: tl.constexpr, MASK_DV: tl.constexpr,
+    HEAD_D: tl.constexpr, D_PIECES: tl.constexpr, HEAD_DV: tl.constexpr, DV_PIECES: tl.constexpr,
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, NEG_MAX: tl.constexpr, HAS_GO: tl.constexpr,
     ACC: tl.constexpr, DOT: tl.constexpr, PREC: tl.constexpr, RNE_BF16: tl.constexpr,
-    SCALE_PTR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SCALE_PTR: tl.constexpr, STRIDE_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dQ, dQ_dot (module docstring) for one tile of BLOCK_M queries of one (batch, query head); keys and values of
     head h // GROUP. Batch rows b >= KT: the flash backward's dQ (zeros without G)."""
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn = _aligned((sqb, sqh, sqm, skb, skh, skn, svb, svh, svn), STRIDE_ALIGN)
+    sqdb, sqdh, sqdm, skdb, skdh, skdn, svdb, svdh, svdn = _aligned(
+        (sqdb, sqdh, sqdm, skdb, skdh, skdn, svdb, svdh, svdn), STRIDE_ALIGN)
+    sgb, sgh, sgm, sgdb, sgdh, sgdm = _aligned((sgb, sgh, sgm, sgdb, sgdh, sgdm), STRIDE_ALIGN)
+    sdqb, sdqh, sdqm, sdqdb, sdqdh, sdqdm = _aligned((sdqb, sdqh, sdqm, sdqdb, sdqdh, sdqdm), STRIDE_ALIGN)
     pid_m, bh = _tile_and_head(N_Q, BLOCK_M, IS_CAUSAL)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     hk = h // GROUP
     sm, qk, inv_sm = _scales(sm_scale, qk_scale, inv_scale, SCALES, SCALE_PTR)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
     m_ok = offs_m < N_Q
-    d_ok = offs_d < HEAD_D
-    dv_ok = offs_dv < HEAD_DV
     row = bh.to(tl.int64) * N_Q
-    q = _load_rows(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                   m_ok, d_ok, True, MASK_D).to(DOT)
+    q = _load_pieces(Q + b * sqb + h * sqh, offs_m, m_ok, sqm, sqd, HEAD_D, D_PIECES, True, DOT)
     lse_a, lse_b = _load_row_stats(LSE + row, offs_m, m_ok, STAT_STRIDE, MASK_KIND)
     delta = tl.load(DELTA + row + offs_m, mask=m_ok, other=0.0)
     Kh = K + b * skb + hk * skh
     Vh = V + b * svb + hk * svh
     Mh = M + b * smb + h * smh
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+    dq = _zeros_pieces(BLOCK_M, D_PIECES, ACC)
     if HAS_GO:
-        g = _load_rows(GO + b * sgb + h * sgh + offs_m[:, None] * sgm + offs_dv[None, :] * sgd,
-                       m_ok, dv_ok, True, MASK_DV).to(DOT)
+        g = _load_pieces(GO + b * sgb + h * sgh, offs_m, m_ok, sgm, sgd, HEAD_DV, DV_PIECES, True, DOT)
     else:
-        g = tl.zeros([BLOCK_M, BLOCK_DV], dtype=DOT)
+        g = _zeros_pieces(BLOCK_M, DV_PIECES, DOT)
     if b < KT:
-        qd = _load_rows(QD + b * sqdb + h * sqdh + offs_m[:, None] * sqdm + offs_d[None, :] * sqdd,
-                        m_ok, d_ok, True, MASK_D).to(DOT)
-        gd = _load_rows(GOD + b * sgdb + h * sgdh + offs_m[:, None] * sgdm + offs_dv[None, :] * sgdd,
-                        m_ok, dv_ok, True, MASK_DV).to(DOT)
+        qd = _load_pieces(QD + b * sqdb + h * sqdh, offs_m, m_ok, sqdm, sqdd, HEAD_D, D_PIECES, True, DOT)
+        gd = _load_pieces(GOD + b * sgdb + h * sgdh, offs_m, m_ok, sgdm, sgdd, HEAD_DV, DV_PIECES, True, DOT)
         mu = tl.load(MU + row + offs_m, mask=m_ok, other=0.0)
         ddelta = tl.load(DDELTA + row + offs_m, mask=m_ok, other=0.0)
         KDh = KD + b * skdb + hk * skdh
         VDh = VD + b * svdb + hk * svdh
-        dqd = tl.zeros([BLOCK_M, BLOCK_D], dtype=ACC)
+        dqd = _zeros_pieces(BLOCK_M, D_PIECES, ACC)
         if IS_CAUSAL:
             hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
             mid = (tl.minimum(N_K, pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
@@ -327,24 +315,20 @@ def _attn_tbwd_dq_kernel(
             mid = (N_K // BLOCK_N) * BLOCK_N
         dq, dqd = _tbwd_dq_tiles(dq, dqd, q, qd, g, gd, lse_a, lse_b, mu, delta, ddelta, Kh, KDh, Vh, VDh, Mh,
                                  skn, skd, skdn, skdd, svn, svd, svdn, svdd, smm, smn,
-                                 offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, 0, mid, N_K, sm, qk, inv_sm,
-                                 BLOCK_N, False, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND, NEG_MAX, HAS_GO,
-                                 DOT, ACC, PREC)
+                                 offs_m, m_ok, 0, mid, N_K, sm, qk, inv_sm, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
+                                 BLOCK_N, False, IS_CAUSAL, MASK_KIND, NEG_MAX, HAS_GO, DOT, ACC, PREC)
         dq, dqd = _tbwd_dq_tiles(dq, dqd, q, qd, g, gd, lse_a, lse_b, mu, delta, ddelta, Kh, KDh, Vh, VDh, Mh,
                                  skn, skd, skdn, skdd, svn, svd, svdn, svdd, smm, smn,
-                                 offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, mid, hi, N_K, sm, qk, inv_sm,
-                                 BLOCK_N, True, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND, NEG_MAX, HAS_GO,
-                                 DOT, ACC, PREC)
-        dqd = dqd * sm
-        tl.store(DQD + b * sdqdb + h * sdqdh + offs_m[:, None] * sdqdm + offs_d[None, :] * sdqdd,
-                 round_to(dqd, DQD.dtype.element_ty, RNE_BF16), mask=m_ok[:, None] & d_ok[None, :])
+                                 offs_m, m_ok, mid, hi, N_K, sm, qk, inv_sm, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
+                                 BLOCK_N, True, IS_CAUSAL, MASK_KIND, NEG_MAX, HAS_GO, DOT, ACC, PREC)
+        dqd = _scale_all(dqd, sm)
+        _store_pieces(DQD + b * sdqdb + h * sdqdh, offs_m, m_ok, sdqdm, sdqdd, dqd, HEAD_D, D_PIECES, RNE_BF16)
     elif HAS_GO:
         dq = _dq_rows(dq, q, g, lse_a, lse_b, delta, Kh, Vh, Mh, skn, skd, svn, svd, smm, smn,
-                      pid_m, offs_m, m_ok, offs_d, d_ok, offs_dv, dv_ok, N_K, sm, qk, inv_sm,
-                      BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_D, MASK_DV, MASK_KIND, NEG_MAX, DOT, ACC, PREC)
-    dq = dq * sm
-    tl.store(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
-             round_to(dq, DQ.dtype.element_ty, RNE_BF16), mask=m_ok[:, None] & d_ok[None, :])
+                      pid_m, offs_m, m_ok, N_K, sm, qk, inv_sm, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
+                      BLOCK_M, BLOCK_N, IS_CAUSAL, MASK_KIND, NEG_MAX, DOT, ACC, PREC)
+    dq = _scale_all(dq, sm)
+    _store_pieces(DQ + b * sdqb + h * sdqh, offs_m, m_ok, sdqm, sdqd, dq, HEAD_D, D_PIECES, RNE_BF16)
 
 
 # ======================================================================================================= launcher
@@ -360,8 +344,12 @@ def attention_jvp_bwd(grad_o: torch.Tensor | None, grad_o_dot: torch.Tensor, q, 
     n_k, dv_dim = k.shape[2], v.shape[3]
     kt = q_dot.shape[0]
     acc, dot, prec, rne = compute_dtypes(q.dtype)
-    dims = head_dim_args(d, dv_dim)
     grads = [new_output(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, q_dot, k_dot, v_dot)]
+    # Padded tiles (one power-of-two piece) at every head dim: split into pieces (_pieces.py) these two kernels spill
+    # on sm_90 in bf16 with every config of their lists (D = 72: 56-1628 B, 255 registers) where the padded ones do
+    # not (171 / 242 registers), so the tangent backward keeps the tiles it had before issue 19.
+    dims = head_dim_args(d, dv_dim, q, k, v, q_dot, k_dot, v_dot, o, o_dot, grad_o_dot,
+                         *((grad_o,) if grad_o is not None else ()), *grads, pad=True)
     dq, dk, dv, dqd, dkd, dvd = grads
     if batch * heads == 0:
         return tuple(grads)
@@ -377,7 +365,8 @@ def attention_jvp_bwd(grad_o: torch.Tensor | None, grad_o_dot: torch.Tensor, q, 
     god = grad_o_dot if kt else go
     _attn_tbwd_preprocess_kernel[(cdiv(n_q, _PRE_BLOCK_M) * batch * heads,)](
         o, od, go, god, delta, ddelta, *o.stride(), *od.stride(), *go.stride(), *god.stride(), heads, n_q, kt,
-        HEAD_DV=dims["HEAD_DV"], BLOCK_DV=dims["BLOCK_DV"], MASK_DV=dims["MASK_DV"], HAS_GO=has_go, ACC=acc,
+        HEAD_DV=dims["HEAD_DV"], DV_PIECES=dims["DV_PIECES"], HAS_GO=has_go, ACC=acc,
+        STRIDE_ALIGN=dims["STRIDE_ALIGN"],
         BLOCK_M=_PRE_BLOCK_M,
     )
     scales, scale_ptr = _scale_args(scale, q.dtype, q.device, delta)
