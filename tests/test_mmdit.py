@@ -73,10 +73,18 @@ def test_block_jvp_with_rope_without_qk_norm_and_zero_context_tangent(table):
 
 
 @pytest.mark.gpu
-def test_block_fully_fused():
+def test_block_fully_fused(monkeypatch):
+    """The fused table's attention takes attn_mask: the masked joint attention runs in the fused kernel, never in the
+    torch-ops fallback."""
+    import meanflow.models.mmdit as mmdit
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("the masked attention fell back to torch ops")
+
+    monkeypatch.setattr(mmdit, "masked_attention_jvp", no_fallback)
     block = randomize_(MMDiTBlock(C, H).double(), std=0.3)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # the masked attention may run as torch ops (see mmdit.py)
+        warnings.simplefilter("ignore", RuntimeWarning)  # float64 on CPU: mfkernels' reference path, with a warning
         _check(block, ops_table("fused"), 2)
 
 

@@ -14,8 +14,9 @@ and `fused` share this code. It lives here, next to DiT's block, because its ada
 diffusion-model choice; the generic layers are in mfkernels.nn.
 
 Masks: the joint attention takes the key-padding mask as a bool attn_mask (B, 1, 1, Nc + Nx). Op tables whose
-`attention` accepts `attn_mask` (mfkernels' fused attention with masks, issue 13) get it directly; otherwise (today's
-main) a masked attention with its tangent is computed here with plain torch ops, with a warning once on the fused table.
+`attention` accepts `attn_mask` (mfkernels' fused and reference tables do) get it directly, read per tile by the fused
+kernel; an op table of your own whose attention lacks it gets a masked attention with its tangent computed here with
+plain torch ops (a warning once for a table named "fused").
 """
 from __future__ import annotations
 
