@@ -11,11 +11,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 from .backends import JVPOps
 from .heads import ConditionEmbedders, LogVarHead, extra_heads
-from .layers import DiTBlock, FinalLayer, Linear, TimestepEmbedder
+from .layers import DiTBlock, FinalLayer, Linear, TimestepEmbedder, patchify, unpatchify
 from .network import JVPNetwork
 
 @dataclass(frozen=True)
@@ -122,12 +121,10 @@ class DiT(JVPNetwork):
             nn.init.zeros_(layer.bias)
 
     def _patchify(self, z):
-        p = self.patch
-        return rearrange(z, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
+        return patchify(z, self.patch)
 
     def _unpatchify(self, x):
-        p = self.patch
-        return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=self.grid[0], p1=p, p2=p)
+        return unpatchify(x, self.patch, self.grid[0])
 
     def _label(self, y):
         return self.y_embedder(y) if self.y_embedder is not None else 0.0

@@ -39,12 +39,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from mfkernels.nn import RMSNorm, RotaryAttention, SwiGLU, rope_angles, scaled_residual, scaled_residual_jvp
 
 from .backends import JVPOps
-from .layers import Linear, TimestepEmbedder
+from .layers import Linear, TimestepEmbedder, patchify, unpatchify
 from .network import JVPNetwork
 
 
@@ -196,12 +195,10 @@ class IMFDiT(JVPNetwork):
                 nn.init.zeros_(final.linear.bias)
 
     def _patchify(self, z):
-        p = self.patch
-        return rearrange(z, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
+        return patchify(z, self.patch)
 
     def _unpatchify(self, x):
-        p = self.patch
-        return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=self.grid[0], p1=p, p2=p)
+        return unpatchify(x, self.patch, self.grid[0])
 
     def _angles(self):
         return self.rope_cos, self.rope_sin

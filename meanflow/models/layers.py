@@ -13,6 +13,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from mfkernels.nn import MLP, Attention, LayerNormModulate, Linear, gated_residual
 
@@ -69,6 +70,16 @@ class TimestepEmbedder(nn.Module):
         a, a_dot = self.fc1.forward_jvp(emb.to(dtype), emb_dot.to(dtype), ops)
         a, a_dot = ops.silu(a, a_dot)
         return self.fc2.forward_jvp(a, a_dot, ops)
+
+
+def patchify(z: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/p * W/p, C p p): one token per p x p patch, channels then patch rows, then columns."""
+    return rearrange(z, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
+
+
+def unpatchify(x: torch.Tensor, p: int, grid_h: int) -> torch.Tensor:
+    """Tokens (B, grid_h * grid_w, p p C) back to (B, C, grid_h p, grid_w p) (the final layers emit (p1 p2 c))."""
+    return rearrange(x, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=grid_h, p1=p, p2=p)
 
 
 def _to(dtype, *tensors):
