@@ -292,8 +292,6 @@ def test_resume_reuses_the_runs_thread_count_when_the_automatic_choice_changes(t
         monkeypatch.setattr(host.os, "cpu_count", lambda: 2)
         monkeypatch.setattr(host.os, "getloadavg", lambda: (busy_cores, 0.0, 0.0))
 
-    # At hidden 32 and batch 2048 the logged gradient norm of step 4 differs in its last bits between 1 and 2 threads
-    # (measured; the losses of these small models do not)
     argv = ["train", "--preset", "toy", "--set", "train.steps=6", "--set", "train.batch_size=2048",
             "--set", "model.hidden=32", "--set", "model.depth=2", "--set", "train.progress=false",
             "--set", "train.log_every=1", "--set", "train.ckpt_every=3", "--set", "train.grid_size=16",
@@ -328,13 +326,15 @@ def test_resume_reuses_the_runs_thread_count_when_the_automatic_choice_changes(t
     for key in ("loss", "v_loss", "raw_loss", "grad_norm"):
         assert [r[key] for r in resumed] == [r[key] for r in straight], key  # exact
 
+    seen.clear()
     assert main(["train", "--resume", str(tmp_path / "forced"), "--set", "train.threads=1"]) == 0
     out, err = capsys.readouterr()
     assert "1 CPU thread (train.threads), resuming at step 3" in out
     assert err.count("meanflow train: warning:") == 1 and "written with 2 CPU thread(s), this process uses 1: " \
         "training continues, but not bit for bit" in err
-    forced = losses(tmp_path / "forced")
-    assert [r["grad_norm"] for r in forced[3:]] != [r["grad_norm"] for r in straight[3:]]
+    # the control is the thread count the steps ran with, not their numbers: whether 1 and 2 threads round a
+    # gradient differently depends on the CPU
+    assert seen == [1, 1, 1]
 
 
 def losses(run_dir):

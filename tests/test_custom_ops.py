@@ -11,12 +11,14 @@ F64 = torch.float64
 
 
 @pytest.fixture(autouse=True)
-def _no_stale_aot_autograd_cache(monkeypatch):
+def _no_stale_aot_autograd_cache():
     """AOTAutogradCache keys a compiled graph on the Dynamo graph, not on a custom op's Python autograd formula: after
     an edit of an op's backward (or with another checkout's cache in a shared /tmp) it could replay the old one."""
     import torch._functorch.config
 
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    # the config module's own patch: monkeypatch's undo deletes the key on torch 2.13 + pytest 9.2
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
 
 
 def r(*shape, grad=False, dtype=F64):

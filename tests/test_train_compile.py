@@ -17,12 +17,14 @@ QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1", "eval.e
 
 
 @pytest.fixture(autouse=True)
-def _no_stale_aot_autograd_cache(monkeypatch):
+def _no_stale_aot_autograd_cache():
     """AOTAutogradCache keys a compiled graph on the Dynamo graph, not on a custom op's Python autograd formula: after
     an edit of an op's backward (or with another checkout's cache in a shared /tmp) it could replay the old one."""
     import torch._functorch.config
 
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    # the config module's own patch: monkeypatch's undo deletes the key on torch 2.13 + pytest 9.2
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        yield
 
 
 def digits_config(*extra):
