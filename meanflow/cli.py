@@ -28,13 +28,15 @@ from pathlib import Path
 
 
 # ------------------------------------------------------------------------------------------------- exit status
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 0, 1, 2, 130, 143
 EXIT_POLICY = """exit status:
   0    success
   1    the run started and failed: a non-finite loss, out of memory, a disk or device error, an internal error
   2    bad input, nothing was run: an argument or --set value out of range, an unknown preset, key or option, or a
        file named on the command line that is missing, corrupt or does not fit (checkpoints included)
-  130  interrupted (Ctrl-C); `train` prints the command that resumes the run
+  130  interrupted (Ctrl-C, SIGINT); `train` finishes the step it is in, checkpoints it and prints the command
+       that resumes the run (a second Ctrl-C stops at once, without that checkpoint)
+  143  terminated (SIGTERM, e.g. a scheduler's preemption notice); `train` behaves as on Ctrl-C
 Errors are one line on stderr; MEANFLOW_DEBUG=1 shows the full traceback instead."""
 
 
@@ -193,6 +195,10 @@ def _run_dir(args, cfg) -> Path:
         out = Path("runs") / cfg.preset.replace("/", "-")
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; the run directory must be a folder")
+    try:  # here, before anything is built: a folder that cannot be made is bad input naming --out
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {out}: cannot create the run directory ({exc.strerror or exc})") from None
     if not args.resume and list_checkpoints(out):
         raise ValueError(f"run directory {out} already has checkpoints: pass --resume {out} to continue it, "
                          f"or choose another --out")
@@ -285,6 +291,7 @@ def _data_signature(cfg) -> tuple[tuple[int, ...], int]:
 # ---------------------------------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
     from .training.config import describe_config
+    from .training.interrupts import TrainingInterrupted
 
     cfg, resumed = _run_config(args)
     if args.help_config:
@@ -315,13 +322,16 @@ def cmd_train(args) -> int:
                   flush=True)
         try:
             summary = trainer.train()
-        except KeyboardInterrupt:
-            last = trainer.last_checkpoint or "none yet"
+        except TrainingInterrupted as stop:  # the step was finished and checkpointed
             if trainer.is_main:
-                launcher = "torchrun ... -m meanflow" if trainer.world_size > 1 else "meanflow"
-                print(f"\ninterrupted at step {trainer.step}; last checkpoint: {last}. Continue with: "
-                      f"{launcher} train --resume {out}", file=sys.stderr)
-            return EXIT_INTERRUPTED
+                print(f"\n{stop.signal_name} at step {stop.step}: finished the step and saved {stop.checkpoint}. "
+                      f"{_resume_hint(trainer, out)}", file=sys.stderr)
+            return stop.exit_status
+        except (KeyboardInterrupt, _Terminated) as exc:  # a second Ctrl-C, or a signal outside the training loop
+            if trainer.is_main:
+                print(f"\ninterrupted at step {trainer.step}, not checkpointed. {_resume_hint(trainer, out, True)}",
+                      file=sys.stderr)
+            return EXIT_TERMINATED if isinstance(exc, _Terminated) else EXIT_INTERRUPTED
         except Exception as exc:  # the run started: whatever went wrong now is a failed run, not bad input
             raise RunFailed(str(exc)) from exc
         if trainer.is_main:
@@ -329,6 +339,43 @@ def cmd_train(args) -> int:
         return EXIT_OK
     finally:
         distributed.cleanup(trainer.dist)
+
+
+def _resume_hint(trainer, out: Path, name_checkpoint: bool = False) -> str:
+    """The command that continues the run, or why there is none: it is printed only when a checkpoint exists."""
+    from .training.checkpoint import checkpoint_step, latest_checkpoint
+
+    last = latest_checkpoint(out)
+    if last is None:
+        return "No checkpoint was written yet: nothing to resume; start the run again."
+    launcher = "torchrun ... -m meanflow" if trainer.world_size > 1 else "meanflow"
+    where = f" (from {last}, step {checkpoint_step(last)})" if name_checkpoint else ""
+    return f"Continue with: {launcher} train --resume {out}{where}"
+
+
+class _Terminated(Exception):
+    """SIGTERM outside the training loop (while building the run or evaluating it)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception():
+    """SIGTERM raises _Terminated (exit status 143 with a message) instead of killing the process silently; the
+    training loop installs its own handlers, which finish and checkpoint the step first."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _label_mode(values: list[str] | None):
@@ -606,12 +653,17 @@ def main(argv: list[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else EXIT_BAD_INPUT
     with _warnings_as_lines(args.command):
         if os.environ.get("MEANFLOW_DEBUG"):
-            return args.func(args)
+            with _sigterm_as_exception():
+                return args.func(args)
         try:
-            return args.func(args)
+            with _sigterm_as_exception():
+                return args.func(args)
         except KeyboardInterrupt:
             print(f"\nmeanflow {args.command}: interrupted", file=sys.stderr)
             return EXIT_INTERRUPTED
+        except _Terminated:
+            print(f"\nmeanflow {args.command}: terminated (SIGTERM)", file=sys.stderr)
+            return EXIT_TERMINATED
         except Exception as exc:  # noqa: BLE001 - every error becomes one line and an exit status
             print(f"meanflow {args.command}: error: {_one_line(exc)}", file=sys.stderr)
             return _exit_status(exc)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from meanflow.training.config import apply_overrides
+from meanflow.training.interrupts import TrainingInterrupted
 from meanflow.training.presets import get_preset
 
 # device=cpu: gloo ranks on CPU even where a GPU is visible (two ranks cannot share one GPU)
@@ -67,9 +68,26 @@ SCENARIOS = {
                       "train.compile_backend=aot_eager"], None),
     "fsdp_compiled": (["train.parallel=fsdp", "train.grad_accum=2", "train.compile=true",
                        "train.compile_backend=aot_eager"], None),
+    # SIGTERM reaches rank 1 only, inside step 2: both ranks finish the step, checkpoint it together and stop; the
+    # resumed run must equal the uninterrupted "ddp" scenario
+    "ddp_sigterm": (["train.parallel=ddp", "train.grad_accum=2"], None),
+    "ddp_sigterm_resumed": (["train.parallel=ddp", "train.grad_accum=2"], "ddp_sigterm/checkpoints/ckpt_00000002"),
     # bf16: FSDP's MixedPrecisionPolicy (bf16 compute copies, fp32 reduction) under CPU autocast
     "fsdp_bf16": (["train.parallel=fsdp", "train.precision=bf16", "train.steps=2"], None),
 }
+
+
+def _signal_rank_1_in_step_2(trainer, rank: int) -> None:
+    import signal
+
+    real_step = trainer.train_step
+
+    def step():
+        if rank == 1 and trainer.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step()
+
+    trainer.train_step = step
 
 
 def run(rank: int, world: int, port: int, out: str) -> None:
@@ -87,6 +105,16 @@ def run(rank: int, world: int, port: int, out: str) -> None:
             counters.clear()
             trainer = Trainer(dit_config(*overrides), out_dir / name,
                               resume=out_dir / resume if resume else None)
+            if name.endswith("_sigterm"):
+                _signal_rank_1_in_step_2(trainer, rank)
+                try:
+                    trainer.train()
+                except TrainingInterrupted as stop:
+                    state = {"stopped_at": stop.step, "exit_status": stop.exit_status}
+                    if rank == 0:
+                        torch.save(state, out_dir / f"{name}.result.pt")
+                    continue
+                raise AssertionError("the SIGTERM scenario trained to the end")
             trainer.train()
             state = full_state(trainer)
             state["compiled_graphs"] = counters["stats"]["unique_graphs"]  # Dynamo graphs this scenario compiled

@@ -59,8 +59,12 @@ def test_set_parses_by_type_and_rejects_unknown_keys():
     assert cfg.train.steps == 7 and cfg.train.betas == (0.8, 0.9) and cfg.model.name == "DiT-S/2"
     assert cfg.loss.flow_matching and cfg.loss.jvp_ratio == 0.0 and cfg.loss.weight_power == 0.0
     assert cfg.train.ema_decays == (0.9, 0.99, 0.999)
-    with pytest.raises(ValueError, match="unknown config key 'train.stepz'; valid keys: .*train.steps"):
+    with pytest.raises(ValueError, match=r"unknown config key 'train.stepz'; did you mean train.steps"):
         apply_overrides(cfg, ["train.stepz=3"])
+    with pytest.raises(ValueError, match=r"unknown config key 'train.hidden'; did you mean model.hidden\?"):
+        apply_overrides(cfg, ["train.hidden=3"])  # the right field in the wrong section
+    with pytest.raises(ValueError, match=r"unknown config key 'nothing.like.it' \(`meanflow train --help-config`"):
+        apply_overrides(cfg, ["nothing.like.it=3"])
     with pytest.raises(ValueError, match="train.steps takes an integer; got 'many'"):
         apply_overrides(cfg, ["train.steps=many"])
     with pytest.raises(ValueError, match="train.lr takes a number; got '1e-3x'"):
@@ -76,9 +80,17 @@ def test_error_messages(tmp_path, capsys):
     assert "unknown preset 'nope'; available: toy, checkerboard" in capsys.readouterr().err
     assert main(["train", "--preset", "toy", "--set", "loss.omegaa=1"]) == 2
     err = capsys.readouterr().err
-    assert "unknown config key 'loss.omegaa'; valid keys:" in err and "loss.omega," in err
+    assert "unknown config key 'loss.omegaa'; did you mean loss.omega?" in err and len(err) < 200, err
     assert main(["train", "--preset", "imagenet-B/2", "--out", str(tmp_path / "x")]) == 2
     assert "dataset 'latents' needs a path: --set data.path=..." in capsys.readouterr().err
+    # a path the dataset would ignore is refused, naming both keys
+    assert main(["train", "--preset", "toy", "--out", str(tmp_path / "y"), "--set", "data.path=/data/x"]) == 2
+    assert "data.path is read only by data.name=folder or latents; data.name is 'checkerboard'" in \
+        _one_error_line(capsys)
+    # an --out that cannot be made is bad input naming --out (a file stands where its parent folder should be)
+    (tmp_path / "file").write_text("")
+    assert main(["train", "--preset", "toy", "--out", str(tmp_path / "file" / "run")]) == 2
+    assert f"--out {tmp_path / 'file' / 'run'}: cannot create the run directory" in _one_error_line(capsys)
 
 
 def _one_error_line(capsys) -> str:
@@ -397,16 +409,107 @@ def test_non_finite_loss_via_cli(tmp_path, capsys):
     assert load_checkpoint(run)["step"] == 1
 
 
-def test_ctrl_c_tells_how_to_resume(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("signame, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_signal_finishes_the_step_checkpoints_it_and_the_resumed_run_equals_an_uninterrupted_one(
+        tmp_path, capsys, monkeypatch, signame, status):
+    """SIGTERM (a scheduler's preemption notice) and SIGINT (Ctrl-C) arrive in the middle of step 3: the step is
+    finished and checkpointed, the exit status is 128 + the signal, the printed command resumes, and the resumed run's
+    losses equal an uninterrupted run's bit for bit."""
+    import signal
+
+    from meanflow.training.trainer import Trainer
+
+    argv = ["train", *TOY, "--set", "train.steps=6", "--set", "train.log_every=1", "--set", "eval.enabled=false"]
+    assert main([*argv, "--out", str(tmp_path / "straight")]) == 0
+    real_step = Trainer.train_step
+
+    def signalled_in_step_3(self):
+        if self.step == 2:
+            os.kill(os.getpid(), getattr(signal, signame))  # delivered between bytecodes, inside the step
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled_in_step_3)
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "run")]) == status
+    err = capsys.readouterr().err
+    assert f"{signame} at step 3: finished the step and saved {tmp_path / 'run' / 'checkpoints'}" in err
+    assert f"Continue with: meanflow train --resume {tmp_path / 'run'}" in err
+    from meanflow.training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(tmp_path / "run")["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are gone after the run
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "run")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for key in ("loss", "v_loss", "raw_loss", "grad_norm"):
+        assert [r[key] for r in resumed] == [r[key] for r in straight], key
+
+
+def test_an_interrupt_before_any_checkpoint_prints_no_resume_command(tmp_path, capsys, monkeypatch):
+    """A hard stop (a second Ctrl-C) in the first step: nothing was saved, so no resume command is printed."""
     from meanflow.training.trainer import Trainer
 
     def interrupted(self):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Trainer, "train", interrupted)
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
     assert main(["train", *TOY, "--out", str(tmp_path / "run")]) == 130
-    assert f"interrupted at step 0; last checkpoint: none yet. Continue with: meanflow train --resume " \
-           f"{tmp_path / 'run'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "interrupted at step 0, not checkpointed. No checkpoint was written yet: nothing to resume" in err
+    assert "--resume" not in err
+
+
+def test_a_hard_interrupt_names_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    from meanflow.training.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def killed_in_step_5(self):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(Trainer, "train_step", killed_in_step_5)
+    assert main(["train", *TOY, "--out", str(tmp_path / "run"), "--set", "train.ckpt_every=3"]) == 130
+    assert f"interrupted at step 4, not checkpointed. Continue with: meanflow train --resume {tmp_path / 'run'} " \
+           f"(from {tmp_path / 'run' / 'checkpoints' / 'ckpt_00000003.pt'}, step 3)" in capsys.readouterr().err
+
+
+def test_checkpoints_by_time(tmp_path):
+    """train.ckpt_minutes (on by default in every preset) writes checkpoints as the minutes pass, not by step count."""
+    from meanflow.training.checkpoint import list_checkpoints
+
+    assert all(get_preset(name).train.ckpt_minutes > 0 for name in PRESETS)
+    run = tmp_path / "run"
+    # 1e-5 minutes: due after every step; keep_ckpts=0 keeps them all
+    assert main(["train", *TOY, "--out", str(run), "--set", "train.ckpt_minutes=0.00001", "--set", "train.keep_ckpts=0",
+                 "--set", "eval.enabled=false"]) == 0
+    assert len(list_checkpoints(run)) == 8
+
+
+def test_sigterm_to_a_real_process(tmp_path):
+    """The scheduler's view: a `python -m meanflow train` process gets SIGTERM, exits 143 after checkpointing, and
+    the command it prints resumes the run."""
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "meanflow", "train", "--preset", "toy", "--set", "train.steps=100000",
+                             "--set", "train.threads=1", "--set", "train.progress=false", "--set", "train.log_every=1",
+                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM at step" in err and f"Continue with: meanflow train --resume {run}" in err
+    from meanflow.training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(run)["step"] >= 1
 
 
 def test_python_dash_m_subprocess(tmp_path):

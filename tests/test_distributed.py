@@ -131,6 +131,19 @@ def test_resume_from_a_distributed_checkpoint_is_exact(runs, name):
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight[2:]]
 
 
+def test_sigterm_on_one_rank_checkpoints_every_rank_and_resumes_exactly(runs):
+    """A signal that reaches one rank stops both after the same step, with one checkpoint; the resumed run equals
+    the uninterrupted one."""
+    out, _, results = runs
+    assert results["ddp_sigterm"] == {"stopped_at": 2, "exit_status": 143}
+    resumed = results["ddp_sigterm_resumed"]
+    assert resumed["step"] == 4
+    assert_same(resumed["model"], results["ddp"]["model"], exact=True)
+    for decay in ("0.9", "0.5"):
+        assert_same(resumed["ema"][decay], results["ddp"]["ema"][decay], exact=True)
+    assert [r["loss"] for r in losses(out / "ddp_sigterm_resumed")] == [r["loss"] for r in losses(out / "ddp")[2:]]
+
+
 @pytest.mark.parametrize("name", ["ddp", "fsdp"])
 def test_world_size_change_2_to_1(runs, tmp_path, name):
     """A 2-rank checkpoint continued by one process: DCP reshards model / optimizer / EMA, the data position and the

@@ -320,7 +320,11 @@ def _read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
 # ------------------------------------------------------------------------------------------------ the registry
 def build_dataset(name: str, *, path: str = "", image_size: int = 32, latent_scale: float = 0.18215,
                   split: str = "train", toy_scale: float = 1.0, workers: int = 0, num_classes: int = 0) -> Dataset:
-    """A dataset by name (see DATASETS); `path` is needed by 'folder' and 'latents'."""
+    """A dataset by name (see DATASETS); `path` is needed by 'folder' and 'latents', and refused by the others (a path
+    that would be silently ignored usually means the wrong data.name)."""
+    if path and name not in ("folder", "latents"):
+        raise ValueError(f"data.path is read only by data.name=folder or latents; data.name is {name!r}, which would "
+                         f"ignore data.path={path} (remove it, or set data.name)")
     if name in TOYS:
         return ToyDataset(name, toy_scale)
     if name == "mnist":

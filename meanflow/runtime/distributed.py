@@ -139,6 +139,15 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    """The elementwise maximum over ranks (every rank gets it): a flag raised on any rank is raised on all."""
+    if not is_initialized():
+        return values
+    out = values.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
 def rank_seed(seed: int, step: int, rank: int) -> int:
     """The deterministic reseed of a rank's process RNGs after a world-size change: a function of (seed, step, rank)."""
     import numpy as np

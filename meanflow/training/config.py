@@ -98,7 +98,9 @@ class TrainConfig:
                          "same count)")
     log_every: int = _f(50, "steps between metrics.jsonl lines")
     sample_every: int = _f(0, "steps between sample grids (0: only at the end)")
-    ckpt_every: int = _f(0, "steps between checkpoints (0: only at the end)")
+    ckpt_every: int = _f(0, "steps between checkpoints (0: none by step count; see ckpt_minutes)")
+    ckpt_minutes: float = _f(5.0, "minutes between checkpoints (0: none by time); SIGINT / SIGTERM also checkpoint "
+                                  "the step they interrupt, and the end of a run always does")
     keep_ckpts: int = _f(2, "checkpoints kept on disk, the newest ones (0: all)")
     grid_size: int = _f(0, "samples per grid (0: 10 per class for <= 10 classes, else 64)")
     progress: bool = _f(True, "show a tqdm progress bar")
@@ -264,7 +266,15 @@ def _unknown_key_message(cfg: RunConfig, key: str) -> str:
         if owners:
             return (f"{key} is a knob of objective {' / '.join(owners)}; this run's objective is "
                     f"{cfg.loss.objective!r} (set loss.objective={owners[0]} as well)")
-    return f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(cfg))}"
+    import difflib
+
+    keys = valid_keys(cfg)
+    tail = key.rsplit(".", 1)[-1]
+    # a right field in the wrong section (train.hidden) or with its section left out (steps); else a misspelling
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == tail][:3] or difflib.get_close_matches(key, keys, n=3,
+                                                                                               cutoff=0.75)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    return f"unknown config key {key!r}{hint} (`meanflow train --help-config` lists every key with its value)"
 
 
 def describe_config(cfg: RunConfig) -> str:

@@ -98,7 +98,8 @@ def _imagenet(size: str, omega: float, kappa: float, t_end: float) -> Callable[[
             # 240 epochs at batch 256: ceil(240 * 1,281,167 / 256) = 1,201,095 steps
             train=TrainConfig(steps=-(-240 * IMAGENET_TRAIN_IMAGES // 256), batch_size=256, lr=1e-4, betas=(0.9, 0.95),
                               weight_decay=0.0, ema_decays=(0.9999,), precision="bf16", log_every=100,
-                              sample_every=10_000, ckpt_every=10_000, keep_ckpts=3),
+                              sample_every=10_000, ckpt_every=10_000, keep_ckpts=3,
+                              ckpt_minutes=30.0),  # a DiT-XL/2 state is GBs: every half hour, and on SIGTERM
             eval=EvalConfig(num_samples=50_000, batch_size=250),
         )
     return build

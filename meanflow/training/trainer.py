@@ -55,6 +55,7 @@ from .config import RunConfig, TrainConfig
 from .cuda_graphs import CUDAGraphModel
 from .ema import EMA
 from .reporting import TrainerReporting
+from .interrupts import StopSignals, TrainingInterrupted
 from .state import TrainerState
 from .validation import check_config
 
@@ -299,6 +300,14 @@ class Trainer(TrainerState, TrainerReporting):
         self.ema.update(self.net)
         return grad_norm
 
+    def _agree(self, signum: int, time_due: bool) -> tuple[int, bool]:
+        """(a stop signal, a time-based checkpoint due) as every rank sees them: a signal or a clock on any rank
+        decides for all, since a checkpoint is a collective. One process: as given, no sync."""
+        if self.world_size == 1:
+            return signum, time_due
+        flags = distributed.all_reduce_max(torch.tensor([float(signum), float(time_due)], device=self.device))
+        return int(flags[0]), bool(flags[1])
+
     def _stop_non_finite(self, what: str) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         kept = f"the last good checkpoint {self.last_checkpoint} is untouched" if self.last_checkpoint \
@@ -320,23 +329,32 @@ class Trainer(TrainerState, TrainerReporting):
         window = {"n": 0, "t": time.perf_counter(), "sums": {}}
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.is_main), dynamic_ncols=True,
                    desc=self.config.preset or "train")
+        last_save = time.perf_counter()
         try:
-            while self.step < tc.steps:
-                stats = self.train_step()
-                bar.update(1)
-                self._accumulate(window, stats)
-                if self.step % tc.log_every == 0 or self.step == tc.steps:
-                    row = self._log(window, t_start)
-                    # raw_loss and v_loss show learning; the weighted loss sits near 1 by construction (adaptive
-                    # weighting) and stays in metrics.jsonl only
-                    bar.set_postfix_str(f"raw_loss={row['raw_loss']:.4g}, v_loss={row['v_loss']:.4g}, "
-                                        f"{row['samples_per_s']:.0f} samples/s")
-                if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
-                    ema = self.ema_model()  # under FSDP a collective (the EMA is gathered to rank 0)
-                    if self.is_main:
-                        self.sample_grids(self.out_dir / "samples", f"step_{self.step:07d}_", model=ema)
-                if tc.ckpt_every and self.step % tc.ckpt_every == 0 and self.step < tc.steps:
-                    self.save(time.perf_counter() - t_start)
+            with StopSignals() as stop:
+                while self.step < tc.steps:
+                    stats = self.train_step()
+                    bar.update(1)
+                    self._accumulate(window, stats)
+                    if self.step % tc.log_every == 0 or self.step == tc.steps:
+                        row = self._log(window, t_start)
+                        # raw_loss and v_loss show learning; the weighted loss sits near 1 by construction (adaptive
+                        # weighting) and stays in metrics.jsonl only
+                        bar.set_postfix_str(f"raw_loss={row['raw_loss']:.4g}, v_loss={row['v_loss']:.4g}, "
+                                            f"{row['samples_per_s']:.0f} samples/s")
+                    if tc.sample_every and self.step % tc.sample_every == 0 and self.step < tc.steps:
+                        ema = self.ema_model()  # under FSDP a collective (the EMA is gathered to rank 0)
+                        if self.is_main:
+                            self.sample_grids(self.out_dir / "samples", f"step_{self.step:07d}_", model=ema)
+                    signum, time_due = self._agree(stop.requested or 0,
+                                                   tc.ckpt_minutes > 0 and
+                                                   time.perf_counter() - last_save >= 60.0 * tc.ckpt_minutes)
+                    every = tc.ckpt_every and self.step % tc.ckpt_every == 0
+                    if signum or ((every or time_due) and self.step < tc.steps):
+                        self.save(time.perf_counter() - t_start)
+                        last_save = time.perf_counter()
+                    if signum:
+                        raise TrainingInterrupted(signum, self.step, self.last_checkpoint)
         finally:
             bar.close()
         wall = time.perf_counter() - t_start

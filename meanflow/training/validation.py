@@ -109,6 +109,7 @@ RULES: dict[str, Check] = {
     "train.log_every": at_least(1),
     "train.sample_every": at_least(0),
     "train.ckpt_every": at_least(0),
+    "train.ckpt_minutes": at_least(0),
     "train.keep_ckpts": at_least(0),
     "train.grid_size": at_least(0),
     "eval.num_samples": at_least(2),  # the Frechet distances need a covariance
