@@ -171,6 +171,40 @@ def test_own_draws_match_the_official_distributions():
     log_omega = d["omega"].log() / math.log(8.0)                               # ~ U(0, 1)
     assert 0 <= log_omega.min() and log_omega.max() <= 1 and abs(log_omega.mean().item() - 0.5) < 0.03
     assert abs(d["drop"].float().mean().item() - 0.1) < 0.02
+    assert not d["drop"][:k].any()  # the official placement: a dropped label is never a tangent row's
+
+
+def official_dropped_rows(coin: torch.Tensor, k: int) -> torch.Tensor:
+    """imf.py written out: rows in the official order (r = t rows first), the first sum(coin) of them dropped,
+    mapped back to the engine's order (tangent rows first)."""
+    batch = coin.shape[0]
+    official_order = list(range(k, batch)) + list(range(k))
+    drop = torch.zeros(batch, dtype=torch.bool)
+    for position, row in enumerate(official_order):
+        drop[row] = position < int(coin.sum())
+    return drop
+
+
+@pytest.mark.parametrize("batch, ratio, p", [(16, 0.5, 0.1), (7, 0.5, 0.3), (8, 0.75, 0.5), (5, 0.5, 0.95),
+                                             (6, 0.0, 0.5), (6, 1.0, 0.5), (1, 0.5, 0.9)])
+def test_label_dropout_follows_the_official_placement(batch, ratio, p):
+    """Over many draws: the dropped rows are the official ones for the coins drawn (r = t rows first; tangent rows
+    only once every r = t row is dropped), and their count is Binomial(batch, p)."""
+    from meanflow.objectives.imf import dropped_rows
+    from meanflow.objectives.time_sampling import num_jvp_rows
+
+    obj = IMFLoss(IMFConfig(ratio=ratio, label_dropout=p))
+    k = num_jvp_rows(batch, ratio)
+    g = torch.Generator().manual_seed(batch)
+    counts = []
+    for _ in range(200):
+        coin = torch.rand(batch, generator=g) < p
+        assert torch.equal(dropped_rows(coin, k), official_dropped_rows(coin, k))
+        d = obj.draw(batch, torch.zeros(batch, 2), conditional=True, generator=g)
+        counts.append(int(d["drop"].sum()))
+        if counts[-1] <= batch - k:
+            assert not d["drop"][:k].any()
+    assert abs(sum(counts) / len(counts) - batch * p) < 4 * (batch * p * (1 - p) / len(counts)) ** 0.5 + 1e-9
 
 
 class GaussianIMF(JVPNetwork):

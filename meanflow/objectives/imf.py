@@ -85,6 +85,18 @@ class IMFConfig(ObjectiveConfig):
         return self.omega_max != 1.0 or self.sample_omega != 1.0
 
 
+def dropped_rows(coin: torch.Tensor, k: int) -> torch.Tensor:
+    """The official placement of label dropout: as many rows as coins came up (each with probability label_dropout),
+    taken from the start of the official row order, which puts the r = t rows first (imf.py `sample_tr`, then
+    `cond_drop` drops the first n rows). Here the k tangent rows come first, so the official order is rows k..B-1,
+    then 0..k-1: dropped labels land on r = t rows, and on a tangent row only when more labels drop than there are
+    r = t rows. (Dropping rows independently would train u(.|null) on tangent rows with the conditional guided
+    tangent v_c, which the official code never does.) No host sync: the count stays on the device."""
+    batch = coin.shape[0]
+    official_position = (torch.arange(batch, device=coin.device) - k) % max(batch, 1)
+    return official_position < coin.sum()
+
+
 class IMFLoss(Objective):
     """loss_fn(model, x, y=None, *, noise=None, t=None, r=None, omega=None, t_min=None, t_max=None, drop=None,
     generator=None) -> (loss, stats).
@@ -109,14 +121,14 @@ class IMFLoss(Objective):
         """noise, label dropout, (t, r) (tangent rows first), omega, (t_min, t_max) (r = t rows: [0, 1])."""
         c, dev = self.config, like.device
         out = {"noise": torch.randn(like.shape, device=dev, dtype=like.dtype, generator=generator)}
+        k = num_jvp_rows(batch, c.ratio)
         if conditional:
-            out["drop"] = torch.rand(batch, device=dev, generator=generator) < c.label_dropout
+            out["drop"] = dropped_rows(torch.rand(batch, device=dev, generator=generator) < c.label_dropout, k)
         out["t"], out["r"] = sample_t_r(batch, sampler="logit_normal", ratio=c.ratio, t_mean=c.t_mean,
                                         t_std=c.t_std, device=dev, generator=generator)
         s = torch.rand(batch, device=dev, generator=generator)
         out["omega"] = torch.exp(s * math.log(c.omega_max))
         ends = torch.rand(2, batch, device=dev, generator=generator)
-        k = num_jvp_rows(batch, c.ratio)
         flow = torch.arange(batch, device=dev) >= k  # the r = t rows: no interval
         out["t_min"] = torch.where(flow, 0.0, ends[0] * c.t_min_high)
         out["t_max"] = torch.where(flow, 1.0, c.t_max_low + ends[1] * (1.0 - c.t_max_low))
