@@ -102,3 +102,37 @@ def test_linear_backward_keeps_no_tangent_rows():
     assert max_rel_err(x.grad, x2.grad) < 1e-13
     assert max_rel_err(layer.weight.grad, layer2.weight.grad) < 1e-13
     assert max_rel_err(layer.bias.grad, layer2.bias.grad) < 1e-13
+
+
+def test_patchify_is_dits_strided_conv_in_row_major_token_order():
+    """DiT embeds patches with a p x p conv of stride p and reads its output row by row; the position embedding
+    follows that order. patchify + a Linear on its (c, p1, p2) features must equal that conv token by token, token
+    i = patch (i // grid_w, i % grid_w), and unpatchify must put every token's (p1, p2, c) features back where they
+    came from (checked against a loop over patches, so an order that is merely self-consistent fails)."""
+    import torch.nn.functional as F
+
+    from meanflow.models.layers import patchify, unpatchify
+
+    b, c, p, gh, gw, hidden = 2, 3, 2, 3, 4, 5
+    z = torch.randn(b, c, gh * p, gw * p, dtype=F64)
+    tokens = patchify(z, p)
+    assert tokens.shape == (b, gh * gw, c * p * p)
+    weight = torch.randn(hidden, c, p, p, dtype=F64)
+    conv = F.conv2d(z, weight, stride=p).flatten(2).transpose(1, 2)        # (B, gh * gw, hidden), row-major
+    torch.testing.assert_close(tokens @ weight.reshape(hidden, -1).T, conv, atol=1e-12, rtol=1e-12)
+    for i in range(gh * gw):
+        row, col = divmod(i, gw)
+        patch = z[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p]
+        assert torch.equal(tokens[:, i], patch.reshape(b, -1))             # (c, p1, p2) order
+    out_tokens = torch.randn(b, gh * gw, p * p * c, dtype=F64)             # the final layer emits (p1, p2, c)
+    image = unpatchify(out_tokens, p, gh)
+    assert image.shape == (b, c, gh * p, gw * p)
+    for i in range(gh * gw):
+        row, col = divmod(i, gw)
+        expected = out_tokens[:, i].reshape(b, p, p, c).permute(0, 3, 1, 2)
+        assert torch.equal(image[:, :, row * p:(row + 1) * p, col * p:(col + 1) * p], expected)
+    from meanflow.models.dit import sincos_pos_embed_2d
+
+    pos = sincos_pos_embed_2d(8, gh, gw).reshape(gh, gw, 8)  # token i = (i // gw, i % gw): rows share one half
+    assert torch.equal(pos[:, :1, :4].expand(gh, gw, 4), pos[..., :4]) and not torch.equal(pos[:1, :, :4], pos[1:2, :, :4])
+    assert torch.equal(pos[:1, :, 4:].expand(gh, gw, 4), pos[..., 4:]) and not torch.equal(pos[:, :1, 4:], pos[:, 1:2, 4:])

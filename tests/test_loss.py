@@ -201,6 +201,55 @@ def test_sampled_times():
     assert abs(logit.mean().item() - (-0.4 + 1 / torch.pi ** 0.5)) < 0.02
 
 
+def test_logit_normal_v1_draws_t_and_r_from_their_own_distributions():
+    """v1: t ~ sigmoid(N(t_mean, t_std)) and r ~ sigmoid(N(r_mean, r_std)) independently, then r = min(t, r): the CDF
+    of the tangent rows' r is 1 - (1 - F_t)(1 - F_r) and that of t is F_t (the row order alone cannot tell a
+    swapped mean or std)."""
+    from torch.distributions import Normal
+
+    n = 100_000
+    t_mean, t_std, r_mean, r_std = 0.8, 0.5, -1.2, 1.5
+    t, r = sample_t_r(n, sampler="logit_normal_v1", ratio=1.0, t_mean=t_mean, t_std=t_std, r_mean=r_mean,
+                      r_std=r_std, dtype=F64, generator=torch.Generator().manual_seed(0))
+    grid = torch.linspace(0.05, 0.95, 19, dtype=F64)
+    logit = torch.log(grid / (1 - grid))
+    F_t = Normal(t_mean, t_std).cdf(logit)
+    F_r = Normal(r_mean, r_std).cdf(logit)
+    empirical_t = (t[:, None] <= grid).double().mean(0)
+    empirical_r = (r[:, None] <= grid).double().mean(0)
+    assert (empirical_t - F_t).abs().max() < 0.01
+    assert (empirical_r - (1 - (1 - F_t) * (1 - F_r))).abs().max() < 0.01
+
+
+@pytest.mark.parametrize("need_rows", [(4,), (0, 4), (3, 5, 7), (), (0, 1, 2, 3, 4, 5, 6, 7)])
+@pytest.mark.parametrize("kappa", [0.0, 0.4])
+def test_the_fixed_row_bucket_gives_the_gathered_guidance(need_rows, kappa):
+    """While torch.compile traces the loss, guidance runs on a fixed bucket of rows and masks what needs none; it must
+    give exactly the v_g of the eager, gathered call, for any pattern of rows that need guidance: the first r = t row
+    (position k = 4 of the bucket's r = t part) alone, with a tangent row, none, all."""
+    from meanflow.objectives.guidance import _bucketed, guided_velocity
+
+    model = _model()
+    x, y, noise = _batch()[:3]
+    k, batch = 4, x.shape[0]
+    t = torch.linspace(0.15, 0.95, batch, dtype=F64)
+    need = torch.zeros(batch, dtype=torch.bool)
+    need[list(need_rows)] = True
+    drop = ~need  # the rows that need no guidance: dropped labels (the interval covers every t)
+    z = (1 - t.view(-1, 1, 1, 1)) * x + t.view(-1, 1, 1, 1) * noise
+    v = noise - x
+    kw = dict(omega=1.7, kappa=kappa, null_class=model.num_classes)
+    u_main = torch.randn_like(v)  # stands for the main call's output on the r = t rows (their u(.|c))
+    gathered, pending = guided_velocity(model, z, t, v, y, drop, k, t_start=0.0, t_end=1.0, **kw)
+    bucketed, pending_b = _bucketed(model, z, t, v, y, need, k, **kw)
+    torch.testing.assert_close(bucketed, gathered, atol=1e-13, rtol=1e-13)
+    final = pending.finish(gathered, v, u_main, 1.7, kappa)
+    torch.testing.assert_close(pending_b.finish(bucketed, v, u_main, 1.7, kappa), final, atol=1e-13, rtol=1e-13)
+    assert torch.equal(final[~need], v[~need])  # rows without guidance keep v exactly
+    if need.any():
+        assert not torch.allclose(final[need], v[need])
+
+
 def test_loss_on_toy_mlp_and_generator_reproducibility():
     model = randomize_(MLPNet(2, 32, 2).double())
     x = torch.randn(64, 2, dtype=F64)

@@ -103,6 +103,45 @@ def test_scaled_residual(table):
     assert all(max_rel_err(g, r) < 1e-12 for g, r in zip(grads, grads_plain))
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary_attention_against_its_formula_with_distinct_q_and_k_norms(interleaved):
+    """RotaryAttention's plain forward and its tangent call against the formula written out, with q and k norm
+    scales that differ (at init both are ones, so swapping them, or normalising k with q's, would pass everything
+    that compares the module with itself)."""
+    B, N, C, H = 2, 5, 16, 2
+    D = C // H
+    attn = randomize_(RotaryAttention(C, H, interleaved=interleaved).double(), std=0.3)
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(torch.linspace(0.5, 2.0, D, dtype=F64))
+        attn.k_norm.weight.copy_(torch.linspace(-1.5, 0.3, D, dtype=F64))
+    cos, sin = rope_angles(D, N, dtype=F64)
+    x = torch.randn(B, N, C, dtype=F64)
+
+    def formula(x):
+        q, k, v = (x @ attn.qkv.weight.T).reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4)
+
+        def rms(a, w):
+            return a / a.pow(2).mean(-1, keepdim=True).add(attn.eps).sqrt() * w
+
+        def rope(a):
+            if interleaved:  # pairs (2i, 2i + 1)
+                a1, a2 = a[..., 0::2], a[..., 1::2]
+                return torch.stack([a1 * cos - a2 * sin, a1 * sin + a2 * cos], -1).flatten(-2)
+            a1, a2 = a[..., : D // 2], a[..., D // 2:]  # halves (i, i + D/2)
+            return torch.cat([a1 * cos - a2 * sin, a1 * sin + a2 * cos], -1)
+
+        q, k = rope(rms(q, attn.q_norm.weight)), rope(rms(k, attn.k_norm.weight))
+        p = torch.softmax(q @ k.transpose(-1, -2) / D ** 0.5, -1)
+        return (p @ v).transpose(1, 2).reshape(B, N, C) @ attn.proj.weight.T
+
+    torch.testing.assert_close(attn(x, cos, sin), formula(x), atol=1e-12, rtol=1e-12)
+    x_dot = torch.randn(1, N, C, dtype=F64)
+    y, y_dot = attn.forward_jvp(x, x_dot, cos, sin, ops_table("reference"))
+    _, y_dot_ref = torch.func.jvp(lambda a: formula(torch.cat([a, x[1:]])), (x[:1],), (x_dot,))
+    torch.testing.assert_close(y, formula(x), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(y_dot, y_dot_ref[:1], atol=1e-12, rtol=1e-12)
+
+
 def test_rope_angles_match_imf_table():
     """iMF's precompute_rope_freqs: freqs = theta^(-arange(0, D, 2) / D), angle = position x freq."""
     cos, sin = rope_angles(8, torch.tensor([0.0, 1.0, 5.0]), dtype=F64)

@@ -187,3 +187,16 @@ def test_step_drives_alpha():
     assert obj(net, x, y, step=0, generator=g)[1]["alpha"] == 1.0
     assert obj(net, x, y, step=50, generator=g)[1]["alpha"] == pytest.approx(0.5)
     assert obj(net, x, y, step=100, generator=g)[1]["alpha"] == 0.0
+
+
+def test_a_call_without_step_is_the_end_of_the_schedule():
+    """Without `step` (outside the trainer) alpha is the schedule's end: the MeanFlow end of the curriculum."""
+    net = af_net("mlp")
+    x, y = data(net)
+    obj = AlphaFlowLoss(alpha_end_step=100)
+    draws = obj.draw(x.shape[0], x, conditional=True, generator=torch.Generator().manual_seed(0))
+    loss, stats = obj(net, x, y, **draws)
+    assert stats["alpha"] == 0.0
+    assert loss.item() == obj(net, x, y, step=100, **draws)[0].item()
+    assert loss.item() != obj(net, x, y, step=0, **draws)[0].item()
+

@@ -242,3 +242,49 @@ def test_loss_vanishes_at_the_closed_form_solution():
              t_max=torch.ones(batch, dtype=F64))
     _, stats = IMFLoss(omega_max=1.0, sample_omega=1.0, p=0.0, loss_op="torch")(net, x, None, noise=noise, **d)
     assert stats["raw_loss"] < 1e-20 and stats["v_loss"] < 1e-20
+
+
+@pytest.mark.parametrize("where", ["t_min", "t_max", "inside", "just_below", "just_above"])
+def test_rows_exactly_on_an_interval_end_are_guided(where):
+    """The official w = where((t >= t_min) & (t <= t_max), omega, 1): a tangent row with t exactly on either end of
+    its interval is guided; a hair outside it is not. Checked against the official structure."""
+    net = imf_net("mlp")
+    x, y = data(net)
+    noise = torch.randn_like(x)
+    d = imf_draws()
+    d["drop"][:] = False
+    lo, hi = 0.3, 0.6
+    t0 = {"t_min": lo, "t_max": hi, "inside": 0.45, "just_below": lo - 1e-9, "just_above": hi + 1e-9}[where]
+    d["t"][0], d["r"][0], d["t_min"][0], d["t_max"][0], d["omega"][0] = t0, 0.1, lo, hi, 5.0
+    cfg = IMFConfig(loss_op="torch")
+    loss, _ = IMFLoss(cfg)(net, x, y, noise=noise, **d)
+    assert_same_loss_and_grads(loss, independent_imf(net, x, y, noise, d, cfg), list(net.parameters()), TOL)
+
+
+def test_sampler_takes_the_configured_guidance_and_interval():
+    """imf_sample / sampler_for(IMFConfig) against the official sample_one_step written out: z_r = z_t - (t - r)
+    u(z_t, t, t - r | y, omega, t_min, t_max) with the config's sample_omega, sample_t_min and sample_t_max."""
+    from meanflow.evaluation.samplers import sampler_for
+
+    net = imf_net("mlp")
+    cfg = IMFConfig(sample_omega=3.0, sample_t_min=0.2, sample_t_max=0.7)
+    noise = torch.randn(5, *net.data_shape, dtype=F64)
+    y = torch.tensor([0, 1, 2, 0, 1])
+    seen = []
+    real = net._forward_plain
+
+    def spy(*args, **kwargs):
+        seen.append({k: kwargs[k] for k in ("omega", "t_min", "t_max")})
+        return real(*args, **kwargs)
+
+    z = noise
+    for t, r in ((1.0, 0.5), (0.5, 0.0)):  # 2 steps: the default midpoint 0.5
+        ones = torch.ones(5, dtype=F64)
+        u = real(z, t * ones, (t - r) * ones, y, head="u", omega=3.0 * ones, t_min=0.2 * ones, t_max=0.7 * ones)
+        z = z - (t - r) * u
+    net._forward_plain = spy
+    out = sampler_for(cfg)(net, noise, y, steps=2)
+    torch.testing.assert_close(out, z, atol=1e-13, rtol=1e-13)
+    assert len(seen) == 2 and all((c["omega"] == 3.0).all() and (c["t_min"] == 0.2).all() and
+                                  (c["t_max"] == 0.7).all() for c in seen)
+

@@ -136,6 +136,18 @@ def test_warmup_scales_the_tangent_term():
     assert SCMLoss(warmup_steps=0).warmup(3) == 1.0
 
 
+def test_a_call_without_step_is_the_end_of_the_warm_up():
+    """Outside the trainer (evaluation, a user's loop) the loss is called without `step`: the tangent term is then
+    complete (r_w = 1), the loss of step >= warmup_steps, not of step 0."""
+    net = scm_net("mlp")
+    x, y = data(net)
+    obj = SCMLoss(warmup_steps=1000)
+    draws = obj.draw(x.shape[0], x, conditional=True, generator=torch.Generator().manual_seed(0))
+    without = obj(net, x, y, **draws)[0]
+    assert without.item() == obj(net, x, y, step=1000, **draws)[0].item()
+    assert without.item() != obj(net, x, y, step=0, **draws)[0].item()
+
+
 def test_times_follow_the_truncated_log_normal():
     cfg = SCMConfig(p_mean=-1.0, p_std=1.4, sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
     t = sample_trigflow_times(200_000, cfg, "cpu", dtype=F64, generator=torch.Generator().manual_seed(0))

@@ -84,6 +84,37 @@ def test_resume_after_interruption_is_bit_exact(tmp_path, make_config):
         assert torch.equal(p, resumed.ema.default.state_dict()[name]), name
 
 
+def test_resume_restores_the_process_random_generators(tmp_path):
+    """A network or loss that draws from torch / numpy / python's global generators (dropout, a user's augmentation)
+    continues their streams on resume: each step draws one number from each, and the resumed run's draws are the
+    uninterrupted run's."""
+    import random
+
+    import numpy as np
+
+    cfg = toy_config("train.ckpt_every=2", "train.keep_ckpts=0")
+    real_step = Trainer.train_step
+
+    def run(trainer, draws, stop_at=None):
+        def step():
+            if trainer.step == stop_at:
+                raise KeyboardInterrupt
+            draws.append((torch.rand(1).item(), float(np.random.rand()), random.random()))
+            return real_step(trainer)
+
+        trainer.train_step = step
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            pass
+
+    straight, first, second = [], [], []
+    run(Trainer(cfg, tmp_path / "a"), straight)
+    run(Trainer(cfg, tmp_path / "b"), first, stop_at=3)           # steps 1-3 drawn, checkpoint after step 2
+    run(Trainer(cfg, tmp_path / "b", resume=tmp_path / "b"), second)
+    assert first[:2] + second == straight
+
+
 class NaNAtCall:
     """The MeanFlow loss, but NaN from the n-th call on."""
 
