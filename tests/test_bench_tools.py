@@ -226,10 +226,10 @@ def _attn_row(d, n, provider, ms, variant="default", tflops=None):
             "ms_p20": ms * 0.99, "ms_p80": ms * 1.01, "tflops": tflops}
 
 
-def test_attention_variants_summary_and_issue19_checks(tmp_path):
-    """bench_attention's A/B variants (issue 19): which providers each one re-times, the split / padded and lever
-    ratios of the summary, report.py's variants table and the issue's targets (1.75x FA2 at D 64, 0.75x padded at
-    D 72, backward no slower, 550 TFLOP/s)."""
+def test_attention_variants_summary_and_split_head_dim_checks(tmp_path):
+    """bench_attention's A/B variants (split head dims against padding, the Hopper levers): which providers each one
+    re-times, the split / padded and lever ratios of the summary, report.py's variants table and the attention targets
+    set for split head dims (1.75x FA2 at D 64, 0.75x padded at D 72, backward no slower, 550 TFLOP/s)."""
     from bench import bench_attention as ba
 
     every = ["default", "padded", "tma", "persistent"]
