@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -204,6 +205,41 @@ def test_report_ratios_are_like_for_like(tmp_path):
     assert entry["autograd/fused graphed"] == pytest.approx(1.5)
     assert "step_run_graphed_autograd.json" in entry["file"] and "other" not in entry["file"]
     assert not any("autograd/fused graphed" in e for e in entries if e["label"] == "ddddddd")
+
+
+def test_report_readme_writes_the_performance_page_and_the_readme_summary(tmp_path):
+    """--readme README.md rewrites docs/performance.md's generated section (links relative to docs/) and the README's
+    one summary table, both from the same checks; a page without the markers is refused."""
+    folder = tmp_path / "bench" / "results" / "h100-2026-12-01"
+    folder.mkdir(parents=True)
+    rows = [_step_row("eager", "flow_matching", "-", "off", 100.0),
+            _step_row("graphed", "flow_matching", "-", "off", 50.0),
+            _step_row("eager", "meanflow", "fused", "off", 190.0),
+            _step_row("graphed", "meanflow", "fused", "off", 55.0)]
+    _write(folder / "step.json", rows, {"commit": "e" * 40, "dirty": False, "device": "NVIDIA H100",
+                                        "device_type": "cuda"})
+    readme, page = tmp_path / "README.md", tmp_path / "docs" / "performance.md"
+    page.parent.mkdir()
+    readme.write_text("# x\n\n<!-- perf-summary:start -->\nSTALE\n<!-- perf-summary:end -->\n\nrest\n")
+    page.write_text("# Performance\n\n<!-- perf:start -->\nSTALE\n<!-- perf:end -->\n\nprose\n")
+    report.main([str(folder), "--readme", str(readme)])
+    full, summary = page.read_text(), readme.read_text()
+    assert "STALE" not in full and "STALE" not in summary and full.endswith("prose\n") and summary.endswith("rest\n")
+    # the card's link works from docs/, the README's link to the page from the README's folder
+    (link,) = re.findall(r"Folder \[`[^`]*`\]\(([^)]+)\)", full)
+    assert not Path(link).is_absolute() and (page.parent / link).resolve() == (folder / "REPORT.md").resolve()
+    assert "](docs/performance.md)" in summary
+    # one line per target in the README, with the values of the page's per-file lines
+    line = next(ln for ln in summary.splitlines() if ln.startswith("| fused step <= 1.2x flow matching, guidance off, "
+                                                                    "graphed/graphed"))
+    assert "| 1.10x | met (1 row) | H100 |" in line
+    assert "| fused step <= 1.2x flow matching, guidance off, graphed/graphed | B/2 b64: 1.10x | met |" in full
+    eager = next(ln for ln in summary.splitlines() if ln.startswith("| fused step <= 1.2x flow matching, guidance "
+                                                                     "off, eager/eager"))
+    assert "| 1.90x | **missed** (1 row) |" in eager
+    page.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="perf:start"):
+        report.main([str(folder), "--readme", str(readme)])
 
 
 def test_report_reads_the_committed_folders():
