@@ -5,12 +5,14 @@ to flow matching with 1, 2 and 50 Euler steps.
     python bench/learn_objectives.py --suite toy                 # 5 runs, a few minutes on 2 CPU cores
     python bench/learn_objectives.py --suite mnist               # 5 runs, ~10 min each on 2 free cores
     python bench/learn_objectives.py --suite mnist --objectives scm alphaflow   # some rows only
-    python bench/learn_objectives.py --table                     # rewrite docs/objectives.md from the saved rows
+    python bench/learn_objectives.py --table                     # rewrite docs/objectives.md's tables from the rows
 
 Each run is `python -m meanflow train --preset SUITE-OBJECTIVE --out RUNS/SUITE-OBJECTIVE` (the presets differ only
 in their loss section: same network, data, optimizer, batch, steps); its eval.json and summary.json become one row
-of docs/objectives_learning.json (merged with the rows already there, keyed by preset), and docs/objectives.md is
-rewritten from all rows.
+of docs/objectives_learning.json (merged with the rows already there, keyed by preset), and the two generated blocks
+of docs/objectives.md are rewritten from all rows: the compact table between `<!-- objectives-table:start -->` and
+`<!-- objectives-table:end -->`, the full tables with commands, machines and findings between `<!-- learning:start -->`
+and `<!-- learning:end -->`. The rest of that page is written by hand.
 """
 from __future__ import annotations
 
@@ -91,20 +93,29 @@ def fmt(value, digits=3) -> str:
 
 
 def write_table(data: dict) -> str:
+    """Rewrite both generated blocks of docs/objectives.md from the rows; returns the full tables."""
+    body = learning_tables(data)
+    replace_block(TABLE, "learning", body)
+    replace_block(TABLE, "objectives-table", compact_table(data["rows"]))
+    return body
+
+
+def learning_tables(data: dict) -> str:
+    """The full tables (learning markers): per data set one line per objective and step count, with commands,
+    machines and the findings."""
     rows = data["rows"]
-    lines = ["# Objectives beyond MeanFlow: what they learn on CPU at an equal budget", "",
-             "Written by `python bench/learn_objectives.py --table` from `docs/objectives_learning.json` (every "
+    lines = ["Written by `python bench/learn_objectives.py --table` from `docs/objectives_learning.json` (every "
              "number below is in that file, with the run's full config, command, commit and machine).", ""]
     for suite, metric in (("toy", "sw"), ("mnist", "mnist")):
         present = [o for o in OBJECTIVES if f"{suite}-{o}" in rows]
         missing = [f"{suite}-{o}" for o in OBJECTIVES if f"{suite}-{o}" not in rows]
         if suite == "toy":
-            lines += ["## 2-D checkerboard (MLP 256 x 4, 3000 steps at batch 256)", "",
+            lines += ["### 2-D checkerboard (MLP 256 x 4, 3000 steps at batch 256)", "",
                       "Sliced Wasserstein SW_2 of 5000 samples to held-out data (lower is better; two independent "
                       "data draws give the floor).", "",
                       "| objective | NFE | SW_2 | floor | train s | command |", "|---|---|---|---|---|---|"]
         else:
-            lines += ["## MNIST (DiT-Tiny/4, 2500 steps at batch 32; class-conditional)", "",
+            lines += ["### MNIST (DiT-Tiny/4, 2500 steps at batch 32; class-conditional)", "",
                       "1000 samples, 100 per class, scored by the digit classifier: label match (the predicted class "
                       "is the conditioning label; higher is better) and the Frechet distance of its features to "
                       "held-out real digits (FD; lower is better; real train vs test gives the floor).", "",
@@ -133,23 +144,25 @@ def write_table(data: dict) -> str:
         sorted({f"{r['preset']}: {r['machine']} @ {r['commit']}" for r in rows.values()})), ""]
     notes = data.get("notes", "")
     if notes:
-        lines += ["## Findings", "", notes, ""]
-    TABLE.write_text("\n".join(lines))
-    readme_table(rows)
-    return "\n".join(lines)
+        lines += ["### Findings", "", notes, ""]
+    return "\n".join(lines).rstrip("\n")
 
 
-def readme_table(rows: dict) -> None:
-    """The compact table between the README's objectives-table markers: one line per objective and step count."""
-    readme = REPO / "README.md"
-    text = readme.read_text()
-    start, end = "<!-- objectives-table:start -->", "<!-- objectives-table:end -->"
+def replace_block(path: Path, name: str, body: str) -> None:
+    """Rewrite what lies between `<!-- NAME:start -->` and `<!-- NAME:end -->` in `path` (both must be there)."""
+    text = path.read_text()
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     if start not in text or end not in text:
-        return
+        raise SystemExit(f"{path} has no {start} ... {end} markers")
+    path.write_text(text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):])
+
+
+def compact_table(rows: dict) -> str:
+    """The compact table of docs/objectives.md (objectives-table markers): one line per objective and step count."""
     lines = ["Equal budget per data set (the `toy-OBJ` / `mnist-OBJ` presets: same network, optimizer, batch and "
              "steps); toy: SW_2 to held-out data (lower is better), MNIST: the digit classifier's label match "
-             "(higher) and FD (lower). From `docs/objectives_learning.json`; commands, machine and findings in "
-             "[`docs/objectives.md`](docs/objectives.md).", "",
+             "(higher) and FD (lower). From `docs/objectives_learning.json`; commands, machines and findings in "
+             "[the learning runs in detail](#the-learning-runs-in-detail).", "",
              "| objective | steps (NFE) | toy SW_2 | MNIST label match | MNIST FD |", "|---|---|---|---|---|"]
     floor = []
     for o in OBJECTIVES:
@@ -171,8 +184,7 @@ def readme_table(rows: dict) -> None:
                              f"MNIST FD {ref['fd_real_train_vs_test']:.1f}")
     if floor:
         lines += ["", "Floors (data against data): " + ", ".join(sorted(set(floor))) + "."]
-    body = "\n".join(lines)
-    readme.write_text(text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):])
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -184,7 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra overrides for every run (tuning; rows made so are marked as not the preset)")
     ap.add_argument("--no-save", action="store_true", help="print the rows, do not merge them into the JSON")
-    ap.add_argument("--table", action="store_true", help="only rewrite docs/objectives.md from the saved rows")
+    ap.add_argument("--table", action="store_true",
+                    help="only rewrite docs/objectives.md's generated tables from the saved rows")
     args = ap.parse_args(argv)
     data = load_rows()
     if not args.table:

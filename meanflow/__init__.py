@@ -7,7 +7,7 @@
 
 Other objectives on the same ops (flow matching, iMF, sCM, alpha-Flow): `build_objective(default_config("imf"),
 model=net)` or IMFLoss / SCMLoss / AlphaFlowLoss / FlowMatchingLoss directly, sampled by `sampler_for(config)`. Your own
-network: subclass `JVPNetwork` (README: bring your own network).
+network: subclass `JVPNetwork` (docs/byo_network.md).
 
 Training: `Trainer(get_preset("mnist"), "runs/mnist").train()`, or the `meanflow` command (meanflow.cli).
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -206,6 +207,41 @@ def test_report_ratios_are_like_for_like(tmp_path):
     assert not any("autograd/fused graphed" in e for e in entries if e["label"] == "ddddddd")
 
 
+def test_report_readme_writes_the_performance_page_and_the_readme_summary(tmp_path):
+    """--readme README.md rewrites docs/performance.md's generated section (links relative to docs/) and the README's
+    one summary table, both from the same checks; a page without the markers is refused."""
+    folder = tmp_path / "bench" / "results" / "h100-2026-12-01"
+    folder.mkdir(parents=True)
+    rows = [_step_row("eager", "flow_matching", "-", "off", 100.0),
+            _step_row("graphed", "flow_matching", "-", "off", 50.0),
+            _step_row("eager", "meanflow", "fused", "off", 190.0),
+            _step_row("graphed", "meanflow", "fused", "off", 55.0)]
+    _write(folder / "step.json", rows, {"commit": "e" * 40, "dirty": False, "device": "NVIDIA H100",
+                                        "device_type": "cuda"})
+    readme, page = tmp_path / "README.md", tmp_path / "docs" / "performance.md"
+    page.parent.mkdir()
+    readme.write_text("# x\n\n<!-- perf-summary:start -->\nSTALE\n<!-- perf-summary:end -->\n\nrest\n")
+    page.write_text("# Performance\n\n<!-- perf:start -->\nSTALE\n<!-- perf:end -->\n\nprose\n")
+    report.main([str(folder), "--readme", str(readme)])
+    full, summary = page.read_text(), readme.read_text()
+    assert "STALE" not in full and "STALE" not in summary and full.endswith("prose\n") and summary.endswith("rest\n")
+    # the card's link works from docs/, the README's link to the page from the README's folder
+    (link,) = re.findall(r"Folder \[`[^`]*`\]\(([^)]+)\)", full)
+    assert not Path(link).is_absolute() and (page.parent / link).resolve() == (folder / "REPORT.md").resolve()
+    assert "](docs/performance.md)" in summary
+    # one line per target in the README, with the values of the page's per-file lines
+    line = next(ln for ln in summary.splitlines() if ln.startswith("| fused step <= 1.2x flow matching, guidance off, "
+                                                                    "graphed/graphed"))
+    assert "| 1.10x | met (1 row) | H100 |" in line
+    assert "| fused step <= 1.2x flow matching, guidance off, graphed/graphed | B/2 b64: 1.10x | met |" in full
+    eager = next(ln for ln in summary.splitlines() if ln.startswith("| fused step <= 1.2x flow matching, guidance "
+                                                                     "off, eager/eager"))
+    assert "| 1.90x | **missed** (1 row) |" in eager
+    page.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="perf:start"):
+        report.main([str(folder), "--readme", str(readme)])
+
+
 def test_report_reads_the_committed_folders():
     """Every committed result folder renders; the old files carry no commit and are labelled from NOTES.md."""
     for folder in ("h100-2026-11-26", "h200-2026-11-26-b"):
@@ -226,10 +262,10 @@ def _attn_row(d, n, provider, ms, variant="default", tflops=None):
             "ms_p20": ms * 0.99, "ms_p80": ms * 1.01, "tflops": tflops}
 
 
-def test_attention_variants_summary_and_issue19_checks(tmp_path):
-    """bench_attention's A/B variants (issue 19): which providers each one re-times, the split / padded and lever
-    ratios of the summary, report.py's variants table and the issue's targets (1.75x FA2 at D 64, 0.75x padded at
-    D 72, backward no slower, 550 TFLOP/s)."""
+def test_attention_variants_summary_and_split_head_dim_checks(tmp_path):
+    """bench_attention's A/B variants (split head dims against padding, the Hopper levers): which providers each one
+    re-times, the split / padded and lever ratios of the summary, report.py's variants table and the attention targets
+    set for split head dims (1.75x FA2 at D 64, 0.75x padded at D 72, backward no slower, 550 TFLOP/s)."""
     from bench import bench_attention as ba
 
     every = ["default", "padded", "tma", "persistent"]

@@ -1,4 +1,4 @@
-"""The README's "Bring your own network" example, run from the README itself (so the documented code cannot rot): a
+"""The "Bring your own network" example, run from docs/byo_network.md itself (so the documented code cannot rot): a
 network that is not in the registry, built from mfkernels.nn modules, trained with the fused ops through the public
 API only. Its tangents follow the protocol on every backend, and register_arch puts it behind the trainer."""
 import math
@@ -14,29 +14,29 @@ from mfkernels.nn import math_attention
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 from tests.utils import max_rel_err, randomize_
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "byo_network.md"
 
 
-def readme_example() -> str:
-    text = README.read_text()
+def page_example() -> str:
+    text = PAGE.read_text()
     block = re.search(r"<!-- byo-example:start -->\n```python\n(.*?)```\n<!-- byo-example:end -->", text, re.S)
-    assert block, "the README lost its bring-your-own-network example (markers byo-example:start / end)"
+    assert block, f"{PAGE} lost its bring-your-own-network example (markers byo-example:start / end)"
     return block.group(1)
 
 
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-    """The README block, shortened (3 steps of 16 points instead of 2000 of 256), executed once."""
-    code = readme_example()
+    """The page's example, shortened (3 steps of 16 points instead of 2000 of 256), executed once."""
+    code = page_example()
     assert "steps = 2000" in code and "data.sample(256," in code
     code = code.replace("steps = 2000", "steps = 3").replace("data.sample(256,", "data.sample(16,")
-    namespace = {"__name__": "readme_byo_example"}
+    namespace = {"__name__": "byo_network_example"}
     torch.set_num_threads(1)
-    exec(compile(code, f"{README}:byo-example", "exec"), namespace)
+    exec(compile(code, f"{PAGE}:byo-example", "exec"), namespace)
     return namespace
 
 
-def test_readme_example_trains_with_the_fused_ops(example, capsys):
+def test_the_example_trains_with_the_fused_ops(example, capsys):
     assert isinstance(example["model"], JVPNetwork) and example["model"].backend == "fused"
     assert example["step"] == 2 and math.isfinite(example["loss"].item())
     assert example["stats"]["jvp_rows"] > 0                              # tangents went through the fused kernels

@@ -1,5 +1,6 @@
-"""The MeanFlow loss equals the formula of DESIGN.md 1 computed independently here (float64), with guidance
-(kappa = 0 and kappa > 0, a t-interval) and label dropout; it is invariant to row order; backends agree."""
+"""The MeanFlow loss equals the formula of docs/design.md ('The MeanFlow loss') computed independently here (float64),
+with guidance (kappa = 0 and kappa > 0, a t-interval) and label dropout; it is invariant to row order; backends
+agree."""
 import pytest
 import torch
 from torch.func import jvp
@@ -30,7 +31,8 @@ def _batch(batch=8, equal_rows=(1, 4, 6)):
 
 
 def independent_loss(model, x, y, noise, t, r, drop, cfg: MeanFlowConfig):
-    """DESIGN.md 1 written out directly: two full no-grad guidance forwards, JVP over the whole batch."""
+    """docs/design.md's MeanFlow loss written out directly: two full no-grad guidance forwards, JVP over the whole
+    batch."""
     tb = t[:, None, None, None]
     z = (1 - tb) * x + tb * noise
     v = noise - x

@@ -1,9 +1,9 @@
 """alpha-Flow (meanflow.objectives.alphaflow) against an independent float64 implementation in the official code's
-structure (snap-research/alphaflow src/training/loss.py, DESIGN.md 6): the batch split into continuous rows (dt = 0:
-the MeanFlow target by torch.func.jvp along (v_g, 0 on r, 1 on t)) and discrete rows (dt = alpha (t - r): one extra
-forward at (z - dt v_g, r, t - dt), clipped), per-sample mean errors weighted (1 or alpha) / (L + eps). Every
-backend, guidance, ragged rows, label dropout, alpha in {0, 0.3, 1}; the alpha = 0 and alpha = 1 limits equal MeanFlow
-and flow matching; the schedule follows the official get_ratio."""
+structure (snap-research/alphaflow src/training/loss.py; docs/design.md, 'alpha-Flow'): the batch split into
+continuous rows (dt = 0: the MeanFlow target by torch.func.jvp along (v_g, 0 on r, 1 on t)) and discrete rows (dt =
+alpha (t - r): one extra forward at (z - dt v_g, r, t - dt), clipped), per-sample mean errors weighted (1 or alpha) /
+(L + eps). Every backend, guidance, ragged rows, label dropout, alpha in {0, 0.3, 1}; the alpha = 0 and alpha = 1
+limits equal MeanFlow and flow matching; the schedule follows the official get_ratio."""
 import pytest
 import torch
 from torch.func import jvp
@@ -22,7 +22,7 @@ def rows(s, like):
 
 
 def guided(net, z, t, v, y, drop, cfg):
-    """MeanFlow's guided velocity (DESIGN.md 1), two full no-grad forwards."""
+    """MeanFlow's guided velocity (docs/design.md, 'Guidance folded into training'), two full no-grad forwards."""
     if not cfg.guided:
         return v
     null = torch.full_like(y, NUM_CLASSES)

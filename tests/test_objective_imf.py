@@ -1,8 +1,9 @@
 """iMF (meanflow.objectives.imf) against an independent float64 implementation written from the official code's
-structure (Lyy-iiis/imeanflow imf.py, DESIGN.md 6): vhead(omega, y) and vhead(1, null) on every row, vhead(w, y) on
-every row again, the r = t rows' own guided velocity, the JVP over the whole batch along (v_c, 1, 0) on (z, t, r) with
-torch.func.jvp. Loss and parameter gradients agree for every backend, with guidance, ragged rows and label dropout; the
-guidance call evaluates only what is used; the loss vanishes at the closed-form solution of Gaussian data."""
+structure (Lyy-iiis/imeanflow imf.py; docs/design.md, 'iMF'): vhead(omega, y) and vhead(1, null) on every row,
+vhead(w, y) on every row again, the r = t rows' own guided velocity, the JVP over the whole batch along (v_c, 1, 0) on
+(z, t, r) with torch.func.jvp. Loss and parameter gradients agree for every backend, with guidance, ragged rows and
+label dropout; the guidance call evaluates only what is used; the loss vanishes at the closed-form solution of
+Gaussian data."""
 import math
 
 import pytest

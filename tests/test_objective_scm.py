@@ -1,9 +1,9 @@
 """sCM on TrigFlow (meanflow.objectives.scm) against an independent float64 implementation in FastGen's structure
-(NVlabs/FastGen sCM.py, DESIGN.md 6): F and logvar from a plain forward, F_jvp from torch.func.jvp of the wrapper
-F(x_t, t) along (cos t sin t dx_t/dt, cos t sin t), then the normalised tangent g and the logvar-weighted loss. Both
-parametrizations, every backend, ragged labels; the tangent equals a finite difference of F along the TrigFlow path;
-the tangent target vanishes for the exact consistency function of Gaussian data; the draws follow the truncated
-log-normal; the 1- and 2-step samplers are the consistency function."""
+(NVlabs/FastGen sCM.py; docs/design.md, 'sCM'): F and logvar from a plain forward, F_jvp from torch.func.jvp of the
+wrapper F(x_t, t) along (cos t sin t dx_t/dt, cos t sin t), then the normalised tangent g and the logvar-weighted
+loss. Both parametrizations, every backend, ragged labels; the tangent equals a finite difference of F along the
+TrigFlow path; the tangent target vanishes for the exact consistency function of Gaussian data; the draws follow the
+truncated log-normal; the 1- and 2-step samplers are the consistency function."""
 import math
 
 import pytest

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Compile every csrc/cuda/*.cu with `nvcc -c` for sm_90 against the installed torch's headers: a syntax / template
-# check that runs without a GPU and on the CPU torch wheel (see DESIGN.md 4). Exits non-zero on any compile error.
+# check that runs without a GPU and on the CPU torch wheel (see docs/design.md, 'Triton interpreter and CPU testing').
+# Exits non-zero on any compile error.
 # Without arguments it also compiles csrc/*.cpp as the CUDA build does (-DWITH_CUDA, host compiler) and checks that
 # every mfkernels::cuda_impl function those objects call is defined by the .cu objects (what the link would need).
 #

@@ -1,4 +1,4 @@
-"""DiT with adaLN-Zero (DESIGN.md 2): u(z, t, h | y) for images or latents, with a registry of sizes.
+"""DiT with adaLN-Zero (docs/design.md, 'Networks'): u(z, t, h | y) for images or latents, with a registry of sizes.
 
     model = build_dit("DiT-B/2", input_size=32, in_channels=4, num_classes=1000, backend="fused")
     u = model(z, t, h, y)                                                       # plain forward, h = t - r

@@ -6,7 +6,7 @@
     v = net(z, t, h, y, head="v", omega=..., t_min=..., t_max=...)                     # the v-branch alone
     u, u_dot, v = net(z, t, h, y, tangents=(z_dot, t_dot, h_dot), omega=..., ...)     # u with its tangent, v plain
 
-What the official network is, and what this one does the same (DESIGN.md 6):
+What the official network is, and what this one does the same (docs/design.md, 'Networks'):
 - In-context conditioning, no adaLN: learned token groups, each plus the embedding of its condition, are prepended to
   the patch tokens in the order [class (8) | omega (4) | t_min (2) | t_max (2) | h (4) | patches]: y through a label
   table (num_classes + 1 rows, the last the null class), h, 1 - 1/omega, t_min and t_max through four sinusoidal

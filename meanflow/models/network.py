@@ -23,7 +23,8 @@ from .backends import JVPOps, check_backend, ops_for
 class JVPNetwork(nn.Module):
     """Base class of every network: dispatches between the plain forward and the three JVP backends, validates inputs.
 
-    What a network provides (the protocol; `meanflow.models` has DiT and MLPNet, the README a worked example):
+    What a network provides (the protocol; `meanflow.models` has DiT and MLPNet, docs/byo_network.md a worked
+    example):
     - `data_shape` (the shape of one sample) and `num_classes` (0: unconditional; else labels 0..num_classes-1 and the
       null class num_classes, used for guidance);
     - `_forward_plain(z, t, h, y, **conditions)`: the ordinary forward (what `autograd` differentiates);
@@ -69,8 +70,8 @@ class JVPNetwork(nn.Module):
             raise ValueError(f"{type(self).__name__} has one output head ('u'); got head={head!r}")
         if tangents is None:
             # The primal alone (guidance forwards, sampling, flow matching) is the plain forward on every backend:
-            # cuBLAS + torch's flash SDPA + eager glue. On an H200 the fused kernels at kt = 0 were host-bound here
-            # (DiT-B/2, 80 rows, bf16: 19-21 ms a call against 15.7 ms; bench/results/h200-2026-11-26-b).
+            # cuBLAS + torch's flash SDPA + eager glue. The fused kernels at kt = 0 are host-bound and slower here
+            # (bench/results/h200-2026-11-26-b/forward.json; docs/design.md, 'Backends').
             return self._forward_plain(z, t, h, y, **extra)
         z_dot, t_dot, h_dot = tangents
         if backend == "autograd":

@@ -5,7 +5,7 @@
     base.py           Objective / ObjectiveConfig: the interface, network checks, draws
     registry.py       objectives by name (loss.objective): build_objective, default_config, network_spec
     flow_matching.py  flow matching (the baseline)
-    meanflow.py       MeanFlow (DESIGN.md 1), with MeanFlow's own ratio-0 flow-matching flag
+    meanflow.py       MeanFlow (docs/design.md, 'The MeanFlow loss'), with MeanFlow's own ratio-0 flow-matching flag
     imf.py            improved MeanFlow (two heads, omega / interval conditioning)
     scm.py            sCM: continuous-time consistency training on TrigFlow, learned logvar(t)
     alphaflow.py      alpha-Flow: flow matching -> MeanFlow by training step

@@ -1,5 +1,5 @@
-"""alpha-Flow (DESIGN.md 6; official code: snap-research/alphaflow src/training/loss.py, AlphaFlowLoss), on the same
-fused ops.
+"""alpha-Flow (docs/design.md, 'alpha-Flow'; official code: snap-research/alphaflow src/training/loss.py,
+AlphaFlowLoss), on the same fused ops.
 
 A curriculum from flow matching to MeanFlow, driven by alpha in [0, 1] as a function of the training step:
 

@@ -1,4 +1,5 @@
-"""Classifier-free guidance folded into MeanFlow training, with the extra forwards kept small (DESIGN.md 1 and 3).
+"""Classifier-free guidance folded into MeanFlow training, with the extra forwards kept small (docs/design.md,
+'Guidance folded into training').
 
 Guided velocity, where t lies in [t_start, t_end] and the label is kept (elsewhere v_g = v):
     v_g = omega v + (1 - omega - kappa) u(z, t, t | null) + kappa u(z, t, t | c)      (kappa = 0: no conditional term)

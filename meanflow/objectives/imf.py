@@ -1,4 +1,5 @@
-"""Improved MeanFlow (iMF; DESIGN.md 6; official JAX code: Lyy-iiis/imeanflow imf.py), on the same fused ops.
+"""Improved MeanFlow (iMF; docs/design.md, 'iMF'; official JAX code: Lyy-iiis/imeanflow imf.py), on the same
+fused ops.
 
 The network has two heads, u (average velocity, with a tangent) and v (instantaneous velocity, primal only), and is
 conditioned on the guidance scale omega and interval [t_min, t_max]:  (u, v) = net(z, t, h, y, omega, t_min, t_max).
@@ -41,7 +42,7 @@ from .time_sampling import num_jvp_rows, sample_t_r
 
 @dataclass
 class IMFConfig(ObjectiveConfig):
-    """Every knob of the iMF objective. Defaults follow the official ImageNet setting (imf.py, DESIGN.md 6)."""
+    """Every knob of the iMF objective. Defaults follow the official ImageNet setting (imf.py)."""
 
     objective: str = knob("imf", "training objective: fm | meanflow | imf | scm | alphaflow")
     t_mean: float = knob(-0.4, "logit-normal mean of t and r (drawn iid, then (t, r) = (max, min))")

@@ -1,4 +1,4 @@
-"""The MeanFlow loss (DESIGN.md 1), with guidance folded into training and ragged tangents.
+"""The MeanFlow loss (docs/design.md, 'The MeanFlow loss'), with guidance folded into training and ragged tangents.
 
     z = (1 - t) x + t e,  v = e - x,  h = t - r
     (u, du_dt) = jvp(u_theta, (z, t, h), (v_g, 1, 1))          # tangent only for the rows with r != t

@@ -1,5 +1,5 @@
-"""Continuous-time consistency training, sCM on TrigFlow (DESIGN.md 6; arXiv 2410.11081 Algorithm 1; PyTorch reference
-NVlabs/FastGen methods/consistency_model/sCM.py), trained from scratch on the same fused JVP ops.
+"""Continuous-time consistency training, sCM on TrigFlow (docs/design.md, 'sCM'; arXiv 2410.11081 Algorithm 1;
+PyTorch reference NVlabs/FastGen methods/consistency_model/sCM.py), trained from scratch on the same fused JVP ops.
 
 TrigFlow: x_t = cos(t) x0 + sin(t) z, z = sigma_d e, t in (0, pi/2); the consistency function is
 f(x_t, t) = cos(t) x_t - sin(t) sigma_d F(x_t, t). The network is F, in one of two parametrizations:

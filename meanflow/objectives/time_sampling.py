@@ -1,4 +1,4 @@
-"""Sampling (t, r) for MeanFlow training (DESIGN.md 1).
+"""Sampling (t, r) for MeanFlow training (docs/design.md, 'Time samplers').
 
 - "logit_normal" (the paper's v0): t, r ~ sigmoid(N(mean, std)) independently, (t, r) = (max, min).
 - "logit_normal_v1": t ~ sigmoid(N(t_mean, t_std)), r ~ sigmoid(N(r_mean, r_std)); r = min(t, r) after the mask.

@@ -45,7 +45,7 @@ def set_threads(threads: int, share: int = 1) -> int:
     divided among `share` processes (torchrun's LOCAL_WORLD_SIZE: the ranks of one node share its cores).
 
     Why auto: on a shared machine, OpenMP threads that wait for a descheduled sibling at every parallel region make 2
-    threads several times SLOWER than 1 (measured 3.7 s vs 0.6 s per step on 2 busy cores). The automatic choice
+    threads several times SLOWER than 1 (docs/design.md, 'Host threads on CPU'). The automatic choice
     follows the machine's load, so it can differ between a run and its resume: `meanflow train --resume` reuses the
     count the checkpoint recorded (CPU results are bit-exact only at the same count).
     """

@@ -1,11 +1,11 @@
 """CUDA graphs for the training call of a network: one replay instead of hundreds of kernel launches from Python.
 
 At DiT-B size and a per-GPU batch of 64 the fused MeanFlow step is bound by the host, not the GPU: each block issues
-18 kernels for its forward + JVP and 35 for its backward through Python (argument checks, autograd, Triton's
-launcher; bench/results/cpu/host.json), and on an H200 the GPU finished them faster than Python issued them
-(bench/results/h200-2026-11-26-b: 28 ms of host time for a DiT-B/2 fused forward + JVP; on an H100 the step took
-94.5 ms eager and 47.4 ms graphed, bench/results/h100-2026-11-26). A CUDA graph records the forward and the
-backward of that call once and then replays them with a single launch each.
+its kernels through Python (argument checks, autograd, Triton's launcher; launches per block in
+bench/results/cpu/HOST.md), and the GPU finishes them faster than Python issues them (host and device time of a
+DiT-B/2 forward + JVP: bench/results/h200-2026-11-26-b/forward.json; eager and graphed steps:
+bench/results/h100-2026-11-26/step.json; docs/design.md, 'Host overhead and the eager path'). A CUDA graph records the
+forward and the backward of that call once and then replays them with a single launch each.
 
     graphed = CUDAGraphModel(model)                  # model: a JVPNetwork on CUDA, not DDP / FSDP wrapped
     ddp = graphed_ddp(model, device_ids=[i])          # several processes: DDP(CUDAGraphModel(model))

@@ -4,11 +4,11 @@ distributed checkpoints. Process groups and collectives: meanflow.runtime.distri
     ctx = setup("auto")                  # meanflow.runtime.distributed
     model = wrap_model(net, "ddp", ctx)  # or "fsdp" (fully_shard per DiT block + root) or "none"
 
-Why the model's own forward carries the tangents (DESIGN.md 3): DDP's gradient hooks and FSDP's all-gathers are tied to
-the wrapper's forward. The loss calls `model(z, t, h, y, tangents=...)` on the wrapper, so every backend (autograd's
-torch.func.jvp included, which runs INSIDE that forward) gets synchronised gradients. The explicit / fused backends
-call each block's `forward_jvp` directly; under FSDP2 that method is registered with `register_fsdp_forward_method`, so
-the block's parameters are all-gathered for it just as for `forward`.
+Why the model's own forward carries the tangents (docs/design.md, 'Backends'): DDP's gradient hooks and FSDP's
+all-gathers are tied to the wrapper's forward. The loss calls `model(z, t, h, y, tangents=...)` on the wrapper, so
+every backend (autograd's torch.func.jvp included, which runs INSIDE that forward) gets synchronised gradients. The
+explicit / fused backends call each block's `forward_jvp` directly; under FSDP2 that method is registered with
+`register_fsdp_forward_method`, so the block's parameters are all-gathered for it just as for `forward`.
 
 EMA under FSDP: the EMA copies are made from the full model before sharding and then sharded exactly like it, so each
 rank updates only its own shard (no communication per step) and the checkpoint stores them sharded (DCP reshards on a

@@ -14,8 +14,8 @@ optimizer, batch and steps as `toy` / `mnist` (an equal budget), each with its o
 bench/learn_objectives.py trains them all and writes the learning table (docs/objectives.md). toy-meanflow and
 mnist-meanflow ARE toy and mnist.
 
-The ImageNet presets carry the official hyperparameters (DESIGN.md 1) and need `--set data.path=...` (latent shards
-from `meanflow prepare-latents`). train.batch_size is the global batch (256): under
+The ImageNet presets carry the official hyperparameters (docs/cli.md, 'Presets') and need `--set data.path=...`
+(latent shards from `meanflow prepare-latents`). train.batch_size is the global batch (256): under
 `torchrun --nproc_per_node=8 -m meanflow train --preset imagenet-XL/2 ...` each GPU takes 32 rows; train.parallel picks
 DDP (default) or FSDP2, and train.grad_accum splits each GPU's rows further when memory is short.
 """
@@ -151,7 +151,7 @@ def _with_objective(base: Callable[[], RunConfig], kind: str, objective: str) ->
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("toy", "2-D checkerboard, MLP, ~30 s of training on 1 CPU core (MeanFlow 1-step vs the data; "
-                  "more sampling steps score worse on this preset, see the README)", _toy("checkerboard")),
+                  "more sampling steps score worse on this preset, see docs/cli.md)", _toy("checkerboard")),
     Preset("checkerboard", "alias of toy", _toy("checkerboard")),
     Preset("moons", "2-D two moons, MLP, ~30 s of training on 1 CPU core", _toy("moons")),
     Preset("8gaussians", "2-D eight Gaussians, MLP, ~30 s of training on 1 CPU core", _toy("8gaussians")),
