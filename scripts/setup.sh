@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
-# Install meanflow-engine and everything it needs into the active Python, without ever pulling a second torch.
+# Install meanflow-engine and everything it needs into a fresh virtual environment, without ever pulling a second torch.
 #
-#   bash scripts/setup.sh            # idempotent: a second run only re-checks (a few seconds)
-#   SETUP_FORCE=1 bash scripts/setup.sh   # reinstall the package and rebuild the native op anyway
+#   bash scripts/setup.sh                  # makes ./.venv (once) and installs into it; then use .venv/bin/python
+#   PYTHON=python bash scripts/setup.sh    # installs into that Python instead (your own venv / conda env, or a GPU
+#                                          # machine's Python whose CUDA build of torch must be kept)
+#   SETUP_FORCE=1 bash scripts/setup.sh    # reinstall the package and rebuild the native op anyway
 #
+# A second run only re-checks (a few seconds).
+# - the environment: ./.venv, made with `python3 -m venv` (SETUP_PYTHON picks the interpreter that makes it; Python
+#   >= 3.10) and isolated from the machine's packages, so what the tests see is what this script installed.
 # - torch: kept if one is installed (your CUDA build on a GPU machine); otherwise torch==2.13.0 (the CPU build).
 #   An unpinned `torch` would pull a multi-GB CUDA build, so it is never asked for.
 # - triton 3.6.0 when no triton is importable, and numpy < 2.4 (numpy 2.4 breaks the Triton 3.6 interpreter that
@@ -15,7 +20,19 @@
 #   installed torch, and is newer than csrc/, setup.py and pyproject.toml; otherwise it installs as on a first run.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PY="${PYTHON:-python3}"
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  maker="${SETUP_PYTHON:-python3}"
+  if ! "$maker" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+    echo "setup: $maker is not Python >= 3.10 (set SETUP_PYTHON=/path/to/python3.X)" >&2
+    exit 2
+  fi
+  if [[ ! -x .venv/bin/python ]]; then
+    echo "setup: creating the virtual environment .venv ($("$maker" --version 2>&1))"
+    "$maker" -m venv .venv
+  fi
+  PY=.venv/bin/python
+fi
 pip_install() { "$PY" -m pip install --disable-pip-version-check -q "$@"; }
 
 # One line: 'install: WHY' when an install is needed, else 'ok: VERSIONS' (one Python start, one torch import).

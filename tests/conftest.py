@@ -26,6 +26,25 @@ import torch  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--full", action="store_true", default=False,
+                     help="also run the tests marked `sweep`: the long parameter sweeps of the Triton kernels in the "
+                          "interpreter (every dtype x shape x layout), which the default run covers with one case of "
+                          "each kind")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without --full, `sweep` tests are deselected (not skipped: they are not part of the default run at all)."""
+    if config.getoption("--full"):
+        return
+    kept, dropped = [], []
+    for item in items:
+        (dropped if item.get_closest_marker("sweep") else kept).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = kept
+
+
 @pytest.fixture
 def device() -> str:
     """Where `gpu`-marked tests run: CUDA when present, else CPU (Triton interpreter)."""

@@ -1,16 +1,14 @@
 #!/usr/bin/env bash
-# Time the README's demo as a newcomer meets it: a fresh clone of this repository's HEAD in a temporary folder, a new
-# virtual environment, `bash scripts/setup.sh` (then once more: a second run only re-checks), and
-# `python -m meanflow train --preset mnist` with an empty classifier cache. Prints the setup, training and
-# evaluation seconds and writes them, with the demo's printed lines, to docs/demo_times.json.
+# Time the README's demo as a newcomer meets it: a fresh clone of this repository's HEAD in a temporary folder,
+# `bash scripts/setup.sh` there (it makes the clone's own .venv and installs into it; then once more: a second run only
+# re-checks), and `.venv/bin/python -m meanflow train --preset mnist` with an empty classifier cache. Prints the setup,
+# training and evaluation seconds and writes them, with the demo's printed lines and the machine's load, to
+# docs/demo_times.json.
 #
 #   bash tools/time_demo.sh --readme                  # the real measurement (~15 min on 2 cores): on a QUIET machine
 #   bash tools/time_demo.sh --no-write -- --set train.steps=50   # a quick check that the procedure works
 #
 # Options (before --; everything after -- goes to `meanflow train --preset mnist`):
-#   --venv system   the venv sees this machine's packages (torch, triton, ...), as on a GPU machine where torch is
-#                   installed first (default)
-#   --venv bare     an empty venv: setup.sh installs torch too (downloads ~1 GB)
 #   --out FILE      where the JSON goes (default docs/demo_times.json in this checkout)
 #   --no-write      print only
 #   --readme        also rewrite README.md's demo block and docs/mnist_{1,2}step.png, docs/mnist_loss_curve.png
@@ -18,10 +16,9 @@
 #   --keep          keep the temporary folder
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv_mode=system out="$repo/docs/demo_times.json" write=1 readme=0 keep=0
+out="$repo/docs/demo_times.json" write=1 readme=0 keep=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --venv) venv_mode="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
     --no-write) write=0; shift ;;
     --readme) readme=1; shift ;;
@@ -30,7 +27,6 @@ while [[ $# -gt 0 ]]; do
     *) echo "time_demo: unknown option $1 (see the header of $0)" >&2; exit 2 ;;
   esac
 done
-[[ "$venv_mode" == system || "$venv_mode" == bare ]] || { echo "time_demo: --venv system|bare" >&2; exit 2; }
 if [[ $# -gt 0 && $readme == 1 ]]; then
   echo "time_demo: --readme takes the full demo only (no extra train arguments)" >&2; exit 2
 fi
@@ -42,22 +38,21 @@ load() { cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo null; }
 
 echo "time_demo: cloning $(git -C "$repo" rev-parse --short HEAD) into $tmp (uncommitted changes are not included)"
 git clone -q "$repo" "$tmp/meanflow-engine"
-if [[ $venv_mode == system ]]; then python3 -m venv --system-site-packages "$tmp/venv"; else python3 -m venv "$tmp/venv"; fi
-PY="$tmp/venv/bin/python"
 load_before="$(load)"
 
 cd "$tmp/meanflow-engine"
+PY="$tmp/meanflow-engine/.venv/bin/python"
 t0="$(now)"
-PYTHON="$PY" bash scripts/setup.sh
+env -u PYTHON bash scripts/setup.sh
 t1="$(now)"
-PYTHON="$PY" bash scripts/setup.sh | tee "$tmp/setup_again.log"
+env -u PYTHON bash scripts/setup.sh | tee "$tmp/setup_again.log"
 t2="$(now)"
 # a newcomer has no cached digit classifier: evaluation trains it once
 MEANFLOW_CACHE="$tmp/cache" "$PY" -m meanflow train --preset mnist "$@" > >(tee "$tmp/demo.log") 2> "$tmp/demo.err"
 t3="$(now)"
 load_after="$(load)"
 
-TMP="$tmp" REPO="$repo" OUT="$out" WRITE="$write" ARGS="$*" VENV="$venv_mode" LOAD0="$load_before" LOAD1="$load_after" \
+TMP="$tmp" REPO="$repo" OUT="$out" WRITE="$write" ARGS="$*" VENV=".venv (scripts/setup.sh)" LOAD0="$load_before" LOAD1="$load_after" \
 T0="$t0" T1="$t1" T2="$t2" T3="$t3" "$PY" - <<'PY'
 import json, os, platform, subprocess
 from pathlib import Path

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data.datasets import TOYS, Dataset, dataset_from_config
+from ..runtime.progress import progress_bar
 from .metrics import feature_statistics, frechet_distance, frechet_distance_of_features, sliced_wasserstein
 from .sampling import sample
 
@@ -30,13 +31,6 @@ INCEPTION_ENV = "MEANFLOW_INCEPTION"
 
 
 # --------------------------------------------------------------------------------------------------- sampling
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample"):
-    """A tqdm bar on stderr for a stage that takes more than a moment (a disabled bar when `enabled` is False)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
-
-
 def _sampling_bar(eval_cfg, enabled: bool):
     steps = ", ".join(map(str, eval_cfg.steps))
     return progress_bar(eval_cfg.num_samples * len(eval_cfg.steps), f"evaluation: sampling ({steps}-step)", enabled)

@@ -181,10 +181,7 @@ class AlphaFlowLoss(Objective):
         if drawn:
             k = num_jvp_rows(batch, c.ratio)
         else:
-            self.check_rows("t", d["t"], batch, x, 0.0, 1.0)
-            self.check_rows("r", d["r"], batch, x, 0.0, 1.0)
-            if bool((d["r"] > d["t"]).any()):
-                raise ValueError("r must be <= t in every row")
+            self.check_times(d["t"], d["r"], batch, x)
             k, rows = jvp_rows_first(d["r"] != d["t"], x=x, y=y, **d)
             x, y, d = rows.pop("x"), rows.pop("y"), rows
         a = float(alpha) if alpha is not None else self.alpha(step)

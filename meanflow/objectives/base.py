@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mfkernels._checks import check_float, describe
+from mfkernels._checks import check_float, describe, require_values
 
 from ..models.heads import NetworkSpec
 from ..models.network import unwrap
@@ -181,38 +181,58 @@ class Objective:
 
     @staticmethod
     def check_labels(net, y, drop, batch: int) -> None:
+        """Labels for the network's classes (none for an unconditional one) and the label-drop mask. The value check
+        is trace-safe (a device-side assert under torch.compile, see mfkernels._checks.require_values)."""
         conditional = net.num_classes > 0
         if conditional and y is None:
             raise ValueError(f"the model is class-conditional ({net.num_classes} classes): pass labels y")
         if not conditional:
-            if y is not None:
-                raise ValueError("the model is unconditional: y must be None")
+            if y is not None or drop is not None:
+                raise ValueError("the model is unconditional: y and drop must be None")
             return
         if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"y must be an integer tensor of shape ({batch},); got {describe(y)}")
-        if bool(((y < 0) | (y >= net.num_classes)).any()):
-            raise ValueError(f"labels y must lie in [0, {net.num_classes - 1}] (the null class {net.null_class} is set "
-                             f"by label dropout, not passed in); got values in [{int(y.min())}, {int(y.max())}]")
         if drop is not None and (drop.shape != (batch,) or drop.dtype != torch.bool):
             raise ValueError(f"drop must be a bool tensor of shape ({batch},); got {describe(drop)}")
+        require_values((y >= 0) & (y < net.num_classes),
+                       f"labels y must lie in [0, {net.num_classes - 1}] (the null class {net.null_class} is set by "
+                       f"label dropout, not passed in)", lambda: f"; got values in [{int(y.min())}, {int(y.max())}]")
 
     @staticmethod
     def check_rows(name: str, s: torch.Tensor, batch: int, x: torch.Tensor, low: float | None = None,
                    high: float | None = None) -> None:
-        """A per-row float draw: shape (B,), x's device, values in [low, high] (one host sync when bounded)."""
+        """A per-row float draw: shape (B,), x's device, values in [low, high] (trace-safe; one host sync eagerly
+        when bounded)."""
         check_float(name, s)
         if s.shape != (batch,) or s.device != x.device:
             raise ValueError(f"{name} must have shape ({batch},) on {x.device}; got {describe(s)}")
-        if low is not None and bool((s < low).any()) or high is not None and bool((s > high).any()):
-            raise ValueError(f"{name} must lie in [{low}, {high}]; got values in [{s.min().item():.4g}, "
-                             f"{s.max().item():.4g}]")
+        if low is None and high is None:
+            return
+        ok = (s >= low) if high is None else (s <= high) if low is None else (s >= low) & (s <= high)
+        require_values(ok, f"{name} must lie in [{low}, {high}]",
+                       lambda: f"; got values in [{s.min().item():.4g}, {s.max().item():.4g}]")
+
+    @classmethod
+    def check_times(cls, t: torch.Tensor, r: torch.Tensor, batch: int, x: torch.Tensor) -> None:
+        """Given times of a flow objective: t, r in [0, 1] per row with r <= t (the error names the first bad row)."""
+        cls.check_rows("t", t, batch, x, 0.0, 1.0)
+        cls.check_rows("r", r, batch, x, 0.0, 1.0)
+
+        def first_bad_row() -> str:
+            row = int((r > t).nonzero()[0, 0])
+            return f"; row {row} has r = {r[row].item():.4g} > t = {t[row].item():.4g}"
+
+        require_values(r <= t, "r must be <= t in every row", first_bad_row)
 
 
-def jvp_rows_first(needs_jvp: torch.Tensor, **rows: torch.Tensor | None) -> tuple[int, dict]:
+def jvp_rows_first(needs_jvp: torch.Tensor, *, count: bool = True,
+                   **rows: torch.Tensor | None) -> tuple[int, dict]:
     """Reorder per-row tensors so that the rows needing a tangent come first (the ragged-tangent layout); returns k
-    (one host sync) and the reordered tensors (None stays None). Any row order of the inputs gives the same loss."""
+    (one host sync) and the reordered tensors (None stays None). Any row order of the inputs gives the same loss.
+    count=False returns k = B instead, with no sync: every row gets a tangent (for an objective whose r = t rows
+    contribute nothing through their tangent, where a data-dependent k would break a torch.compile trace)."""
     order = torch.argsort((~needs_jvp).to(torch.int8), stable=True)
-    k = int(needs_jvp.sum())
+    k = int(needs_jvp.sum()) if count else needs_jvp.shape[0]
     return k, {name: (v[order] if v is not None else None) for name, v in rows.items()}
 
 

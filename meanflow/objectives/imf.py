@@ -218,11 +218,10 @@ class IMFLoss(Objective):
         return v_c, v_g, idx.numel()
 
     def _check_draws(self, d, batch, x, conditional):
-        for name in ("t", "r", "t_min", "t_max"):
+        self.check_times(d["t"], d["r"], batch, x)
+        for name in ("t_min", "t_max"):
             self.check_rows(name, d[name], batch, x, 0.0, 1.0)
         self.check_rows("omega", d["omega"], batch, x, 1.0, None)
-        if bool((d["r"] > d["t"]).any()):
-            raise ValueError("r must be <= t in every row")
 
 
 __all__ = ["IMFConfig", "IMFLoss"]

@@ -20,12 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mfkernels._checks import check_float, describe, require_values
-
-from .base import Objective, ObjectiveConfig
+from .base import Objective, ObjectiveConfig, as_rows, jvp_rows_first, null_labels
 from .base import knob as _knob
 from .guidance import guided_velocity
-from ..models.network import unwrap
 from .time_sampling import TIME_SAMPLERS, num_jvp_rows, sample_t_r
 
 LOSS_OPS = ("auto", "native", "torch")
@@ -115,10 +112,6 @@ def _find_loss_op(name: str):
     return meanflow_loss_ref
 
 
-def _as_rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return t.reshape((-1,) + (1,) * (like.dim() - 1)).to(like.dtype)
-
-
 class MeanFlowLoss(Objective):
     """loss_fn(model, x, y=None, *, noise=None, t=None, r=None, drop=None) -> (loss, stats).
 
@@ -151,22 +144,16 @@ class MeanFlowLoss(Objective):
     def __call__(self, model, x: torch.Tensor, y: torch.Tensor | None = None, *, noise=None, t=None, r=None,
                  drop=None, generator: torch.Generator | None = None):
         c = self.config
-        net = unwrap(model)
-        self.check_network(net)
-        batch = self._check_data(net, x, noise)
+        net = self.network(model)
+        batch = self.check_data(net, x, noise)
         conditional = net.num_classes > 0
-        if conditional and y is None:
-            raise ValueError(f"the model is class-conditional ({net.num_classes} classes): pass labels y")
-        if not conditional and (y is not None or drop is not None):
-            raise ValueError("the model is unconditional: y and drop must be None")
         if c.guided and not conditional:
             raise ValueError("guidance (omega != 1 or kappa != 0) needs a class-conditional model")
         if noise is None:
             noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         if conditional and drop is None:
             drop = torch.rand(batch, device=x.device, generator=generator) < c.label_dropout
-        if conditional:
-            self._check_labels(net, y, drop, batch)
+        self.check_labels(net, y, drop, batch)
 
         if (t is None) != (r is None):
             raise ValueError("pass both t and r, or neither")
@@ -174,20 +161,17 @@ class MeanFlowLoss(Objective):
             t, r = self.sample_times(batch, x.device, generator)       # already ordered: r != t rows first
             k = num_jvp_rows(batch, c.jvp_ratio)
         else:
-            self._check_times(t, r, batch, x)
-            needs_jvp = r != t
-            order = torch.argsort((~needs_jvp).to(torch.int8), stable=True)
-            x, noise, t, r = x[order], noise[order], t[order], r[order]
-            if conditional:
-                y, drop = y[order], drop[order]
+            self.check_times(t, r, batch, x)
             # Under torch.compile k would be data-dependent: every row gets a tangent instead (same loss, see above).
-            k = batch if torch.compiler.is_compiling() else int(needs_jvp.sum())
+            k, rows = jvp_rows_first(r != t, count=not torch.compiler.is_compiling(), x=x, noise=noise, t=t, r=r,
+                                     y=y, drop=drop)
+            x, noise, t, r, y, drop = (rows[n] for n in ("x", "noise", "t", "r", "y", "drop"))
         t, r = t.to(x.dtype), r.to(x.dtype)
 
-        tb = _as_rows(t, x)
+        tb = as_rows(t, x)
         z = (1 - tb) * x + tb * noise
         v = noise - x
-        y_in = torch.where(drop, torch.full_like(y, net.null_class), y) if conditional else None
+        y_in = null_labels(net, y, drop)
 
         pending, guidance_rows = None, 0
         v_g = v
@@ -216,39 +200,3 @@ class MeanFlowLoss(Objective):
         stats = {"loss": loss.detach(), "v_loss": v_loss, "raw_loss": per_sample.mean(), "weight": weight.mean(),
                  "jvp_rows": k, "guidance_rows": guidance_rows}
         return loss, stats
-
-    # ------------------------------------------------------------------------------------------------- checks
-    @staticmethod
-    def _check_data(net, x, noise) -> int:
-        check_float("x", x)
-        expected = tuple(net.data_shape)
-        if tuple(x.shape[1:]) != expected:
-            raise ValueError(f"x must have shape (B, {', '.join(map(str, expected))}) for this model; got {describe(x)}")
-        if noise is not None and (noise.shape != x.shape or noise.dtype != x.dtype or noise.device != x.device):
-            raise ValueError(f"noise must match x ({describe(x)}); got {describe(noise)}")
-        return x.shape[0]
-
-    @staticmethod
-    def _check_labels(net, y, drop, batch):
-        if y.shape != (batch,) or y.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"y must be an integer tensor of shape ({batch},); got {describe(y)}")
-        if drop.shape != (batch,) or drop.dtype != torch.bool:
-            raise ValueError(f"drop must be a bool tensor of shape ({batch},); got {describe(drop)}")
-        require_values((y >= 0) & (y < net.num_classes),
-                       f"labels y must lie in [0, {net.num_classes - 1}] (the null class {net.null_class} is set by "
-                       f"label dropout, not passed in)", lambda: f"; got values in [{int(y.min())}, {int(y.max())}]")
-
-    @staticmethod
-    def _check_times(t, r, batch, x):
-        for name, s in (("t", t), ("r", r)):
-            check_float(name, s)
-            if s.shape != (batch,) or s.device != x.device:
-                raise ValueError(f"{name} must have shape ({batch},) on {x.device}; got {describe(s)}")
-            require_values((s >= 0) & (s <= 1), f"{name} must lie in [0, 1]",
-                           lambda s=s: f"; got values in [{s.min().item():.4g}, {s.max().item():.4g}]")
-
-        def first_bad_row() -> str:
-            row = int((r > t).nonzero()[0, 0])
-            return f"; row {row} has r = {r[row].item():.4g} > t = {t[row].item():.4g}"
-
-        require_values(r <= t, "r must be <= t in every row", first_bad_row)
