@@ -20,7 +20,7 @@ math backend (slow, O(N^2) memory). Inside `jvp_attention()` each call is routed
 
 How: one process-wide replacement of `torch.nn.functional.scaled_dot_product_attention`, installed by the first
 active context and removed (the original function object put back) when the last one exits, even on an exception;
-which threads route is a thread-local depth, so a thread outside any context keeps torch's behaviour while another
+which threads route is a thread-local stack of contexts, so a thread outside any context keeps torch's behaviour while another
 thread is inside one. Contexts nest. Code that bound the function before the context (`from torch.nn.functional import
 scaled_dot_product_attention` at import time) is not routed: diffusers, timm and most model code look it up at call
 time. Under torch.compile the tangent path of the fused op runs as an eager island (see
