@@ -19,12 +19,12 @@ math backend (slow, O(N^2) memory). Inside `jvp_attention()` each call is routed
   (the fused op has no batching rule), with one warning.
 
 How: one process-wide replacement of `torch.nn.functional.scaled_dot_product_attention`, installed by the first
-active context and removed (the original function object put back) when the last one exits, even on an exception;
-which threads route is a thread-local stack of contexts, so a thread outside any context keeps torch's behaviour while another
-thread is inside one. Contexts nest. Code that bound the function before the context (`from torch.nn.functional import
-scaled_dot_product_attention` at import time) is not routed: diffusers, timm and most model code look it up at call
-time. Under torch.compile the tangent path of the fused op runs as an eager island (see
-mfkernels.scaled_dot_product_attention).
+active context and removed (the original function object put back) when the last one exits, even on an exception.
+Which threads route is a thread-local stack of contexts, so a thread outside any context keeps torch's behaviour
+while another thread is inside one. Contexts nest. Code that bound the function before the context (`from
+torch.nn.functional import scaled_dot_product_attention` at import time) is not routed: diffusers, timm and most model
+code look it up at call time. torch.compile: Dynamo cannot trace the routing inside a functorch transform and runs
+the transform eagerly (bench/results/cpu/wrapped.md); the fused op's own tangent path is an eager island as well.
 """
 from __future__ import annotations
 
