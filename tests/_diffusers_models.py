@@ -44,5 +44,14 @@ def wan():
                                  rope_max_seq_len=16), (2, 2, 4, 4), 3
 
 
-TINY = {"DiT": dit, "SD3": sd3, "Flux": flux, "Wan": wan}
+def pixart():
+    from diffusers import PixArtTransformer2DModel
+
+    # out_channels 2 C: a learned-sigma model, whose first C channels the adapter returns
+    return PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=2, out_channels=4,
+                                    num_layers=1, sample_size=4, patch_size=2, cross_attention_dim=16,
+                                    caption_channels=8, norm_num_groups=1), (2, 4, 4), 3
+
+
+TINY = {"DiT": dit, "SD3": sd3, "Flux": flux, "Wan": wan, "PixArt": pixart}
 _quiet()

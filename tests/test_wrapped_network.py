@@ -1,4 +1,5 @@
-"""meanflow.models.wrap on diffusers transformers (DiT; SD3 and Flux: joint attention, Flux with RoPE; Wan: video):
+"""meanflow.models.wrap on diffusers transformers (DiT; SD3 and Flux: joint attention, Flux with RoPE; Wan: video;
+PixArt: cross-attention, learned sigma):
 the tangent call (torch.func.jvp with the fused attention, over the first kt rows) equals torch.func.jvp with torch's
 math SDPA in float64; the wrapped model starts as the original one; MeanFlow and sCM train it (the objectives' checks
 pass, the loss is finite, the weights move); the finite-difference tangent, the separate tangent pass, the autograd
@@ -127,6 +128,9 @@ def direct_call(name, module, adapter, z, t, y):
                       return_dict=False)[0]
     if name == "Wan":
         return module(z, timestep=1000 * t, encoder_hidden_states=text, return_dict=False)[0]
+    if name == "PixArt":                                         # learned sigma: the first C of 2 C channels
+        return module(z, encoder_hidden_states=text, timestep=1000 * t, return_dict=False,
+                      added_cond_kwargs={"resolution": None, "aspect_ratio": None})[0][:, :z.shape[1]]
     hh, ww = z.shape[2] // 2, z.shape[3] // 2                    # Flux: the pipeline passes timestep / 1000 = t
     ids = torch.tensor([[0.0, i, j] for i in range(hh) for j in range(ww)])
     out = module(rearrange(z, "b c (h p) (w q) -> b (h w) (c p q)", p=2, q=2), encoder_hidden_states=text,
