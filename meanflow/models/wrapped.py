@@ -18,8 +18,8 @@ Options beyond the protocol:
 - tangent="fd": a forward difference instead, u_dot = (u(x + eps x_dot) - u(x)) / eps over the kt rows with one
   extra no-grad forward (fd_eps, default 1e-3: float32; see bench/results/cpu/wrapped.md for the error it costs);
 - tangent_pass="separate": the tangent rows' jvp runs without grad and the primal is one plain call over all rows with
-  grad. It costs one more forward over the kt rows, and keeps any hook of a wrapper (FSDP2, DDP) out of the functorch
-  transform and the tangent's reverse graph out of memory (docs/any_network.md, "DDP and FSDP2").
+  grad. It costs one more forward over the kt rows, keeps any hook of a wrapper (FSDP2, DDP) out of the functorch
+  transform and records no reverse graph for the tangent (docs/any_network.md, "DDP and FSDP2").
 - heads: ("u", "logvar") adds sCM's LogVarHead (zero-initialised, evaluated inside forward like the built-in
   networks'); ("u", "v") gives iMF a v head that is the network itself at h = 0 (u(z, t, t) = v(z, t)), one more
   forward. conditions (iMF's omega, t_min, t_max) and h enter through `time_embedders`: modules whose output is the
