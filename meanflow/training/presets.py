@@ -8,7 +8,7 @@
 | mnist (the demo)  | 5,000 MNIST digits, 32 px | DiT-Tiny/4 (96 wide, 4)    | 2500 steps, ~7-10 min         |
 | imagenet-B/2, -L/2, -XL/2 | SD-VAE latents 4x32x32 | DiT-B/2, L/2, XL/2 | 240 epochs (1,201,095 steps) |
 | toy-OBJ, mnist-OBJ | as toy / mnist          | as toy / mnist (+ the objective's heads) | as toy / mnist  |
-| mnist-diffusers   | as mnist                  | diffusers DiT, 64 wide, 4, p 4 (wrapped) | 1000 steps, minutes |
+| mnist-diffusers   | as mnist                  | diffusers DiT, 64 wide, 4, p 4 (wrapped) | 1000 steps, ~13 min |
 
 toy-OBJ and mnist-OBJ (OBJ = fm, meanflow, imf, scm, alphaflow) train the same network on the same data with the same
 optimizer, batch and steps as `toy` / `mnist` (an equal budget), each with its objective (loss.objective) tuned for it;
@@ -108,7 +108,7 @@ def _imagenet(size: str, omega: float, kappa: float, t_end: float) -> Callable[[
 
 # A diffusers DiTTransformer2DModel (meanflow.models.wrap; docs/any_network.md) of DiT-Tiny/4's layout but 64 wide,
 # on the demo's data, loss and optimizer, at 1000 steps so that its slower tangent call (torch.func.jvp over the whole
-# module) still trains in minutes on CPU. The timestep is t itself (time_scale 1), not diffusers' 1000 t: the
+# module) still trains in minutes on CPU (docs/any_network.md: time and sample scores of one run). The timestep is t itself (time_scale 1), not diffusers' 1000 t: the
 # engine's own DiT embeds raw t for the reason given in meanflow.models.layers.timestep_embedding.
 MNIST_DIFFUSERS_DIT = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 16, "patch_size": 4}
 
@@ -182,7 +182,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("imagenet-XL/2", "ImageNet-256 latents, DiT-XL/2, official settings (omega 0.2, kappa 0.92, "
                             "[0, 0.75]); needs data.path", _imagenet("XL", 0.2, 0.92, 0.75)),
     Preset("mnist-diffusers", "real MNIST digits, a wrapped diffusers DiT (torch.func.jvp with the fused "
-                              "attention), 1000 steps, minutes on CPU", _mnist_diffusers),
+                              "attention), 1000 steps, ~13 min on 1 shared CPU core", _mnist_diffusers),
     *[Preset(f"toy-{o}", f"2-D checkerboard, MLP, objective {o} (the toy's budget)",
              _with_objective(_toy("checkerboard"), "toy", o)) for o in OBJECTIVE_NAMES],
     *[Preset(f"mnist-{o}", f"real MNIST digits, DiT-Tiny/4, objective {o} (the demo's budget, ~10 min on 2 cores)",
