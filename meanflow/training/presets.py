@@ -108,8 +108,9 @@ def _imagenet(size: str, omega: float, kappa: float, t_end: float) -> Callable[[
 
 # A diffusers DiTTransformer2DModel (meanflow.models.wrap; docs/any_network.md) of DiT-Tiny/4's layout but 64 wide,
 # on the demo's data, loss and optimizer, at 1000 steps so that its slower tangent call (torch.func.jvp over the whole
-# module) still trains in minutes on CPU (docs/any_network.md: time and sample scores of one run). The timestep is t itself (time_scale 1), not diffusers' 1000 t: the
-# engine's own DiT embeds raw t for the reason given in meanflow.models.layers.timestep_embedding.
+# module) still trains in minutes on CPU (docs/any_network.md: time and sample scores of one run). The timestep is t
+# itself (time_scale 1), not diffusers' 1000 t: the engine's own DiT embeds raw t for the reason given in
+# meanflow.models.layers.timestep_embedding.
 MNIST_DIFFUSERS_DIT = {"num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 16, "patch_size": 4}
 
 
