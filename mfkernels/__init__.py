@@ -23,6 +23,7 @@ _EXPORTS = {
     "qk_norm_rope_jvp": "qk_norm_rope",
     "meanflow_loss": "target",
     "ops_table": "ops",
+    "jvp_attention": "jvp_routing",
 }
 
 __all__ = list(_EXPORTS) + ["reference", "nn"]

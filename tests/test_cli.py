@@ -188,7 +188,7 @@ BAD_ARGUMENTS = [  # argv, what the one-line error says; none of these gets as f
     (["train", "--set", "train.device=tpu"], "train.device must be auto, cpu, cuda or cuda:N; got 'tpu'"),
     (["train", "--set", "train.precision=fp16"], "train.precision must be one of auto, fp32, bf16; got 'fp16'"),
     (["train", "--set", "train.parallel=zero"], "train.parallel must be one of ddp, fsdp; got 'zero'"),
-    (["train", "--set", "model.arch=cnn"], "model.arch must be one of dit, mlp, imf_dit; got 'cnn'"),
+    (["train", "--set", "model.arch=cnn"], "model.arch must be one of dit, mlp, imf_dit, diffusers:<ClassName>; got 'cnn'"),
     (["train", "--set", "model.backend=jax"], "model.backend must be one of auto, autograd, explicit, fused"),
     (["train", "--set", "model.hidden=-1"], "model.hidden must be >= 0; got -1"),
     (["train", "--set", "model.mlp_ratio=0"], "model.mlp_ratio must be > 0; got 0.0"),

@@ -8,6 +8,8 @@
     heads.py     what objectives beyond MeanFlow need: NetworkSpec, iMF's condition embedders, sCM's logvar head
     backends.py  autograd / explicit / fused: which op table a forward_jvp gets
     registry.py  build_model(cfg.model, ...): a network from a run's model config (ARCHS: arch -> builder)
+    wrapped.py   wrap(module): any nn.Module as a network, its tangent by torch.func.jvp with the fused attention
+    diffusers_adapters.py  how (z, t, h, y) enter diffusers transformers (DiT, SD3, Flux, Wan, PixArt)
 """
 from .backends import BACKENDS, JVPOps, ops_for
 from .dit import DIT_MODELS, DiT, build_dit
@@ -16,7 +18,8 @@ from .imf_dit import IMF_MODELS, IMFDiT, build_imf_dit
 from .mlp_net import MLPNet
 from .network import JVPNetwork, count_parameters, unwrap
 from .registry import ARCHS, build_model, register_arch
+from .wrapped import WrappedNetwork, wrap
 
 __all__ = ["BACKENDS", "JVPOps", "ops_for", "DIT_MODELS", "DiT", "build_dit", "IMF_MODELS", "IMFDiT", "build_imf_dit",
            "MLPNet", "JVPNetwork", "count_parameters", "unwrap", "build_model", "ARCHS", "register_arch",
-           "IMF_CONDITIONS", "LogVarHead", "NetworkSpec"]
+           "IMF_CONDITIONS", "LogVarHead", "NetworkSpec", "WrappedNetwork", "wrap"]

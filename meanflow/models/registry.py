@@ -7,6 +7,10 @@
 patch, mlp_ratio, v_depth, backend). `spec` (meanflow.models.heads.NetworkSpec) says which heads and conditions the
 objective calls the network with; meanflow.objectives gives it (`network_spec(cfg.loss)`).
 
+`model.arch=diffusers:<ClassName>` builds a diffusers transformer (ClassName in
+meanflow.models.diffusers_adapters.ADAPTERS) from `cfg.config` (a JSON file or inline JSON object) and wraps it
+(meanflow.models.wrapped.wrap: the tangent by torch.func.jvp with the fused attention).
+
 Architectures are a table, `ARCHS`: arch name -> builder(cfg, data_shape, num_classes, backend, spec) -> JVPNetwork
 (spec None: the architecture's default). Add one with `register_arch("my_arch", builder)`; a builder that cannot give
 what `spec` asks for should raise a ValueError saying so (the objective checks the built network again and names what
@@ -65,6 +69,30 @@ def _build_dit(cfg, data_shape, num_classes: int, backend: str, spec: NetworkSpe
 ARCHS: dict[str, Builder] = {"dit": _build_dit, "mlp": _build_mlp, "imf_dit": build_imf_from_config}
 
 
+def _build_diffusers(class_name: str, cfg, data_shape, num_classes: int, backend: str,
+                     spec: NetworkSpec | None) -> nn.Module:
+    from .diffusers_adapters import build_diffusers, load_config, size_overrides
+    from .wrapped import wrap
+
+    config = load_config(getattr(cfg, "config", ""))
+    sizes = size_overrides(class_name, hidden=cfg.hidden, depth=cfg.depth, heads=cfg.heads, patch=cfg.patch,
+                           config=config)
+    module = build_diffusers(class_name, config, data_shape=data_shape, num_classes=num_classes, overrides=sizes)
+    time_scale = getattr(cfg, "time_scale", 0.0) or None
+    return wrap(module, data_shape=data_shape, num_classes=num_classes, spec=spec, backend=backend,
+                time_scale=time_scale)
+
+
+# model.arch=PREFIX:NAME: builder(NAME, cfg, data_shape, num_classes, backend, spec)
+ARCH_PREFIXES: dict[str, Callable[..., nn.Module]] = {"diffusers": _build_diffusers}
+
+
+def known_arch(arch: str) -> bool:
+    """A registered architecture, or PREFIX:NAME with a known prefix (e.g. diffusers:DiTTransformer2DModel)."""
+    prefix, _, name = arch.partition(":")
+    return arch in ARCHS or (bool(name) and prefix in ARCH_PREFIXES)
+
+
 def register_arch(name: str, builder: Builder) -> None:
     """Make `model.arch=name` build networks with `builder(cfg, data_shape, num_classes, backend, spec)`."""
     ARCHS[name] = builder
@@ -76,10 +104,13 @@ def build_model(cfg, data_shape: tuple[int, ...], num_classes: int, device: torc
     backend = cfg.backend
     if backend == "auto":
         backend = "fused" if device.type == "cuda" else "explicit"
+    if not known_arch(cfg.arch):
+        raise ValueError(f"model.arch must be one of {sorted(ARCHS)} or diffusers:<ClassName>; got {cfg.arch!r}")
     if cfg.arch not in ARCHS:
-        raise ValueError(f"model.arch must be one of {sorted(ARCHS)}; got {cfg.arch!r}")
+        prefix, _, name = cfg.arch.partition(":")
+        return ARCH_PREFIXES[prefix](name, cfg, tuple(data_shape), num_classes, backend, spec)
     # spec None: the architecture's own default (DiT / MLP: one head; iMF's network: both heads and its conditions)
     return ARCHS[cfg.arch](cfg, tuple(data_shape), num_classes, backend, spec)
 
 
-__all__ = ["ARCHS", "build_model", "register_arch"]
+__all__ = ["ARCHS", "ARCH_PREFIXES", "build_model", "register_arch", "known_arch"]

@@ -59,6 +59,7 @@ def _options(mode: str, backend: str) -> dict:
 
 def compile_model(net: nn.Module, *, mode: str = "default", backend: str = "inductor") -> nn.Module:
     """The whole network: `net.forward` compiled in place (fullgraph=True). Wrap DDP around it afterwards. Returns net."""
+    _check_compilable(net)
     net.forward = torch.compile(net.forward, **_options(mode, backend))
     return net
 
@@ -82,12 +83,21 @@ def compile_blocks(net: nn.Module, units: list[nn.Module], *, mode: str = "defau
     The plain `forward` serves the guidance call, whose row count changes every step: its tensor arguments are marked
     dynamic in dim 0 on every call (the network's own inputs are marked by the loss, but the blocks see activations
     computed eagerly around them), so it compiles once for any batch (sizes 0 and 1 are specialised by Dynamo)."""
+    _check_compilable(net)
     options = _options(mode, backend)
     for unit in units:
         unit.forward = _dynamic_batch(torch.compile(unit.forward, **options))
         if hasattr(unit, "forward_jvp"):
             unit.forward_jvp = torch.compile(unit.forward_jvp, **options)
     return net
+
+
+def _check_compilable(net: nn.Module) -> None:
+    """A network that cannot be compiled exactly says why in `compile_refusal` (e.g. a wrapped module, whose tangent
+    call is torch.func.jvp: meanflow.models.wrapped)."""
+    refusal = getattr(net, "compile_refusal", None)
+    if refusal:
+        raise ValueError(f"train.compile: {refusal}")
 
 
 def _dynamic_batch(compiled):

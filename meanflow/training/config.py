@@ -46,6 +46,10 @@ class ModelConfig:
     v_depth: int = _f(0, "iMF's v-branch: blocks (DiT) / layers (MLP) forking before the last ones (0: auto = "
                          "min(8, depth // 2) for DiT, depth // 2 for the MLP); only built for loss.objective=imf")
     backend: str = _f("auto", "JVP backend: 'autograd', 'explicit', 'fused', or 'auto' (fused on CUDA, explicit on CPU)")
+    config: str = _f("", "arch=diffusers:<ClassName>: the model's config, a JSON file or an inline JSON object "
+                         "(hidden/depth/heads/patch above override its sizes when > 0; docs/any_network.md)")
+    time_scale: float = _f(0.0, "arch=diffusers:<ClassName>: the module's timestep is time_scale * t (0: the "
+                                "adapter's default, 1000 for DiT / SD3 / Wan / PixArt, 1 for Flux)")
 
 
 @dataclass

@@ -35,7 +35,10 @@ PARALLEL_MODES = ("ddp", "fsdp", "none")
 # ------------------------------------------------------------------------------------------------- wrapping
 def shard_units(net: nn.Module) -> list[nn.Module]:
     """The modules fully_shard wraps one by one (then the root), and per-block compile compiles: a DiT's blocks (and
-    its iMF v-branch), the iMF network's shared / u / v blocks, an MLPNet's layers (and v-branch layers)."""
+    its iMF v-branch), the iMF network's shared / u / v blocks, an MLPNet's layers (and v-branch layers); a network
+    with a `shard_units()` method (a wrapped module: meanflow.models.wrapped) names its own."""
+    if callable(getattr(net, "shard_units", None)):
+        return list(net.shard_units())
     units = []
     for name in ("blocks", "shared_blocks", "u_blocks", "v_blocks", "layers", "v_layers"):
         found = getattr(net, name, None)

@@ -59,6 +59,12 @@ def _archs() -> tuple[str, ...]:
     return tuple(ARCHS)
 
 
+def _known_arch(v) -> bool:
+    from ..models.registry import known_arch
+
+    return known_arch(str(v))
+
+
 def _datasets() -> tuple[str, ...]:
     from ..data.datasets import DATASETS
 
@@ -72,13 +78,14 @@ def _compile_choices() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 RULES: dict[str, Check] = {
-    "model.arch": lambda v: one_of(*_archs())(v),
+    "model.arch": lambda v: None if _known_arch(v) else one_of(*_archs(), "diffusers:<ClassName>")(v),
     "model.v_depth": at_least(0),
     "model.hidden": at_least(0),
     "model.depth": at_least(0),
     "model.heads": at_least(0),
     "model.patch": at_least(0),
     "model.mlp_ratio": positive,
+    "model.time_scale": at_least(0),
     "model.backend": one_of("auto", "autograd", "explicit", "fused"),
     "data.name": lambda v: one_of(*_datasets())(v),
     "data.image_size": at_least(1),
