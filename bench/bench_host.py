@@ -14,8 +14,9 @@ Three parts, each written as it finishes (CPU and CUDA; on CPU the Triton kernel
              eager path (mfkernels._library.FusedOp: an autograd.Function over the op's functions), the same call
              forced through the registered torch.library op, and the plain torch counterpart. On CPU the Triton
              launch itself is stubbed out (--stub-triton, default on CPU): the interpreter's cost would swamp
-             everything, and the GPU launch cost (Triton 3.6's JIT launcher, ~20-30 us on an H200 host) cannot be
-             measured without a GPU. So CPU rows say what the Python around a launch costs, not what a GPU call costs.
+             everything, and the GPU launch cost (Triton 3.6's JIT launcher; GPU rows:
+             bench/results/h200-2026-11-26-b/overhead.json) cannot be measured without a GPU. So CPU rows say what the
+             Python around a launch costs, not what a GPU call costs.
   step_host  one training step (forward + loss + backward + AdamW) of a DiT at a tiny batch, where the device work is
              negligible and the step time is host time: MeanFlow fused (guidance off / on) and flow matching, each
              eager, on CUDA graphed (CUDAGraphModel), and compiled (train.compile's whole-model compile; on CUDA only
