@@ -50,7 +50,8 @@ def inputs(batch, shape, kt, dtype=torch.float32, device="cpu", time_dtype=torch
 
 
 def formula_f64(u, v_g, du_dt, t, r, p, eps):
-    """The math of DESIGN.md 1 in float64, row by row, with the analytic gradient (independent of both kernels)."""
+    """The MeanFlow loss (docs/design.md, 'The MeanFlow loss') in float64, row by row, with the analytic gradient
+    (independent of both kernels)."""
     batch, kt = u.shape[0], du_dt.shape[0]
     u, v_g, du_dt = u.detach().double(), v_g.double(), du_dt.double()
     per_sample, weight, grad = [], [], torch.zeros_like(u)
