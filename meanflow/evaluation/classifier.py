@@ -68,7 +68,7 @@ def train_classifier(train_x: torch.Tensor, train_y: torch.Tensor, *, epochs: in
     total = epochs * per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, lr, total_steps=total)
     model.train()
-    from .evaluate import progress_bar
+    from .progress import progress_bar
 
     with progress_bar(total, "digit classifier (trained once, then cached)", progress, unit="step") as bar:
         for _ in range(epochs):

@@ -24,19 +24,13 @@ from torch import nn
 
 from ..data.datasets import TOYS, Dataset, dataset_from_config
 from .metrics import feature_statistics, frechet_distance, frechet_distance_of_features, sliced_wasserstein
+from .progress import progress_bar
 from .sampling import sample
 
 INCEPTION_ENV = "MEANFLOW_INCEPTION"
 
 
 # --------------------------------------------------------------------------------------------------- sampling
-def progress_bar(total: int, desc: str, enabled: bool, unit: str = "sample"):
-    """A tqdm bar on stderr for a stage that takes more than a moment (a disabled bar when `enabled` is False)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
-
-
 def _sampling_bar(eval_cfg, enabled: bool):
     steps = ", ".join(map(str, eval_cfg.steps))
     return progress_bar(eval_cfg.num_samples * len(eval_cfg.steps), f"evaluation: sampling ({steps}-step)", enabled)
