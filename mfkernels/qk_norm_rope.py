@@ -79,10 +79,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, q_weight, k_weight, cos, sin, output[4])
     ctx.interleaved = interleaved
     ctx.mark_non_differentiable(output[2], output[3], output[4])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the tangents and rstd (a launch and a write each)
 
 
 def _backward(ctx, grad_q, grad_k, _gqd, _gkd, _grstd):
+    if grad_q is None and grad_k is None:  # neither output took part in what is differentiated
+        return (None,) * 10
     q, k, q_weight, k_weight, cos, sin, rstd = ctx.saved_tensors
+    # the kernel takes both gradients: a zero one for an output that got none (rare: q' or k' unused)
+    grad_q = torch.zeros_like(grad_k) if grad_q is None else grad_q
+    grad_k = torch.zeros_like(grad_q) if grad_k is None else grad_k
     need = ctx.needs_input_grad
     compute_dx = need[0] or need[1]
     compute_dw = q_weight is not None and (need[2] or need[3])

@@ -69,9 +69,9 @@ def _attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 # ===================================================================================== SDPA drop-in: forward mode
 class _SDPAJVPFunction(torch.autograd.Function):
     """Attention with a custom forward-mode rule, used only where forward mode is active (torch.func.jvp, forward_ad;
-    any functorch transform): o from the custom op, its backward the flash backward, its jvp the fused forward + JVP
+    any functorch transform): o from the forward op, its backward the flash backward, its jvp the fused forward + JVP
     kernel. setup_context style (no ctx in forward) so that torch.func transforms accept it. Without forward mode the
-    drop-in calls the custom op directly (register_autograd gives its backward; Dynamo traces it whole)."""
+    drop-in calls the forward op directly (its registered autograd is the flash backward; Dynamo traces it whole)."""
 
     @staticmethod
     def forward(q, k, v, attn_mask, causal, scale):
