@@ -25,6 +25,17 @@ def describe(t: torch.Tensor) -> str:
     return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
 
 
+def broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """torch.broadcast_shapes(shape, target) == target, without building tensors (a few comparisons): every dim of
+    shape, aligned from the right, is 1 or target's, and shape has no more dims than target."""
+    if len(shape) > len(target):
+        return False
+    for s, t in zip(reversed(shape), reversed(target)):
+        if s != t and s != 1:
+            return False
+    return True
+
+
 def check_float(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -207,6 +218,11 @@ def check_params_match(what: str, x: torch.Tensor, autocast: torch.dtype | None,
 # ------------------------------------------------------------------------------------------------ RMSNorm, RoPE, QK
 def check_rmsnorm_args(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torch.Tensor, eps: float) -> int:
     """x (B, ..., D) float, D >= 1; weight None or (D,) float on x's device; x_dot its ragged tangent. Returns kt."""
+    if (isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES and x.dim() >= 2 and x.shape[-1] > 0
+            and (weight is None or (isinstance(weight, torch.Tensor) and weight.dtype in FLOAT_DTYPES
+                                    and weight.shape == (x.shape[-1],) and weight.device == x.device))
+            and type(eps) in (float, int) and eps > 0):
+        return check_tangent("x_dot", x_dot, "x", x)  # the common case, decided in a few comparisons
     check_float("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must have a batch dim and a feature dim (B, ..., D); got {describe(x)}")
@@ -236,11 +252,7 @@ def check_rope_args(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have one shape; got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
     target = tuple(x.shape[:-1]) + (x.shape[-1] // 2,)
-    try:
-        ok = tuple(torch.broadcast_shapes(cos.shape, target)) == target
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(tuple(cos.shape), target):
         raise ValueError(f"cos/sin of shape {tuple(cos.shape)} do not broadcast to {name}.shape[:-1] + (D/2,) = "
                          f"{target} (one angle per position and pair; e.g. (N, D/2) for {name} (B, H, N, D), "
                          f"(N, 1, D/2) for (B, N, H, D))")
@@ -296,11 +308,7 @@ def check_attn_mask(attn_mask, q: torch.Tensor, k: torch.Tensor, causal: bool) -
     if attn_mask.device != q.device:
         raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}; they must be on the same device")
     target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    try:
-        ok = attn_mask.dim() <= 4 and tuple(torch.broadcast_shapes(attn_mask.shape, target)) == target
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(tuple(attn_mask.shape), target):
         raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, which does not broadcast to the attention "
                          f"weights' shape (B, Hq, Nq, Nk) = {target}")
 
@@ -308,7 +316,12 @@ def check_attn_mask(attn_mask, q: torch.Tensor, k: torch.Tensor, causal: bool) -
 def check_attention_args(q, k, v, q_dot, k_dot, v_dot, attn_mask=None, *, causal: bool = False,
                          enable_gqa: bool = False) -> int:
     """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); Hkv = Hq, or (enable_gqa) any divisor of Hq; ragged
-    tangents of the same shapes; attn_mask (see check_attn_mask). Returns kt."""
+    tangents of the same shapes; attn_mask (see check_attn_mask). Returns kt.
+
+    A fast path decides the common case (no mask, everything right) in a few comparisons; only then is a wrong argument
+    searched for, by the checks that name it."""
+    if attn_mask is None and _attention_args_ok(q, k, v, q_dot, k_dot, v_dot, enable_gqa):
+        return q_dot.shape[0]
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float(name, t)
         check_ndim(name, t, 4, "(B, H, N, D)")
@@ -334,6 +347,25 @@ def check_attention_args(q, k, v, q_dot, k_dot, v_dot, attn_mask=None, *, causal
     check_tangent("v_dot", v_dot, "v", v)
     check_attn_mask(attn_mask, q, k, causal)
     return kt
+
+
+def _attention_args_ok(q, k, v, q_dot, k_dot, v_dot, enable_gqa) -> bool:
+    """Everything right, decided on plain ints (torch.Size slices cost more than the comparisons)."""
+    for t in (q, k, v, q_dot, k_dot, v_dot):
+        if not isinstance(t, torch.Tensor):
+            return False
+    dtype, device = q.dtype, q.device
+    if dtype not in FLOAT_DTYPES or not _same_kind(dtype, device, k, v, q_dot, k_dot, v_dot):
+        return False
+    qs, ks, vs, qds, kds, vds = (tuple(t.shape) for t in (q, k, v, q_dot, k_dot, v_dot))
+    if len(qs) != 4 or len(ks) != 4 or len(vs) != 4 or len(qds) != 4 or len(kds) != 4 or len(vds) != 4:
+        return False
+    b, hq, nq, d = qs
+    _, hkv, nk, _ = ks
+    kt = qds[0]
+    return (ks[0] == b and ks[3] == d and vs[0] == b and vs[1] == hkv and vs[2] == nk and kt <= b
+            and (hkv == hq or (enable_gqa and hkv > 0 and hq % hkv == 0))
+            and qds[1:] == qs[1:] and kds == (kt,) + ks[1:] and vds == (kt,) + vs[1:])
 
 
 def check_bool(name: str, value) -> bool:
