@@ -6,6 +6,9 @@ The other checkout's mfkernels is copied to a temporary package `mfkbase` whose 
 bench_host's tiny shapes, the two trees in turn within each round, Triton launches stubbed (the Python around a
 launch is what is timed). Rows: per op and grad mode, the best mean over the rounds for each tree (checked table, what
 a user's call runs) and, where the tree has one, for its unchecked table (what a network's layers run).
+--parts step adds an eager MeanFlow training step of bench_host's tiny DiT (forward + JVP, loss, backward, AdamW) with
+each tree's ops: meanflow's network takes the other tree's op table while its step runs (everything else, meanflow
+and the target op, is shared).
 
     python bench/host_ab.py --base /path/to/other/checkout --threads 1 --out bench/results/cpu/host_ab.json
 """
@@ -82,6 +85,63 @@ def mean_us(fn, calls: int) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
+def step_rows(base_ops, steps: int, rounds: int) -> list[dict]:
+    """Eager MeanFlow step (ratio 0.25; and with guidance) of DiT-Micro/2 at batch 4: base tree's ops vs this tree's."""
+    import statistics
+
+    import meanflow.models.network as network
+    from meanflow import MeanFlowLoss, build_dit
+
+    own_ops_for = network.ops_for
+
+    def base_ops_for(backend, checked=True):  # the base tree's table (it has only checked ops)
+        return base_ops.ops_table({"fused": "fused", "explicit": "reference"}[backend])
+
+    cases = {}
+    for objective, overrides in (("meanflow", dict(ratio=0.25)), ("meanflow_guided", dict(ratio=0.25, omega=1.0,
+                                                                                          kappa=0.5))):
+        for tree, ops_for in (("base", base_ops_for), ("this", own_ops_for)):
+            torch.manual_seed(0)
+            net = build_dit("DiT-Micro/2", input_size=8, in_channels=2, num_classes=10, backend="fused")
+            net.check_inputs = False
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+            loss_fn = MeanFlowLoss(loss_op="auto", **overrides)
+            x, y = torch.randn(4, 2, 8, 8), torch.randint(0, 10, (4,))
+            g = torch.Generator().manual_seed(0)
+
+            def step(net=net, opt=opt, loss_fn=loss_fn, x=x, y=y, g=g, ops_for=ops_for):
+                network.ops_for = ops_for
+                try:
+                    opt.zero_grad(set_to_none=True)
+                    loss, _ = loss_fn(net, x, y, generator=g)
+                    loss.backward()
+                    opt.step()
+                finally:
+                    network.ops_for = own_ops_for
+
+            cases[(objective, tree)] = step
+    for step in cases.values():  # warm up
+        for _ in range(3):
+            step()
+    times = {key: [] for key in cases}
+    for _ in range(rounds):
+        for key, step in cases.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times[key].append((time.perf_counter() - t0) / steps * 1e3)
+    rows = []
+    for objective in ("meanflow", "meanflow_guided"):
+        row = {"part": "host_ab_step", "objective": objective, "model": "DiT-Micro/2", "batch": 4, "mode": "eager"}
+        for tree in ("base", "this"):
+            row[f"{tree}_step_ms"] = statistics.median(times[(objective, tree)])
+            row[f"{tree}_step_ms_min"] = min(times[(objective, tree)])
+        row["this_over_base"] = row["this_step_ms"] / row["base_step_ms"]
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--base", required=True, help="the other checkout (its mfkernels/ is copied)")
@@ -90,7 +150,10 @@ def main(argv=None) -> None:
     p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--note", default=None)
+    p.add_argument("--parts", default="ops", help="comma-separated: ops, step")
+    p.add_argument("--steps", type=int, default=5, help="steps per timed mean (step)")
     args = p.parse_args(argv)
+    parts = args.parts.split(",")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)  # stubbed kernels leave outputs unwritten
@@ -104,7 +167,7 @@ def main(argv=None) -> None:
         pass
     rows = []
     with triton_launches(stub=True):
-        for grad in (False, True):
+        for grad in ((False, True) if "ops" in parts else ()):
             built = {name: cases(table, "cpu", torch.float32) for name, table in tables.items()}
             for _, params in built.values():
                 for t in params:
@@ -121,6 +184,8 @@ def main(argv=None) -> None:
                        **{f"{name}_us": v for name, v in best.items()}, "this_over_base": best["this"] / best["base"]}
                 rows.append(row)
                 print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        if "step" in parts:
+            rows += step_rows(base_ops, args.steps, args.rounds)
     write_results(args.out, "host_ab", "cpu", rows, base=str(args.base), note=args.note, calls=args.calls,
                   rounds=args.rounds)
 
