@@ -28,19 +28,19 @@ the 20th / 80th percentiles, min and max. Cases (`case` field; the provider name
   gqa       k, v with H / 4 heads (enable_gqa=True)
     fused_fwd_jvp, fused_fwd, math_jvp, sdpa_flash_fwd / _bwd, sdpa_cudnn_fwd / _bwd, fused_bwd, fused_tangent_bwd
 
-Variants (--variants, issue 19) re-time the fused providers with one of the kernels' A/B switches on (environment
+Variants (--variants) re-time the fused providers with one of the kernels' A/B switches on (environment
 variables, read at each launch); a row's `variant` field names it and its provider name carries `_<variant>` before
 the case suffix; fused_fwd_jvp rows of a variant add max_abs_diff_vs_default (o_dot against the default kernels):
 
   default     the kernels as they ship (head dims 72 / 80 / 96 / 112 split into power-of-two pieces in the forward
               kernels and the flash backward: _pieces.py)
-  padded      MFKERNELS_ATTN_PAD_D=1: the head dim padded to a power of two (the kernels before issue 19); only at
+  padded      MFKERNELS_ATTN_PAD_D=1: the head dim padded to a power of two (what the split replaces); only at
               head dims that are not powers of two (elsewhere the tiles are the same) -- every fused provider but
               fused_tangent_bwd (the tangent backward runs padded tiles anyway)
   tma         MFKERNELS_ATTN_TMA=1: K / V tiles through tensor descriptors (TMA) -- forward providers only
   persistent  MFKERNELS_ATTN_PERSISTENT=1: one program per SM walking the tiles -- forward providers only
 
-The summary's split / padded ratios are the issue's D = 72 target (forward + JVP <= 0.75x padded, backward no slower);
+The summary's split / padded ratios are the split's D = 72 target (forward + JVP <= 0.75x padded, backward no slower);
 the lever ratios say whether a lever is worth turning on by default (mfkernels/attention/_levers.py). Head dims that do
 not divide 2048 get H = 2048 // D heads (D = 72: 28 heads, model width 2016).
 
@@ -48,7 +48,8 @@ A backend that refuses a case (FA2 takes no mask, cuDNN's support depends on the
 Causal counts half of each (keypad30 is never causal: torch refuses a mask with is_causal). Every row also has the
 peak memory the call adds (peak_mem_mb, CUDA only); fused_fwd_jvp rows add max_abs_diff_vs_math (o_dot against
 math_jvp, a sanity check). The "summary" (in meta) lists the ratios: fused forward + JVP over SDPA flash and cuDNN
-forward (target over flash <= 2.0; issue 19: <= 1.75 at D 64, <= 1.85 at D 128), math JVP over fused (>= 10 at N = 2048), fused backward over flash and cuDNN
+forward (target over flash <= 2.0; the Hopper targets: <= 1.75 at D 64, <= 1.85 at D 128), math JVP over fused
+(>= 10 at N = 2048), fused backward over flash and cuDNN
 backward (<= 1.2 over flash), the key-padding mask over the unmasked fused forward + JVP (<= 1.10), the tangent
 backward over the flash backward, the peer over the fused kernel.
 
@@ -382,7 +383,7 @@ def _run_provider(name, variant, case, base, flops_unit, prim, tan, causal, mask
 # ---------------------------------------------------------------------------------------------------- summary
 # (name, numerator (case, provider[, variant]), denominator (likewise), target: None, a string, or {D: string} with
 # the string under key None for the other head dims)
-FWD_JVP_OVER_FLASH_TARGET = {64: "<= 1.75 (issue 19)", 128: "<= 1.85 (issue 19)", None: "<= 2.0"}
+FWD_JVP_OVER_FLASH_TARGET = {64: "<= 1.75 (Hopper target)", 128: "<= 1.85 (Hopper target)", None: "<= 2.0"}
 RATIOS = [
     ("fused_fwd_jvp_over_flash_fwd", ("dense", "fused_fwd_jvp"), ("dense", "sdpa_flash_fwd"), FWD_JVP_OVER_FLASH_TARGET),
     ("fused_fwd_jvp_over_cudnn_fwd", ("dense", "fused_fwd_jvp"), ("dense", "sdpa_cudnn_fwd"), None),
@@ -404,11 +405,11 @@ RATIOS = [
     ("gqa_fused_fwd_jvp_over_cudnn_fwd", ("gqa", "fused_fwd_jvp"), ("gqa", "sdpa_cudnn_fwd"), None),
     ("gqa_fused_bwd_over_flash_bwd", ("gqa", "fused_bwd"), ("gqa", "sdpa_flash_bwd"), None),
     ("gqa_fused_bwd_over_cudnn_bwd", ("gqa", "fused_bwd"), ("gqa", "sdpa_cudnn_bwd"), None),
-    # issue 19: a split head dim against padding, the Hopper levers against the default kernels
+    # a split head dim against padding, the Hopper levers against the default kernels
     ("split_over_padded_fwd_jvp", ("dense", "fused_fwd_jvp"), ("dense", "fused_fwd_jvp", "padded"),
-     "<= 0.75 (issue 19, D 72)"),
+     "<= 0.75 (Hopper target, D 72)"),
     ("split_over_padded_fwd", ("dense", "fused_fwd"), ("dense", "fused_fwd", "padded"), None),
-    ("split_over_padded_bwd", ("dense", "fused_bwd"), ("dense", "fused_bwd", "padded"), "<= 1.0 (issue 19)"),
+    ("split_over_padded_bwd", ("dense", "fused_bwd"), ("dense", "fused_bwd", "padded"), "<= 1.0 (Hopper target)"),
     ("tma_over_default_fwd_jvp", ("dense", "fused_fwd_jvp", "tma"), ("dense", "fused_fwd_jvp"), None),
     ("tma_over_default_fwd", ("dense", "fused_fwd", "tma"), ("dense", "fused_fwd"), None),
     ("persistent_over_default_fwd_jvp", ("dense", "fused_fwd_jvp", "persistent"), ("dense", "fused_fwd_jvp"), None),

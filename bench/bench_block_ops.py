@@ -157,7 +157,7 @@ CASES: dict[str, Callable[..., Case]] = {
     "mlp": _mlp,
     "gated_residual": _gated_residual,
 }
-# RMSNorm, QK-norm + RoPE, RoPE, SwiGLU (issue 16): bench/modern_cases.py gives Case's fields as a dict
+# RMSNorm, QK-norm + RoPE, RoPE, SwiGLU: bench/modern_cases.py gives Case's fields as a dict
 CASES.update({op: (lambda build: lambda *a: Case(**build(*a)))(build) for op, build in MODERN_CASES.items()})
 
 

@@ -14,8 +14,9 @@ Three parts, each written as it finishes (CPU and CUDA; on CPU the Triton kernel
              eager path (mfkernels._library.FusedOp: an autograd.Function over the op's functions), the same call
              forced through the registered torch.library op, and the plain torch counterpart. On CPU the Triton
              launch itself is stubbed out (--stub-triton, default on CPU): the interpreter's cost would swamp
-             everything, and the GPU launch cost (Triton 3.6's JIT launcher, ~20-30 us on an H200 host) cannot be
-             measured without a GPU. So CPU rows say what the Python around a launch costs, not what a GPU call costs.
+             everything, and the GPU launch cost (Triton 3.6's JIT launcher; GPU rows:
+             bench/results/h200-2026-11-26-b/overhead.json) cannot be measured without a GPU. So CPU rows say what the
+             Python around a launch costs, not what a GPU call costs.
   step_host  one training step (forward + loss + backward + AdamW) of a DiT at a tiny batch, where the device work is
              negligible and the step time is host time: MeanFlow fused (guidance off / on) and flow matching, each
              eager, on CUDA graphed (CUDAGraphModel), and compiled (train.compile's whole-model compile; on CUDA only
@@ -214,16 +215,30 @@ def part_op_host(device: str, calls: int, stub: bool) -> list[dict]:
     from mfkernels.ops import ops_table
 
     try:
-        from mfkernels import _library  # the custom-op dispatch (FusedOp) exists from issue 14 on
+        from mfkernels import _library  # FusedOp's eager path (older trees have none: no via-custom-op column)
     except ImportError:
         _library = None
 
     fused = ops_table("fused")
     b, n, c, heads, kt = 2, 16, 64, 2, 1
+    dh = c // heads
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     mk = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
     x, xd, m, md = mk(b, n, c), mk(kt, n, c), mk(b, c), mk(kt, c)
     w1, b1, w2, b2 = mk(4 * c, c), mk(4 * c), mk(c, 4 * c), mk(c)
+    q, qd = mk(b, heads, n, dh), mk(kt, heads, n, dh)  # attention / per-head ops: (B, H, N, Dh)
+    w13, b13, w2h, wh = mk(4 * c, c), mk(4 * c), mk(c, 2 * c), mk(dh)  # SwiGLU hidden 2c
+    angles = torch.arange(n, device=device, dtype=dtype)[:, None] * torch.linspace(0.1, 1.0, dh // 2, device=device,
+                                                                                     dtype=dtype)
+    cos, sin = angles.cos(), angles.sin()
+
+    def rope_plain(t):
+        t1, t2 = t[..., 0::2], t[..., 1::2]
+        return torch.stack([t1 * cos - t2 * sin, t1 * sin + t2 * cos], -1).flatten(-2)
+
+    def swiglu_plain():
+        a, g = F.linear(x, w13, b13).chunk(2, -1)
+        return F.linear(F.silu(a) * g, w2h, b2)
     cases = {
         "layernorm_modulate": (lambda: fused.layernorm_modulate(x, m, m, xd, md, md),
                                lambda: F.layer_norm(x, (c,)) * (1 + m[:, None]) + m[:, None]),
@@ -233,13 +248,21 @@ def part_op_host(device: str, calls: int, stub: bool) -> list[dict]:
                 lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2)),
         "gelu_tanh": (lambda: fused.gelu_tanh(x, xd), lambda: F.gelu(x, approximate="tanh")),
         "silu": (lambda: fused.silu(m, md), lambda: F.silu(m)),
+        "attention": (lambda: fused.attention(q, q, q, qd, qd, qd), lambda: F.scaled_dot_product_attention(q, q, q)),
+        "rmsnorm": (lambda: fused.rmsnorm(q, wh, qd), lambda: F.rms_norm(q, (dh,), wh, 1e-6)),
+        "swiglu": (lambda: fused.swiglu(x, w13, b13, w2h, b2, xd), swiglu_plain),
+        "rope": (lambda: fused.rope(q, cos, sin, qd), lambda: rope_plain(q)),
+        "qk_norm_rope": (lambda: fused.qk_norm_rope(q, q, wh, wh, cos, sin, qd, qd),
+                         lambda: (rope_plain(F.rms_norm(q, (dh,), wh, 1e-6)), rope_plain(F.rms_norm(q, (dh,), wh,
+                                                                                                      1e-6)))),
     }
+    params = (x, m, w1, b1, w2, b2, q, w13, b13, w2h, wh)  # what requires grad in the grad rows (angles never do)
     rows = []
     plain_eager = _library._plain_eager if _library is not None else None
     with triton_launches(stub=stub):
         for name, (jvp, plain) in cases.items():
             for grad in (False, True):
-                for t in (x, m, w1, b1, w2, b2):
+                for t in params:
                     t.requires_grad_(grad)
                 row = {"part": "op_host", "op": name, "requires_grad": grad, "shape": [b, n, c], "kt": kt,
                        "triton_stubbed": stub}

@@ -21,7 +21,7 @@ half writes). Two references, each moving `bytes`: "copy" (torch clone of bytes 
 over a buffer of `bytes`: read only); native rows carry frac_of_copy and frac_of_read.
 
 Timing: CUDA uses triton.testing.do_bench (median; its warm-up excluded), which times call by call and so includes
-the host's launch cost whenever that exceeds the kernel (it does at these sizes: an op of ~5 us of GPU work). CUDA
+the host's launch cost whenever that exceeds the kernel (it does at these sizes: device_ms below says by how much). CUDA
 rows therefore also carry device_ms: the op replayed from a CUDA graph over a rotating set of input copies (together
 > 256 MB, several times the L2, so every call streams from HBM), the same for the copy; device_gbps and
 device_frac_of_copy / device_frac_of_read are computed from those. CPU repeats time.perf_counter around one
@@ -48,7 +48,7 @@ from mfkernels import target as mt  # noqa: E402
 from mfkernels.reference import meanflow_loss_ref  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# (B, C, H, W), tangent rows kt = B / 4 (DESIGN.md: 75% of the rows have r = t)
+# (B, C, H, W), tangent rows kt = B / 4 (MeanFlow's default: 75% of the rows have r = t)
 SHAPES = {"latent32": (256, 4, 32, 32), "latent64": (128, 4, 64, 64), "latent64x256": (256, 4, 64, 64)}
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's GPU rows in one call:   bash bench/gpu_compile.sh OUTDIR
+# The compile and host-overhead GPU rows in one call:   bash bench/gpu_compile.sh OUTDIR
 #
 # bf16, MeanFlow ratio 0.25, fused backend, torch.compile(fullgraph=True), each stage in its own process with its own
 # time limit (seconds), most important first, each writing its JSON as it goes (rows not reached are marked):

@@ -142,7 +142,7 @@ stage attention 100 "$PY" bench/bench_attention.py --out "$out/attention.json" \
 # ----------------------------------------------------------------------------------------------------------------
 # Stages added by other helpers go here, in order of importance, each with a limit; keep the default limits' sum
 # under SUITE_BUDGET (today 680 of 700 s; SUITE_BUDGET clips a stage that would overrun, it never extends the run).
-# host: helper `compile` (issue 14) -- launches per block and host time per step, eager / compiled / graphed.
+# host: launches per block and host time per step, eager / compiled / graphed.
 if [ -f bench/bench_host.py ]; then
   stage host 40 "$PY" bench/bench_host.py --out "$out/host.json" $quick
 else

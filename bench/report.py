@@ -426,7 +426,7 @@ def dense_attention_table(rows: list[dict], readme: bool = False) -> str:
     if not lines:
         return ""
     header = ["shape", "fused eff. TFLOP/s (12 N^2 D per head)"] + [f"{ATTN_NAMES.get(p, p)} ms" for p in providers]
-    header += ["fused / flash fwd (target <= 2.0x; issue 19: 1.75x at D 64, 1.85x at D 128)"]
+    header += ["fused / flash fwd (target <= 2.0x; Hopper target: 1.75x at D 64, 1.85x at D 128)"]
     header += [f"fused / {ATTN_NAMES[o].split(' fwd')[0]}" for o in ("sdpa_cudnn_fwd", "sdpa_default_fwd")
                if o in providers]
     header += ["math JVP / fused"]
@@ -476,7 +476,7 @@ def variant_attention_table(rows: list[dict]) -> str:
                 _ms_cell(base)[0], fmt(base.get("tflops"), 0)]
         for v in variants:
             r = by.get((dtype, d, n, p, v), {})
-            # padded: the split (default) kernels over the padded ones, the issue's ratio; a lever: lever over default
+            # padded: the split (default) kernels over the padded ones (the split's target); a lever: lever over default
             num, den = (base, r) if v == "padded" else (r, base)
             line += [_ms_cell(r)[0], fmt(num["ms"] / den["ms"]) + "x" if num.get("ms") and den.get("ms") else "-"]
         lines.append(line)
@@ -625,42 +625,42 @@ def _short(model: str, batch) -> str:
     return f"{model.replace('DiT-', '')} b{batch}"
 
 
-def _issue19_flash(dtype, d, n, r, by):
+def _fwd_jvp_over_flash_check(dtype, d, n, r, by):
     """Fused forward + JVP over FA2's forward: <= 1.75x at D 64, <= 1.85x at D 128 (bf16)."""
     limit = {64: 1.75, 128: 1.85}.get(d)
     flash = by.get((dtype, d, n, "sdpa_flash_fwd"))
     if limit and flash and dtype == "bf16":
         v = r["ms"] / flash["ms"]
-        return f"attention fwd+JVP <= {limit}x SDPA flash (FA2) fwd at D {d} (issue 19)", v, v <= limit, "x"
+        return f"attention fwd+JVP <= {limit}x SDPA flash (FA2) fwd at D {d} (Hopper target)", v, v <= limit, "x"
     return None
 
 
-def _issue19_tflops(dtype, d, n, r, by):
+def _fwd_jvp_tflops_check(dtype, d, n, r, by):
     """>= 550 effective TFLOP/s (12 N^2 D a head) at N >= 2048 (bf16)."""
     if n >= 2048 and dtype == "bf16" and r.get("tflops"):
-        return "attention fwd+JVP >= 550 eff. TFLOP/s at N >= 2048 (issue 19)", r["tflops"], r["tflops"] >= 550, " TFLOP/s"
+        return "attention fwd+JVP >= 550 eff. TFLOP/s at N >= 2048 (Hopper target)", r["tflops"], r["tflops"] >= 550, " TFLOP/s"
     return None
 
 
-def _issue19_split(dtype, d, n, r, by):
+def _split_head_dim_fwd_check(dtype, d, n, r, by):
     """Split head dim (default kernels) over the padded kernels: fwd+JVP <= 0.75x at D 72."""
     padded = by.get((dtype, d, n, "fused_fwd_jvp_padded"))
     if padded and d == 72:
         v = r["ms"] / padded["ms"]
-        return "attention fwd+JVP at D 72 <= 0.75x the padded kernel (issue 19)", v, v <= 0.75, "x"
+        return "attention fwd+JVP at D 72 <= 0.75x the padded kernel (Hopper target)", v, v <= 0.75, "x"
     return None
 
 
-def _issue19_split_bwd(dtype, d, n, r, by):
-    """Backward no slower than today's (padded) kernel at a split head dim."""
+def _split_head_dim_bwd_check(dtype, d, n, r, by):
+    """Backward at a split head dim no slower than the padded kernel's."""
     split, padded = by.get((dtype, d, n, "fused_bwd")), by.get((dtype, d, n, "fused_bwd_padded"))
     if split and padded:
         v = split["ms"] / padded["ms"]
-        return "attention bwd at a split head dim <= 1.0x the padded kernel (issue 19)", v, v <= 1.0, "x"
+        return "attention bwd at a split head dim <= 1.0x the padded kernel (Hopper target)", v, v <= 1.0, "x"
     return None
 
 
-ATTN_ISSUE19_CHECKS = (_issue19_flash, _issue19_tflops, _issue19_split, _issue19_split_bwd)
+ATTN_HOPPER_CHECKS = (_fwd_jvp_over_flash_check, _fwd_jvp_tflops_check, _split_head_dim_fwd_check, _split_head_dim_bwd_check)
 
 
 def targets(files: list[ResultFile]) -> list[Check]:
@@ -716,7 +716,7 @@ def targets(files: list[ResultFile]) -> list[Check]:
                 else:
                     v, ok = fn(r["ms"], o["ms"])
                 _check(checks, target, part, v, ok, _name(rf), rf.label)
-            for check in ATTN_ISSUE19_CHECKS:
+            for check in ATTN_HOPPER_CHECKS:
                 got = check(dtype, d, n, r, by)
                 if got:
                     target, v, ok, unit = got

@@ -11,10 +11,10 @@
 // backward: read 1, write 1), for every sample size, with no per-sample size limit (no sample has to fit in one
 // block's registers). Saving the unscaled residual also keeps fp16 safe: (2 / B) w_i d is often below fp16's normal
 // range (w ~ 1 / L), d itself is not, and the scale is applied in fp32 (so GradScaler's scale never underflows).
-// Measured on CPU (one thread, B = 256 x 4x32x32, kt = 64, forward + backward): against the best two-phase variant
-// (each task rescales its sample in place right after the reduction, while it is still in L1/L2, and backward is
-// grad_out * grad_u) this design takes 0.44 vs 0.54 ms in fp32 and 0.94 vs 1.37 ms in bf16: the second pass is not
-// free even from cache (it converts every element twice more), and on a GPU it would be a second full pass.
+// The alternative, a two-phase variant (each task rescales its sample in place right after the reduction, while it is
+// still in L1/L2, and backward is grad_out * grad_u), measured slower on CPU in fp32 and bf16 alike: the second pass
+// is not free even from cache (it converts every element twice more), and on a GPU it would be a second full pass.
+// The op's own timings: bench/results/target_cpu.md (CPU) and the target.json files of the GPU result folders.
 //
 // Accumulation is in fp32 (fp64 for fp64 inputs); outputs loss, per_sample, weight are fp32 (fp64 for fp64 inputs).
 // Reductions are deterministic: fixed chunking of each sample, independent of the number of threads.
@@ -107,7 +107,7 @@ template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // Element conversions. static_cast suffices for float, double and bfloat16 (gcc vectorizes those loops); c10::Half's
-// portable float <-> half conversion has selects that gcc turns into branches here (no vectorization: 8x slower), so
+// portable float <-> half conversion has selects that gcc turns into branches here (the loop is not vectorized), so
 // Half gets the same algorithm (bit-exact, round to nearest even) written with bit masks.
 // (__builtin_bit_cast where the compiler has it, gcc >= 11 / clang: gcc does not vectorize the memcpy form.)
 #if defined(__has_builtin)
@@ -174,8 +174,8 @@ int64_t cpu_grain(int64_t n) { return std::max<int64_t>(1, kCpuGrainElems / std:
 // no -march flag: the binary runs anywhere), and the AVX2 copy is chosen at run time when the CPU has it.
 // MFKERNELS_CPU_ISA=baseline forces the baseline copy (tests compare the two: same lanes, same order, so the
 // results are bitwise equal; no FMA in either, so the target is rounded as the reference rounds it).
-// Measured (one thread, B = 256 x 4x32x32, kt = 64, op forward + backward, fastest of 41): fp32 0.36 -> 0.34 ms
-// (memory-bound), bf16 0.98 -> 0.46 ms, fp16 3.66 -> 1.56 ms (fp16 would want F16C: not done).
+// The AVX2 copy pays off most for the 16-bit dtypes (their conversions vectorize); fp32 is memory-bound either way.
+// fp16 would want F16C conversions: not done. Timings: bench/results/target_cpu.md (run with the AVX2 copy).
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #define MFKERNELS_AVX2_COPY 1
 #define MFKERNELS_INLINE __attribute__((always_inline)) inline

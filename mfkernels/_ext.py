@@ -106,7 +106,7 @@ def _loaded(source: str, path: str | None, notes: str) -> NativeStatus:
     return NativeStatus(True, source, cuda, notes, path)
 
 
-# --------------------------------------------------------------------------------------------------------- JIT
+# -------------------------------------------------------------------------------------------------------------- JIT
 def find_cuda_home() -> str | None:
     """A CUDA toolkit with nvcc and headers: $CUDA_HOME / $CUDA_PATH, torch's guess, /usr/local/cuda(-*).
 

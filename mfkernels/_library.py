@@ -1,4 +1,4 @@
-"""Fused ops as torch.library custom ops that torch.compile can put in a graph whole, with a cheap eager path.
+"""The one registration path of the Triton ops: a torch.library custom op for tracing, a direct path for eager calls.
 
 Each op is written once, as four functions:
 
@@ -10,17 +10,24 @@ Each op is written once, as four functions:
 and `FusedOp` registers them twice, over the same functions:
 
 * `torch.library.custom_op("mfkernels::<name>")` + `register_fake` + `register_autograd`: the op Dynamo records as one
-  opaque node (AOT autograd traces `backward` into the backward graph), what `torch.library.opcheck` checks, and what
-  `torch.ops.mfkernels.<name>` calls from anywhere;
+  opaque node (AOT autograd traces `backward` into the backward graph), what `torch.library.opcheck` checks, what
+  torch.func transforms see as a leaf, and what `torch.ops.mfkernels.<name>` calls from anywhere;
 * an `autograd.Function` built from `impl` + `setup_context` + `backward`: what an eager call goes through. The custom
-  op's dispatch costs host time of its own (CPU, torch 2.13, an op whose body only allocates its outputs: 13 us per call
-  without grad and 25 us with grad through the custom op, against 2 us / 8 us for the body alone / inside an
-  autograd.Function): eager fused steps are host-bound on a GPU (DESIGN.md 7), so eager calls skip it.
+  op's dispatch (schema parsing, the Python autograd kernel, the fake-tensor machinery's checks) costs host time of
+  its own, more than the op's whole Python body at small sizes (bench/results/cpu/HOST.md, "Host microseconds per
+  fused op call": eager against via custom op). Eager fused steps are host-bound on a GPU (docs/design.md, 'Host
+  overhead and the eager path'), so eager calls skip it.
 
 `FusedOp.__call__` takes the custom op whenever anything traces or transforms the call (torch.compile, AOT autograd
 tracing a backward formula, opcheck, fake tensors, torch.func, tensor subclasses) and the Function (or, with nothing to
 differentiate, the body) for a plain eager call. Both paths run the same functions, and tests/test_custom_ops.py
 checks that they agree bit for bit.
+
+Differentiable tangent outputs: setup_context decides which outputs are non-differentiable. An op whose tangent output
+must be differentiable on request takes a `tangent_grad: bool` argument (part of the schema, so a traced graph records
+it) and its setup_context leaves the tangent differentiable (saving what the tangent's backward needs) when it is set;
+its backward then receives the tangent's gradient too. `mfkernels::attention_jvp_fwd` is such an op
+(attention/registration.py); the other ops mark their tangent non-differentiable and take no such argument yet.
 """
 from __future__ import annotations
 
@@ -37,7 +44,8 @@ class FusedOp:
     name: the op's name in the mfkernels namespace. impl: the body, with type hints (the op's schema is inferred from
     them). fake: the FakeTensor implementation. setup_context / backward: as for `torch.library.register_autograd`;
     without them the op is not differentiable (backward ops). mutates_args: as for `torch.library.custom_op`.
-    check: optional argument check run by the custom op only (the public functions check before an eager call).
+    check: the argument check of the registered op only, run in its body (`torch.ops.mfkernels.<name>` may be called
+    from anywhere); the eager path runs none: the public function that calls it checked its inputs already.
     """
 
     def __init__(self, name: str, impl: Callable, fake: Callable, *, setup_context: Callable | None = None,

@@ -1,10 +1,12 @@
-"""Where can a Triton kernel run, and what happens when it cannot.
+"""The host-side runtime every op shares: where a Triton kernel can run (and the fallback when it cannot), output
+allocation, the accumulation dtype, autocast casts, launch-grid arithmetic. Pure torch: importable without Triton.
 
 On CUDA tensors the compiled kernels run. On CPU tensors they run only under the Triton interpreter
 (TRITON_INTERPRET=1, used by the tests). Anywhere else an op falls back to its pure-torch `<op>_ref` and says so once.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -44,11 +46,13 @@ def triton_can_run(t: torch.Tensor) -> bool:
     return False
 
 
-def require_triton(op: str, t: torch.Tensor) -> None:
-    """The custom ops' own check (their public functions fall back to the reference before ever calling them)."""
-    if not triton_can_run(t):
+def require_triton(op: str, t: torch.Tensor, can_run=triton_can_run) -> None:
+    """The registered ops' own check (their public functions fall back to the reference before ever calling them).
+    can_run: a stricter test where an op supports fewer dtypes than Triton does (attention: no fp64 on CUDA)."""
+    if not can_run(t):
         raise RuntimeError(f"mfkernels::{op} runs Triton kernels: it needs CUDA tensors, or CPU tensors with "
-                           f"TRITON_INTERPRET=1 (and Triton importable); got tensors on {t.device}")
+                           f"TRITON_INTERPRET=1 (and Triton importable); got a tensor of dtype {t.dtype} on "
+                           f"{t.device}")
 
 
 _warned: set[str] = set()
@@ -84,8 +88,8 @@ def new_output(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 
 def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) for launch grids. Plain Python: triton.cdiv is a ConstexprFunction in Triton 3.6 and costs ~2 us per
-    host call, paid on every launch."""
+    """ceil(a / b) for launch grids. Plain Python: triton.cdiv is a ConstexprFunction in Triton 3.6, whose host call
+    costs more than the arithmetic, and it is paid on every launch."""
     return -(-a // b)
 
 
@@ -102,3 +106,41 @@ def promote(*dtypes: torch.dtype) -> torch.dtype:
             out = torch.promote_types(out, d)
         _PROMOTED[dtypes] = out
     return out
+
+
+def wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Grad mode is on and an input requires grad: whether a forward saves what its backward needs."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The accumulation / math dtype of every op, kernel and reference alike: float64 if any input is float64 (the
+    exact tests), else float32 (16-bit inputs are upcast after the load; loads and stores keep the tensors' dtypes)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached per device)."""
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# --------------------------------------------------------------------------------------------------------- autocast
+def autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype active for t's device type, or None outside autocast."""
+    device_type = t.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_cast(dtype: torch.dtype | None, *tensors):
+    """Differentiable casts to the autocast dtype, as autocast does for F.linear (the identity without autocast;
+    floats only, None passes). The GEMM ops (linear, mlp, swiglu) cast their inputs and parameters so first."""
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -7,8 +7,8 @@ One launch reads a once and writes y and y_dot (eager reads a twice and runs abo
 The backward of the primal is one more elementwise kernel: da = dy g'(a).
 
 Chain: `_act_jvp_fwd_kernel` -> `gelu_tanh_jvp_fwd()` / `silu_jvp_fwd()` -> ops `mfkernels::gelu_tanh_fwd` /
-`mfkernels::silu_fwd` (backward ops `mfkernels::gelu_tanh_bwd` / `silu_bwd`, see `_library.FusedOp`) -> `gelu_tanh_jvp()`
-/ `silu_jvp()`. The MLP op (mlp.py) reuses both kernels with a fused bias.
+`mfkernels::silu_fwd` (backward ops `mfkernels::gelu_tanh_bwd` / `silu_bwd`, see `_library.FusedOp`) ->
+`gelu_tanh_jvp()` / `silu_jvp()`. The MLP op (mlp.py) reuses both kernels with a fused bias.
 """
 from __future__ import annotations
 
@@ -17,17 +17,9 @@ import torch
 from . import _runtime
 from ._checks import check_tangent
 from ._library import FusedOp
-from ._tl_math import (
-    ACT_GELU_TANH,
-    ACT_SILU,
-    ELEMENTWISE_BLOCK,
-    ELEMENTWISE_WARPS,
-    acc_dtype,
-    act_and_grad,
-    tl,
-    triton,
-)
-from .reference import gelu_tanh_jvp_ref, silu_jvp_ref
+from ._triton import (ACT_GELU_TANH, ACT_SILU, ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, act_and_grad, tl, tl_acc_dtype,
+                      triton)
+from .reference import _gelu_tanh_jvp_ref, _silu_jvp_ref
 
 __all__ = ["gelu_tanh_jvp", "silu_jvp"]
 
@@ -86,7 +78,7 @@ def _act_bwd_kernel(A, BIAS, DY, DA, G, n, n_cols, ACT: tl.constexpr, HAS_BIAS: 
         tl.store(G + offs, y.to(G.dtype.element_ty), mask=mask)
 
 
-# --------------------------------------------------------------------------------------------------------- launchers
+# -------------------------------------------------------------------------------------------------------- launchers
 def act_jvp_fwd(a: torch.Tensor, a_dot: torch.Tensor, act: int, *,
                 bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch `_act_jvp_fwd_kernel`: (y, y_dot) = (g(a + bias), g'(a + bias) a_dot), fresh contiguous outputs.
@@ -100,7 +92,7 @@ def act_jvp_fwd(a: torch.Tensor, a_dot: torch.Tensor, act: int, *,
         grid = (_runtime.cdiv(n_primal, ELEMENTWISE_BLOCK),)
         _act_jvp_fwd_kernel[grid](
             a, a_dot, bias if bias is not None else a, y, y_dot, n_primal, n_tangent, a.shape[-1],
-            ACT=act, HAS_BIAS=bias is not None, BLOCK=ELEMENTWISE_BLOCK, ACC=acc_dtype(a.dtype),
+            ACT=act, HAS_BIAS=bias is not None, BLOCK=ELEMENTWISE_BLOCK, ACC=tl_acc_dtype(a.dtype),
             num_warps=ELEMENTWISE_WARPS,
         )
     return y, y_dot
@@ -126,7 +118,7 @@ def act_bwd(a: torch.Tensor, dy: torch.Tensor | None, act: int, *, bias: torch.T
         _act_bwd_kernel[grid](
             a, bias if bias is not None else a, dy if write_da else a, da if write_da else a, g if write_g else a,
             n, a.shape[-1], ACT=act, HAS_BIAS=bias is not None, WRITE_DA=write_da, WRITE_G=write_g,
-            BLOCK=ELEMENTWISE_BLOCK, ACC=acc_dtype(a.dtype), num_warps=ELEMENTWISE_WARPS,
+            BLOCK=ELEMENTWISE_BLOCK, ACC=tl_acc_dtype(a.dtype), num_warps=ELEMENTWISE_WARPS,
         )
     return da, g
 
@@ -147,7 +139,7 @@ def silu_bwd(a: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     return act_bwd(a, grad_y, ACT_SILU)[0]
 
 
-# ------------------------------------------------------------------------------------------------------ custom ops
+# ----------------------------------------------------------------------------------------------------- registration
 def _fwd_fake(a, a_dot):
     return a.new_empty(a.shape), a.new_empty(a_dot.shape)
 
@@ -188,7 +180,7 @@ _gelu_tanh = _act_ops("gelu_tanh", gelu_tanh_jvp_fwd, gelu_tanh_bwd)
 _silu = _act_ops("silu", silu_jvp_fwd, silu_bwd)
 
 
-# ---------------------------------------------------------------------------------------------------------- public
+# ----------------------------------------------------------------------------------------------------------- public
 def gelu_tanh_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """y = GELU_tanh(a) (differentiable);  y_dot = g'(a) a_dot (detached), a_dot: (kt, *a.shape[1:]), kt <= B.
 
@@ -197,10 +189,12 @@ def gelu_tanh_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, t
     The op is `torch.ops.mfkernels.gelu_tanh_fwd` (its backward `mfkernels::gelu_tanh_bwd`).
     """
     check_tangent("a_dot", a_dot, "a", a)
-    if not _runtime.triton_can_run(a):
-        _runtime.warn_fallback("gelu_tanh_jvp", a)
-        return gelu_tanh_jvp_ref(a, a_dot)
-    return _gelu_tanh(a, a_dot)
+    return _gelu_tanh_jvp(a, a_dot)
+
+
+def _gelu_tanh_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gelu_tanh_jvp on checked arguments."""
+    return _fused_or_reference("gelu_tanh_jvp", _gelu_tanh, _gelu_tanh_jvp_ref, a, a_dot)
 
 
 def silu_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +202,16 @@ def silu_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.
 
     The op is `torch.ops.mfkernels.silu_fwd` (its backward `mfkernels::silu_bwd`)."""
     check_tangent("a_dot", a_dot, "a", a)
+    return _silu_jvp(a, a_dot)
+
+
+def _silu_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """silu_jvp on checked arguments."""
+    return _fused_or_reference("silu_jvp", _silu, _silu_jvp_ref, a, a_dot)
+
+
+def _fused_or_reference(name: str, fused: FusedOp, reference, a: torch.Tensor, a_dot: torch.Tensor):
     if not _runtime.triton_can_run(a):
-        _runtime.warn_fallback("silu_jvp", a)
-        return silu_jvp_ref(a, a_dot)
-    return _silu(a, a_dot)
+        _runtime.warn_fallback(name, a)
+        return reference(a, a_dot)
+    return fused(a, a_dot)

@@ -17,9 +17,10 @@ The MLP is one custom op, `mfkernels::mlp_fwd`, because its memory is the point:
 da = dg gelu'(h + b1), `mfkernels::gelu_tanh_bias_bwd`), against x, a and g for an unfused chain.
 
 Autocast: under torch.autocast (CUDA, or CPU in tests) both ops cast x, x_dot, the weights and biases to the autocast
-dtype first (differentiably, as autocast does for F.linear), so y and y_dot share that dtype and the parameter
-gradients come back in the parameters' dtype. (`reference.linear_jvp_ref` under autocast returns y in fp32 and y_dot
-in bf16, and `reference.mlp_jvp_ref` raises there: see the report of issue 5.) Without autocast all must share a dtype.
+dtype first (differentiably, as autocast does for F.linear: `_runtime.autocast_cast`), so y and y_dot share that dtype
+and the parameter gradients come back in the parameters' dtype. The references do not cast: under autocast
+`reference.linear_jvp_ref` returns y in fp32 and y_dot in bf16, and `reference.mlp_jvp_ref` raises (its GELU gets
+mixed dtypes); so the fused ops cast before they fall back to them. Without autocast all must share a dtype.
 
 Chain: `_act_jvp_fwd_kernel` (activations.py, with a fused bias) -> `mlp_jvp_fwd()` -> op `mfkernels::mlp_fwd`
 (backward: torch GEMMs around `_act_bwd_kernel` -> op `mfkernels::gelu_tanh_bias_bwd`) -> `mlp_jvp()`.
@@ -32,47 +33,16 @@ import torch
 import torch.nn.functional as F
 
 from . import _runtime
-from ._checks import check_linear_args
+from ._checks import check_linear_args, check_mlp_args, check_params_match
 from ._library import FusedOp
-from ._tl_math import ACT_GELU_TANH
+from ._triton import ACT_GELU_TANH
 from .activations import act_bwd, act_jvp_fwd
-from .reference import mlp_jvp_ref
+from .reference import _mlp_jvp_ref
 
 __all__ = ["linear_jvp", "mlp_jvp"]
 
 
-def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
-    device_type = t.device.type
-    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _cast(dtype: torch.dtype | None, *tensors):
-    """Differentiable casts to the autocast dtype (the identity without autocast; floats only, None passes)."""
-    if dtype is None:
-        return tensors
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
-# ---------------------------------------------------------------------------------------------------------- linear
-def linear_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x W^T + b (differentiable in x, W, b);  y_dot = x_dot W^T (detached).
-
-    x: (B, ..., in), x_dot: (kt, ..., in), W: (out, in). Same checks as `reference.linear_jvp_ref`. Two GEMMs on one
-    weight (cuBLAS through torch, so it runs on any device: no fallback needed; no GEMM at all for kt = 0). Under
-    autocast the inputs are cast to the autocast dtype first, so y and y_dot share one dtype.
-    """
-    check_linear_args(x, weight, x_dot)
-    x, weight, bias, x_dot = _cast(_autocast_dtype(x), x, weight, bias, x_dot)
-    y = F.linear(x, weight, bias)
-    with torch.no_grad():
-        y_dot = F.linear(x_dot, weight)
-    return y, y_dot
-
-
-# ------------------------------------------------------------------------------------------------------------- mlp
+# -------------------------------------------------------------------------------------------------------- launchers
 def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, save_for_backward: bool):
     """Forward of the MLP and its tangent. Returns (y, y_dot, h); h = x W1^T (B*N, hidden) when saving, else empty."""
     lead, lead_t = x.shape[:-1], x_dot.shape[:-1]
@@ -88,6 +58,7 @@ def mlp_jvp_fwd(x, w1, b1, w2, b2, x_dot, save_for_backward: bool):
     return y.reshape(*lead, w2.shape[0]), y_dot.reshape(*lead_t, w2.shape[0]), saved
 
 
+# ----------------------------------------------------------------------------------------------------- registration
 def _gelu_bias_bwd_impl(h: torch.Tensor, b1: torch.Tensor | None, dg: torch.Tensor, write_da: bool,
                         write_g: bool) -> torch.Tensor:
     """With a = h + b1: dg <- dg gelu'(a) in place (if write_da), and returns g = gelu(a) (if write_g, else empty)."""
@@ -152,8 +123,8 @@ def _mlp_backward(ctx, grad_y, _grad_y_dot, _grad_h):
 
 
 def _check_mlp_op(x, w1, b1, w2, b2, x_dot, save_for_backward):
-    check_linear_args(x, w1, x_dot)
-    _check_mlp_args(x, w1, b1, w2, b2, x_dot)
+    check_mlp_args(x, w1, w2, x_dot)
+    check_params_match("MLP", x, None, w1=w1, b1=b1, w2=w2, b2=b2)
     _runtime.require_triton("mlp_fwd", x)
 
 
@@ -161,13 +132,27 @@ _mlp_fwd = FusedOp("mlp_fwd", _mlp_fwd_impl, _mlp_fwd_fake, setup_context=_mlp_s
                    backward=_mlp_backward, check=_check_mlp_op)
 
 
-def _check_mlp_args(x, w1, b1, w2, b2, x_dot) -> None:
-    """After the autocast casts: every parameter has x's dtype and device."""
-    dtype = x.dtype
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        if t is not None and (t.dtype != dtype or t.device != x.device):
-            raise TypeError(f"{name} has dtype {t.dtype} on {t.device} but x has dtype {dtype} on {x.device}; outside "
-                            f"autocast the MLP's parameters must match x")
+# ----------------------------------------------------------------------------------------------------------- public
+def linear_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x W^T + b (differentiable in x, W, b);  y_dot = x_dot W^T (detached).
+
+    x: (B, ..., in), x_dot: (kt, ..., in), W: (out, in). Same checks as `reference.linear_jvp_ref`. Two GEMMs on one
+    weight (cuBLAS through torch, so it runs on any device: no fallback needed; no GEMM at all for kt = 0). Under
+    autocast the inputs are cast to the autocast dtype first, so y and y_dot share one dtype.
+    """
+    check_linear_args(x, weight, x_dot)
+    return _linear_jvp(x, weight, bias, x_dot)
+
+
+def _linear_jvp(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """linear_jvp on checked arguments."""
+    x, weight, bias, x_dot = _runtime.autocast_cast(_runtime.autocast_dtype(x), x, weight, bias, x_dot)
+    y = F.linear(x, weight, bias)
+    with torch.no_grad():
+        y_dot = F.linear(x_dot, weight)
+    return y, y_dot
 
 
 def mlp_jvp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
@@ -175,20 +160,30 @@ def mlp_jvp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torc
     """Linear(w1, b1) -> GELU(tanh) -> Linear(w2, b2) with its tangent (see the module docstring).
 
     x: (B, ..., in), x_dot: (kt, ..., in), w1: (hidden, in), w2: (out, hidden). Returns (y differentiable in x and the
-    parameters, y_dot detached). Same contract and checks as `reference.mlp_jvp_ref` (whose checks run in its first
-    linear and its GELU); falls back to it (one warning) where Triton cannot run. The op is
+    parameters, y_dot detached). Same contract and checks as `reference.mlp_jvp_ref`; outside autocast the parameters
+    must have x's dtype and device. Falls back to the reference (one warning) where Triton cannot run. The op is
     `torch.ops.mfkernels.mlp_fwd` (what torch.compile records).
     """
-    check_linear_args(x, w1, x_dot)
-    if w2.shape[-1] != w1.shape[0]:
-        raise ValueError(f"w2 has shape {tuple(w2.shape)} (out, hidden) but w1 has shape {tuple(w1.shape)} "
-                         f"(hidden, in): the hidden sizes must match")
-    # cast before the fallback too: the reference's own linear mixes dtypes under autocast
-    x, w1, b1, w2, b2, x_dot = _cast(_autocast_dtype(x), x, w1, b1, w2, b2, x_dot)
+    check_mlp_args(x, w1, w2, x_dot)
+    if _runtime.triton_can_run(x):  # the reference takes mixed dtypes as torch does
+        check_params_match("MLP", x, _runtime.autocast_dtype(x), w1=w1, b1=b1, w2=w2, b2=b2)
+    return _mlp_jvp(x, w1, b1, w2, b2, x_dot)
+
+
+def _mlp_jvp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+             x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """mlp_jvp on checked arguments."""
+    return two_gemm_jvp("mlp_jvp", _mlp_fwd, _mlp_jvp_ref, x, w1, b1, w2, b2, x_dot)
+
+
+def two_gemm_jvp(name: str, fused: FusedOp, reference, x, w_in, b_in, w_out, b_out, x_dot):
+    """The MLP-shaped ops (mlp_jvp, swiglu_jvp) on checked arguments: the autocast casts first (also before the
+    fallback: the references do not cast), the reference where Triton cannot run, else the fused op, which saves for
+    its backward only when a gradient is wanted."""
+    x, w_in, b_in, w_out, b_out, x_dot = _runtime.autocast_cast(_runtime.autocast_dtype(x), x, w_in, b_in, w_out,
+                                                                b_out, x_dot)
     if not _runtime.triton_can_run(x):
-        _runtime.warn_fallback("mlp_jvp", x)
-        return mlp_jvp_ref(x, w1, b1, w2, b2, x_dot)
-    _check_mlp_args(x, w1, b1, w2, b2, x_dot)
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
-    y, y_dot, _ = _mlp_fwd(x, w1, b1, w2, b2, x_dot, save)
+        _runtime.warn_fallback(name, x)
+        return reference(x, w_in, b_in, w_out, b_out, x_dot)
+    y, y_dot, _ = fused(x, w_in, b_in, w_out, b_out, x_dot, _runtime.wants_grad(x, w_in, b_in, w_out, b_out))
     return y, y_dot

@@ -15,8 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._runtime import acc_dtype
 from .ops import JVPOps, ops_table
-from .reference import attention_ref
+from .reference import attention_ref, rotate_pairs
+
 
 class _Switch:
     """A process-wide on/off switch with ContextVar's get / set / reset API, readable by torch.compile.
@@ -55,6 +57,7 @@ def math_attention():
 
 
 def _ops(ops: JVPOps | None) -> JVPOps:
+    """The table a module's forward_jvp calls: the caller's, or the checked fused table (a direct call on user data)."""
     return ops if ops is not None else ops_table("fused")
 
 
@@ -131,15 +134,12 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor) -> torc
     return x + gate[:, None, :] * f
 
 
-# ------------------------------------------------------------------------- modern transformer layers (issue 16)
+# ---------------------------------------------------------------------------------------- modern transformer layers
 # RMSNorm, the SwiGLU MLP and attention with QK-norm and rotary embeddings (iMF, LightningDiT, SD3 / Flux, LLaMA).
 # Their plain forwards compute what the ops compute (norm and rotation in fp32, one rounding to x's dtype), so that
 # torch.func.jvp of `forward` (the `autograd` backend) and `forward_jvp` agree.
-from .reference_modern import _rotate as _rope_rotate  # noqa: E402  (the plain rotation, shared with the reference)
-
-
 def _acc_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    return acc_dtype(*(t.dtype for t in tensors if t is not None))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) -> torch.Tensor:
@@ -153,7 +153,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float = 1e-6) ->
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = True) -> torch.Tensor:
     """Rotate pairs of x's last dim by the angles of cos / sin (broadcastable to x.shape[:-1] + (D/2,)), in fp32."""
     acc = _acc_dtype(x, cos)
-    return _rope_rotate(x.to(acc), cos.to(acc), sin.to(acc), interleaved).to(x.dtype)
+    return rotate_pairs(x.to(acc), cos.to(acc), sin.to(acc), interleaved).to(x.dtype)
 
 
 def rope_angles(head_dim: int, positions: torch.Tensor | int, theta: float = 10000.0,

@@ -7,8 +7,9 @@
 
 Forward: one kernel, one program per token row, reads x (and x_dot for tangent rows) once and writes y (and y_dot);
 saves mean and rstd (one fp32 pair per row) for the backward.
-Backward (primal only): one kernel per (token chunk, sample): dx = rstd (g - mean(g) - xh mean(g xh)), g = dy (1 + scale),
-and per-chunk partial sums of dy and dy xh, summed over chunks on the host (deterministic) into dshift and dscale.
+Backward (primal only): one kernel per (token chunk, sample): dx = rstd (g - mean(g) - xh mean(g xh)),
+g = dy (1 + scale), and per-chunk partial sums of dy and dy xh, summed over chunks on the host (deterministic) into
+dshift and dscale.
 
 Dtypes: x, shift, scale and all tangents must share one dtype (as in the reference, which raises otherwise: cast the
 adaLN outputs to x's dtype before calling). No autocast casting: y and y_dot have x's dtype; statistics and all math are
@@ -23,20 +24,10 @@ from __future__ import annotations
 import torch
 
 from . import _runtime
-from ._runtime import require_triton
 from ._checks import check_layernorm_modulate_args
 from ._library import FusedOp
-from ._tl_math import (
-    acc_dtype,
-    reduction_rows_per_program,
-    row_block,
-    row_stride,
-    row_warps,
-    tl,
-    torch_acc_dtype,
-    triton,
-)
-from .reference import layernorm_modulate_jvp_ref
+from ._triton import reduction_rows_per_program, row_block, row_stride, row_warps, tl, tl_acc_dtype, triton
+from .reference import _layernorm_modulate_jvp_ref
 
 __all__ = ["layernorm_modulate_jvp"]
 
@@ -140,7 +131,7 @@ def _layernorm_modulate_bwd_kernel(
         tl.store(DSCALE_PART + part, acc_dscale, mask=mask)
 
 
-# --------------------------------------------------------------------------------------------------------- launchers
+# -------------------------------------------------------------------------------------------------------- launchers
 def layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps: float, save_stats: bool):
     """Launch the forward kernel. Returns (y, y_dot, mean, rstd); mean/rstd are empty (0,) unless save_stats."""
     batch, tokens, c = x.shape
@@ -152,7 +143,7 @@ def layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps
     scale_dot, s_scale_dot = row_stride(scale_dot)
     y = _runtime.new_output(x.shape, dtype=x.dtype, device=x.device)
     y_dot = _runtime.new_output(x_dot.shape, dtype=x.dtype, device=x.device)
-    stats_dtype = torch_acc_dtype(x.dtype)
+    stats_dtype = _runtime.acc_dtype(x.dtype)
     n_stats = batch * tokens if save_stats else 0
     mean = _runtime.new_output((n_stats,), dtype=stats_dtype, device=x.device)
     rstd = _runtime.new_output((n_stats,), dtype=stats_dtype, device=x.device)
@@ -163,7 +154,7 @@ def layernorm_modulate_jvp_fwd(x, shift, scale, x_dot, shift_dot, scale_dot, eps
             x, shift, scale, x_dot, shift_dot, scale_dot,
             y, y_dot, mean, rstd,
             tokens, c, kt * tokens, s_shift, s_scale, s_shift_dot, s_scale_dot, eps,
-            BLOCK_C=block_c, ACC=acc_dtype(x.dtype), SAVE_STATS=save_stats, num_warps=row_warps(block_c),
+            BLOCK_C=block_c, ACC=tl_acc_dtype(x.dtype), SAVE_STATS=save_stats, num_warps=row_warps(block_c),
         )
     return y, y_dot, mean, rstd
 
@@ -178,20 +169,20 @@ def layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx: bool, compu
     rows_per_program = reduction_rows_per_program(batch, tokens, 1, x.device)
     n_chunks = _runtime.cdiv(tokens, rows_per_program)
     # dshift and dscale partials in one buffer (2, B, n_chunks, C): one reduction over the chunks for both
-    parts = _runtime.new_output((2, batch, n_chunks, c), dtype=torch_acc_dtype(x.dtype), device=x.device) \
+    parts = _runtime.new_output((2, batch, n_chunks, c), dtype=_runtime.acc_dtype(x.dtype), device=x.device) \
         if compute_dmod else None
     _layernorm_modulate_bwd_kernel[(n_chunks, batch)](
         grad_y, x, scale, mean, rstd,
         dx if compute_dx else grad_y, parts[0] if compute_dmod else grad_y, parts[1] if compute_dmod else grad_y,
         tokens, c, n_chunks, rows_per_program, s_scale,
-        BLOCK_C=block_c, ACC=acc_dtype(x.dtype), COMPUTE_DX=compute_dx, COMPUTE_DMOD=compute_dmod,
+        BLOCK_C=block_c, ACC=tl_acc_dtype(x.dtype), COMPUTE_DX=compute_dx, COMPUTE_DMOD=compute_dmod,
         num_warps=row_warps(block_c),
     )
     dmod = parts.sum(2).to(scale.dtype) if compute_dmod else None  # fixed order over chunks: deterministic
     return dx, dmod
 
 
-# ------------------------------------------------------------------------------------------------------ custom ops
+# ----------------------------------------------------------------------------------------------------- registration
 def _fwd_impl(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x_dot: torch.Tensor, shift_dot: torch.Tensor,
               scale_dot: torch.Tensor, eps: float, save_stats: bool
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -201,7 +192,7 @@ def _fwd_impl(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x_dot: 
 
 def _fwd_fake(x, shift, scale, x_dot, shift_dot, scale_dot, eps, save_stats):
     rows = x.shape[0] * x.shape[1] if save_stats else 0
-    stats_dtype = torch_acc_dtype(x.dtype)
+    stats_dtype = _runtime.acc_dtype(x.dtype)
     return (x.new_empty(x.shape), x.new_empty(x_dot.shape), x.new_empty((rows,), dtype=stats_dtype),
             x.new_empty((rows,), dtype=stats_dtype))
 
@@ -250,14 +241,14 @@ def _backward(ctx, grad_y, _grad_y_dot, _grad_mean, _grad_rstd):
 
 def _check_op_args(x, shift, scale, x_dot, shift_dot, scale_dot, eps, save_stats):
     check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot)
-    require_triton("layernorm_modulate_fwd", x)
+    _runtime.require_triton("layernorm_modulate_fwd", x)
 
 
 _fwd = FusedOp("layernorm_modulate_fwd", _fwd_impl, _fwd_fake, setup_context=_setup_context, backward=_backward,
                check=_check_op_args)
 
 
-# ---------------------------------------------------------------------------------------------------------- public
+# ----------------------------------------------------------------------------------------------------------- public
 def layernorm_modulate_jvp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                            x_dot: torch.Tensor, shift_dot: torch.Tensor, scale_dot: torch.Tensor,
                            *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,9 +260,16 @@ def layernorm_modulate_jvp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     The op is `torch.ops.mfkernels.layernorm_modulate_fwd` (what torch.compile records).
     """
     check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot)
+    return _layernorm_modulate_jvp(x, shift, scale, x_dot, shift_dot, scale_dot, eps=eps)
+
+
+def _layernorm_modulate_jvp(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, x_dot: torch.Tensor,
+                            shift_dot: torch.Tensor, scale_dot: torch.Tensor,
+                            *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """layernorm_modulate_jvp on checked arguments."""
     if not _runtime.triton_can_run(x):
         _runtime.warn_fallback("layernorm_modulate_jvp", x)
-        return layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, eps=eps)
+        return _layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, eps=eps)
     save_stats = torch.is_grad_enabled() and (x.requires_grad or shift.requires_grad or scale.requires_grad)
     y, y_dot, _, _ = _fwd(x, shift, scale, x_dot, shift_dot, scale_dot, float(eps), save_stats)
     return y, y_dot

@@ -5,6 +5,13 @@
   warning where Triton cannot run).
 
 A model written against `JVPOps` switches implementation by switching tables; nothing else changes.
+
+Checked or not: `ops_table(impl)` holds the public ops, which validate their arguments on every call (what a user's
+own module calling them wants). `ops_table(impl, checked=False)` holds their private twins (`_<op>_jvp`,
+`_<op>_jvp_ref`), which skip the validation: for a caller whose inputs are already validated and whose layers build
+every op argument themselves, as `meanflow`'s networks (JVPNetwork.forward validates z, t, h, y and the tangents once;
+its layers then call these). Same results, same errors from torch where a shape cannot work; only the argument
+checks that name the wrong argument are skipped (docs/kernels.md, 'Where checks live').
 """
 from __future__ import annotations
 
@@ -26,54 +33,41 @@ class JVPOps:
     layernorm_modulate: Callable
     gated_residual: Callable
     attention: Callable
-    # modern-transformer ops (RMSNorm, SwiGLU, RoPE, fused QK-norm + RoPE): filled by _modern_ops below
     rmsnorm: Callable
     swiglu: Callable
     rope: Callable
     qk_norm_rope: Callable
+    checked: bool = True
 
 
-_TABLES: dict[str, JVPOps] = {}
+_TABLES: dict[tuple[str, bool], JVPOps] = {}
+_OPS = ("linear", "silu", "gelu_tanh", "mlp", "layernorm_modulate", "gated_residual", "attention", "rmsnorm", "swiglu",
+        "rope", "qk_norm_rope")
 
 
-def ops_table(implementation: str = "fused") -> JVPOps:
+def ops_table(implementation: str = "fused", *, checked: bool = True) -> JVPOps:
     """The op table of an implementation, built once (a plain dict rather than functools.lru_cache: torch.compile
-    traces this call in every model forward, and Dynamo reads a dict lookup as a constant but warns about lru_cache)."""
-    table = _TABLES.get(implementation)
+    traces this call in every model forward, and Dynamo reads a dict lookup as a constant but warns about lru_cache).
+    checked=False: the ops skip their argument checks (module docstring)."""
+    table = _TABLES.get((implementation, checked))
     if table is None:
-        table = _TABLES[implementation] = _build_table(implementation)
+        table = _TABLES[(implementation, checked)] = _build_table(implementation, checked)
     return table
 
 
-def _build_table(implementation: str) -> JVPOps:
+def _build_table(implementation: str, checked: bool) -> JVPOps:
+    prefix = "" if checked else "_"
     if implementation == "reference":
-        from . import reference as R
+        from . import reference
 
-        return JVPOps("reference", R.linear_jvp_ref, R.silu_jvp_ref, R.gelu_tanh_jvp_ref, R.mlp_jvp_ref,
-                      R.layernorm_modulate_jvp_ref, R.gated_residual_jvp_ref, R.attention_jvp_ref,
-                      **_modern_ops("reference"))
+        return JVPOps("reference", **{op: getattr(reference, f"{prefix}{op}_jvp_ref") for op in _OPS},
+                      checked=checked)
     if implementation == "fused":
-        from .activations import gelu_tanh_jvp, silu_jvp
-        from .attention import attention_jvp
-        from .mlp import linear_jvp, mlp_jvp
-        from .norm import layernorm_modulate_jvp
-        from .residual import gated_residual_jvp
+        from . import activations, mlp, norm, qk_norm_rope, residual, rmsnorm, rope, swiglu
+        from .attention import api as attention
 
-        return JVPOps("fused", linear_jvp, silu_jvp, gelu_tanh_jvp, mlp_jvp, layernorm_modulate_jvp,
-                      gated_residual_jvp, attention_jvp, **_modern_ops("fused"))
+        modules = dict(linear=mlp, silu=activations, gelu_tanh=activations, mlp=mlp, layernorm_modulate=norm,
+                       gated_residual=residual, attention=attention, rmsnorm=rmsnorm, swiglu=swiglu, rope=rope,
+                       qk_norm_rope=qk_norm_rope)
+        return JVPOps("fused", **{op: getattr(modules[op], f"{prefix}{op}_jvp") for op in _OPS}, checked=checked)
     raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}; got {implementation!r}")
-
-
-def _modern_ops(implementation: str) -> dict[str, Callable]:
-    """The RMSNorm / SwiGLU / RoPE / QK-norm + RoPE fields of a table (reference.py re-exports their references)."""
-    if implementation == "reference":
-        from . import reference_modern as R
-
-        return dict(rmsnorm=R.rmsnorm_jvp_ref, swiglu=R.swiglu_jvp_ref, rope=R.rope_jvp_ref,
-                    qk_norm_rope=R.qk_norm_rope_jvp_ref)
-    from .qk_norm_rope import qk_norm_rope_jvp
-    from .rmsnorm import rmsnorm_jvp
-    from .rope import rope_jvp
-    from .swiglu import swiglu_jvp
-
-    return dict(rmsnorm=rmsnorm_jvp, swiglu=swiglu_jvp, rope=rope_jvp, qk_norm_rope=qk_norm_rope_jvp)

@@ -1,8 +1,8 @@
 """Pure-PyTorch reference ops: each layer's output and its tangent (forward-mode derivative) in one call.
 
-These are the readable statement of the tangent rules in DESIGN.md 2, the `explicit` backend of `meanflow`, the CPU
-fallback of every Triton op, and what the kernels are tested against. Every op here and in the Triton modules follows
-one contract:
+These are the readable statement of the tangent rules (docs/design.md, 'Tangent rules'), the `explicit` backend of
+`meanflow`, the CPU fallback of every Triton op, and what the kernels are tested against. Every op here and in the
+Triton modules follows one contract:
 
 * ``op(primals..., tangents...) -> (y, y_dot)``.
 * A tangent has its primal's shape except in dim 0: kt <= B rows that stand for the FIRST kt rows of the primal batch.
@@ -10,7 +10,32 @@ one contract:
 * ``y`` is differentiable with respect to every primal input (ordinary autograd); ``y_dot`` is computed without
   building any autograd graph and is returned detached. Tangent inputs are constants: no gradient flows into them.
 
-Linear layers run one matmul on the stacked rows [x; x_dot] (the tangent of x W^T + b is x_dot W^T: same weight).
+Rules (a dot is a tangent; parameters and positions carry none):
+
+    linear       y = x W^T + b;  y_dot = x_dot W^T                  (one matmul on the stacked rows [x; x_dot])
+    activations  y = g(a);  y_dot = g'(a) a_dot                       (GELU(tanh), SiLU)
+    LN-modulate  y = xh (1 + scale) + shift,  xh = (x - mean) / sigma;
+                 y_dot = xh_dot (1 + scale) + xh scale_dot + shift_dot
+    residual     y = x + gate f;  y_dot = x_dot + gate_dot f + gate f_dot
+    attention    O = softmax(c Q K^T + mask) V;  O_dot = P_dot V + P V_dot
+    RMSNorm      r = 1 / sqrt(mean(x^2) + eps);  y = x r w;          y_dot = (x_dot - x r^2 mean(x x_dot)) r w
+    RoPE         pairs (x1, x2) of the last dim rotated by the angle of their position and frequency:
+                 y1 = x1 cos - x2 sin,  y2 = x1 sin + x2 cos;       the tangent rotates with the same angles
+    QK-norm+RoPE RoPE(RMSNorm(q, w_q)), RoPE(RMSNorm(k, w_k))
+    SwiGLU       [a | b] = x [W1; W3]^T + [b1; b3];  g = silu(a) b;  y = g W2^T + b2
+                 g_dot = silu'(a) a_dot b + silu(a) b_dot,  [a_dot | b_dot] = x_dot [W1; W3]^T  (one GEMM on [x; x_dot])
+
+RoPE pairing: ``interleaved=True`` pairs (x[2i], x[2i+1]) (a complex view of the last dim: iMF, Flux, LLaMA's Meta
+code); ``interleaved=False`` pairs (x[i], x[i + D/2]) (GPT-NeoX / HF "rotate_half"). cos and sin hold one angle per
+pair: shape broadcastable to x.shape[:-1] + (D/2,), e.g. (N, D/2) for x of (B, H, N, D), or (N, 1, D/2) for
+(B, N, H, D).
+
+Tangent math runs in fp32 (fp64 for fp64 inputs: `_runtime.acc_dtype`); outputs have x's dtype. Norm weights may have
+another float dtype than x (an fp32 parameter with bf16 activations under autocast): they are upcast, as the kernels do.
+
+Checks: each public `<op>_ref` validates its arguments (mfkernels._checks, the same checks as the fused op) and calls
+its private `_<op>_ref`, which does not; composite references and the unchecked op table
+(`mfkernels.ops.ops_table("reference", checked=False)`) call the private ones.
 """
 from __future__ import annotations
 
@@ -19,11 +44,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ._checks import (check_float, check_gated_residual_args, check_layernorm_modulate_args, check_like,
-                      check_linear_args, check_ndim, check_tangent, check_tangent_batches)
+from ._checks import (check_attention_args, check_gated_residual_args, check_layernorm_modulate_args,
+                      check_linear_args, check_mlp_args, check_qk_args, check_rmsnorm_args, check_rope_args,
+                      check_swiglu_args, check_tangent)
+from ._runtime import acc_dtype
 
 GELU_K = math.sqrt(2.0 / math.pi)
 GELU_C = 0.044715
+
+__all__ = ["linear_jvp_ref", "silu_jvp_ref", "gelu_tanh_jvp_ref", "mlp_jvp_ref", "layernorm_modulate_jvp_ref",
+           "gated_residual_jvp_ref", "attention_ref", "attention_jvp_ref", "rmsnorm_jvp_ref", "rope_jvp_ref",
+           "qk_norm_rope_jvp_ref", "swiglu_jvp_ref", "meanflow_loss_ref", "gelu_tanh_grad", "silu_grad",
+           "rotate_pairs"]
 
 
 def _rows(t: torch.Tensor, kt: int) -> torch.Tensor:
@@ -66,19 +98,31 @@ def linear_jvp_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
                    x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x W^T + b;  y_dot = x_dot W^T  (x: (B, ..., in), x_dot: (kt, ..., in), W: (out, in))."""
     check_linear_args(x, weight, x_dot)
+    return _linear_jvp_ref(x, weight, bias, x_dot)
+
+
+def _linear_jvp_ref(x, weight, bias, x_dot):
     return _LinearJVP.apply(x, x_dot, weight, bias)
 
 
 # ------------------------------------------------------------------------------------------------------ activations
+def silu_grad(a: torch.Tensor) -> torch.Tensor:
+    """silu'(a) = s (1 + a (1 - s)), s = sigmoid(a)."""
+    s = torch.sigmoid(a)
+    return s * (1 + a * (1 - s))
+
+
 def silu_jvp_ref(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """y = a sig(a);  y_dot = sig(a) (1 + a (1 - sig(a))) a_dot."""
-    kt = check_tangent("a_dot", a_dot, "a", a)
+    check_tangent("a_dot", a_dot, "a", a)
+    return _silu_jvp_ref(a, a_dot)
+
+
+def _silu_jvp_ref(a, a_dot):
     y = F.silu(a)
     with torch.no_grad():
-        acc = torch.promote_types(a.dtype, torch.float32)
-        ak = _rows(a, kt).to(acc)
-        s = torch.sigmoid(ak)
-        y_dot = (s * (1 + ak * (1 - s)) * a_dot.to(acc)).to(a.dtype)
+        acc = acc_dtype(a.dtype)
+        y_dot = (silu_grad(_rows(a, a_dot.shape[0]).to(acc)) * a_dot.to(acc)).to(a.dtype)
     return y, y_dot
 
 
@@ -90,23 +134,55 @@ def gelu_tanh_grad(a: torch.Tensor) -> torch.Tensor:
 
 def gelu_tanh_jvp_ref(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """y = GELU_tanh(a);  y_dot = g'(a) a_dot."""
-    kt = check_tangent("a_dot", a_dot, "a", a)
+    check_tangent("a_dot", a_dot, "a", a)
+    return _gelu_tanh_jvp_ref(a, a_dot)
+
+
+def _gelu_tanh_jvp_ref(a, a_dot):
     y = F.gelu(a, approximate="tanh")
     with torch.no_grad():
-        acc = torch.promote_types(a.dtype, torch.float32)
-        y_dot = (gelu_tanh_grad(_rows(a, kt).to(acc)) * a_dot.to(acc)).to(a.dtype)
+        acc = acc_dtype(a.dtype)
+        y_dot = (gelu_tanh_grad(_rows(a, a_dot.shape[0]).to(acc)) * a_dot.to(acc)).to(a.dtype)
     return y, y_dot
 
 
 def mlp_jvp_ref(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
                 b2: torch.Tensor | None, x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear -> GELU(tanh) -> Linear with its tangent; each linear is one GEMM over [x; x_dot]."""
-    a, a_dot = linear_jvp_ref(x, w1, b1, x_dot)
-    g, g_dot = gelu_tanh_jvp_ref(a, a_dot)
-    return linear_jvp_ref(g, w2, b2, g_dot)
+    check_mlp_args(x, w1, w2, x_dot)
+    return _mlp_jvp_ref(x, w1, b1, w2, b2, x_dot)
 
 
-# -------------------------------------------------------------------------------------------- LayerNorm + modulate
+def _mlp_jvp_ref(x, w1, b1, w2, b2, x_dot):
+    a, a_dot = _linear_jvp_ref(x, w1, b1, x_dot)
+    g, g_dot = _gelu_tanh_jvp_ref(a, a_dot)
+    return _linear_jvp_ref(g, w2, b2, g_dot)
+
+
+def swiglu_jvp_ref(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, w2: torch.Tensor,
+                   b2: torch.Tensor | None, x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SwiGLU MLP with its tangent: [a | b] = x [W1; W3]^T (+ b13); g = silu(a) b; y = g W2^T (+ b2).
+
+    x: (B, ..., C); w13: (2H, C) = [W1; W3] (gate rows first); w2: (out, H); x_dot: (kt, ..., C). Both GEMMs run once
+    over the stacked rows [x; x_dot] (resp. [g; g_dot])."""
+    check_swiglu_args(x, w13, b13, w2, b2, x_dot)
+    return _swiglu_jvp_ref(x, w13, b13, w2, b2, x_dot)
+
+
+def _swiglu_jvp_ref(x, w13, b13, w2, b2, x_dot):
+    ab, ab_dot = _linear_jvp_ref(x, w13, b13, x_dot)
+    a, b = ab.chunk(2, dim=-1)
+    g = F.silu(a) * b
+    with torch.no_grad():
+        kt = x_dot.shape[0]
+        acc = acc_dtype(ab.dtype)
+        ak, bk = (t[:kt].detach().to(acc) for t in (a, b))
+        a_dot, b_dot = (t.to(acc) for t in ab_dot.chunk(2, dim=-1))
+        g_dot = (silu_grad(ak) * a_dot * bk + F.silu(ak) * b_dot).to(g.dtype)
+    return _linear_jvp_ref(g, w2, b2, g_dot)
+
+
+# --------------------------------------------------------------------------------------------- LayerNorm + modulate
 def layernorm_modulate_jvp_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                x_dot: torch.Tensor, shift_dot: torch.Tensor, scale_dot: torch.Tensor,
                                *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,12 +193,17 @@ def layernorm_modulate_jvp_ref(x: torch.Tensor, shift: torch.Tensor, scale: torc
     y_dot = xh_dot (1 + scale) + xh scale_dot + shift_dot
     Shapes: x (B, N, C); shift, scale (B, C); tangents (kt, N, C) and (kt, C).
     """
-    kt = check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot)
+    check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot)
+    return _layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, eps=eps)
+
+
+def _layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, *, eps: float = 1e-6):
+    kt = x_dot.shape[0]
     xh = F.layer_norm(x, (x.shape[-1],), eps=eps)
     y = xh * (1 + scale[:, None, :]) + shift[:, None, :]
     with torch.no_grad():
         xk = _rows(x, kt)
-        acc = torch.promote_types(x.dtype, torch.float32)
+        acc = acc_dtype(x.dtype)
         xf, xdf = xk.to(acc), x_dot.to(acc)
         mean = xf.mean(-1, keepdim=True)
         rstd = torch.rsqrt((xf - mean).pow(2).mean(-1, keepdim=True) + eps)
@@ -133,77 +214,27 @@ def layernorm_modulate_jvp_ref(x: torch.Tensor, shift: torch.Tensor, scale: torc
     return y, y_dot
 
 
-# ------------------------------------------------------------------------------------------------- gated residual
+# --------------------------------------------------------------------------------------------------- gated residual
 def gated_residual_jvp_ref(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor,
                            x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor
                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x + gate * f;  y_dot = x_dot + gate_dot * f + gate * f_dot   (x, f: (B, N, C); gate: (B, C))."""
-    kt = check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
+    check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
+    return _gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot)
+
+
+def _gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot):
+    kt = x_dot.shape[0]
     y = x + gate[:, None, :] * f
     with torch.no_grad():
         y_dot = x_dot + gate_dot[:, None, :] * _rows(f, kt) + _rows(gate, kt)[:, None, :] * f_dot
     return y, y_dot
 
 
-# ------------------------------------------------------------------------------------------------------ attention
-def _check_attn_mask(attn_mask, q: torch.Tensor, k: torch.Tensor, causal: bool) -> None:
-    """attn_mask as torch's SDPA takes it: bool (True = attend) or additive float (q's dtype, or float32 as torch also
-    accepts), broadcastable to (B, Hq, Nq, Nk); not together with causal (torch refuses that combination too)."""
-    if attn_mask is None:
-        return
-    if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be None or a torch.Tensor; got {type(attn_mask).__name__}")
-    if causal:
-        raise ValueError("attn_mask and causal (is_causal) are both set; torch's SDPA refuses this combination too "
-                         "(its math backend raises): fold the causal mask into attn_mask instead")
-    if attn_mask.dtype not in (torch.bool, q.dtype, torch.float32):
-        raise TypeError(f"attn_mask has dtype {attn_mask.dtype}; expected torch.bool (True = attend) or an additive "
-                        f"float mask of q's dtype {q.dtype} (or torch.float32, as torch accepts)")
-    if attn_mask.device != q.device:
-        raise ValueError(f"attn_mask is on {attn_mask.device} but q is on {q.device}; they must be on the same device")
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    try:
-        ok = attn_mask.dim() <= 4 and tuple(torch.broadcast_shapes(attn_mask.shape, target)) == target
-    except RuntimeError:
-        ok = False
-    if not ok:
-        raise ValueError(f"attn_mask has shape {tuple(attn_mask.shape)}, which does not broadcast to the attention "
-                         f"weights' shape (B, Hq, Nq, Nk) = {target}")
-
-
-def _check_attention(q, k, v, q_dot, k_dot, v_dot, attn_mask=None, *, causal: bool = False,
-                     enable_gqa: bool = False) -> int:
-    """q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv); Hkv = Hq, or (enable_gqa) any divisor of Hq; ragged
-    tangents of the same shapes; attn_mask (see _check_attn_mask). Returns kt."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        check_float(name, t)
-        check_ndim(name, t, 4, "(B, H, N, D)")
-    for name, t in (("k", k), ("v", v)):
-        check_like(name, t, "q", q)
-    if k.shape[0] != q.shape[0] or k.shape[3] != q.shape[3]:
-        raise ValueError(f"q (B, Hq, Nq, D) and k (B, Hkv, Nk, D) must agree in B and D; "
-                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"k (B, Hkv, Nk, D) and v (B, Hkv, Nk, Dv) must agree in B, Hkv and Nk; "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    hq, hkv = q.shape[1], k.shape[1]
-    if hkv != hq:
-        if not enable_gqa:
-            raise ValueError(f"k and v have {hkv} heads but q has {hq}; pass enable_gqa=True for grouped-query / "
-                             f"multi-query attention (got q {tuple(q.shape)}, k {tuple(k.shape)})")
-        if hkv == 0 or hq % hkv:
-            raise ValueError(f"enable_gqa=True needs q's head count Hq = {hq} to be a multiple of k's and v's "
-                             f"Hkv = {hkv}")
-    kt = check_tangent_batches(q_dot=q_dot, k_dot=k_dot, v_dot=v_dot)
-    check_tangent("q_dot", q_dot, "q", q)
-    check_tangent("k_dot", k_dot, "k", k)
-    check_tangent("v_dot", v_dot, "v", v)
-    _check_attn_mask(attn_mask, q, k, causal)
-    return kt
-
-
+# -------------------------------------------------------------------------------------------------------- attention
 def _causal_mask(nq: int, nk: int, device) -> torch.Tensor:
-    """True where attention is allowed. Top-left aligned, as torch's SDPA with is_causal=True: query i sees keys <= i."""
+    """True where attention is allowed. Top-left aligned, as torch's SDPA with is_causal=True: query i sees keys
+    <= i."""
     return torch.ones(nq, nk, dtype=torch.bool, device=device).tril()
 
 
@@ -258,13 +289,20 @@ def attention_jvp_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tangents get no gradient. True: o_dot is differentiable in q, k, v and the tangents. None (default): True exactly
     when grad mode is on and a tangent requires grad.
     """
-    kt = _check_attention(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal=causal, enable_gqa=enable_gqa)
+    check_attention_args(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal=causal, enable_gqa=enable_gqa)
+    return _attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, attn_mask=attn_mask, causal=causal, scale=scale,
+                              enable_gqa=enable_gqa, tangent_grad=tangent_grad)
+
+
+def _attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, *, attn_mask=None, causal: bool = False,
+                       scale: float | None = None, enable_gqa: bool = False, tangent_grad: bool | None = None):
+    kt = q_dot.shape[0]
     c = scale if scale is not None else q.shape[-1] ** -0.5
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=c, enable_gqa=enable_gqa)
     if tangent_grad is None:
         tangent_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_dot, k_dot, v_dot))
     with torch.set_grad_enabled(bool(tangent_grad) and torch.is_grad_enabled()):
-        acc = torch.promote_types(q.dtype, torch.float32)
+        acc = acc_dtype(q.dtype)
         rows = (lambda t: t[:kt]) if tangent_grad else (lambda t: _rows(t, kt))  # noqa: E731
         qk, kk, vk = (rows(t).to(acc) for t in (q, k, v))
         qd, kd, vd = (t.to(acc) for t in (q_dot, k_dot, v_dot))
@@ -280,17 +318,114 @@ def attention_jvp_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return o, o_dot
 
 
-# ---------------------------------------------------------------------------------------------- MeanFlow target/loss
+# ---------------------------------------------------------------------------------------------------------- RMSNorm
+def rmsnorm_jvp_ref(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torch.Tensor,
+                    *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x r w, r = 1 / sqrt(mean(x^2) + eps) over the last dim;  y_dot = (x_dot - x r^2 mean(x x_dot)) r w.
+
+    x: (B, ..., D) any strides; weight: (D,) or None (no learned scale); x_dot: (kt, ..., D)."""
+    check_rmsnorm_args(x, weight, x_dot, eps)
+    return _rmsnorm_jvp_ref(x, weight, x_dot, eps=eps)
+
+
+def _rmsnorm_jvp_ref(x, weight, x_dot, *, eps: float = 1e-6):
+    kt = x_dot.shape[0]
+    acc = acc_dtype(x.dtype, weight.dtype if weight is not None else x.dtype)
+    xf = x.to(acc)
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    y = xf * r * weight.to(acc) if weight is not None else xf * r
+    with torch.no_grad():
+        xk, xd = x[:kt].detach().to(acc), x_dot.to(acc)
+        rk = r[:kt].detach()
+        y_dot = (xd - xk * rk.square() * (xk * xd).mean(-1, keepdim=True)) * rk
+        if weight is not None:
+            y_dot = y_dot * weight.detach().to(acc)
+    return y.to(x.dtype), y_dot.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------- RoPE
+def _pairs(x: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if interleaved:
+        return x[..., 0::2], x[..., 1::2]
+    half = x.shape[-1] // 2
+    return x[..., :half], x[..., half:]
+
+
+def _unpairs(y1: torch.Tensor, y2: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    if interleaved:
+        return torch.stack([y1, y2], dim=-1).flatten(-2)
+    return torch.cat([y1, y2], dim=-1)
+
+
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """The plain RoPE rotation of x's last-dim pairs by the angles of cos / sin (in x's dtype; no checks): what
+    `rope_jvp_ref` and `mfkernels.nn.apply_rope` compute."""
+    x1, x2 = _pairs(x, interleaved)
+    return _unpairs(x1 * cos - x2 * sin, x1 * sin + x2 * cos, interleaved)
+
+
+def rope_jvp_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
+                 *, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = rotate(x) by the angles whose cos / sin are given (per position and pair);  y_dot = rotate(x_dot).
+
+    x: (B, ..., D), D even; cos, sin: broadcastable to x.shape[:-1] + (D/2,); x_dot: (kt, ..., D). The positions carry
+    no tangent, so the tangent rotates with the primal's angles (rows of the first kt samples)."""
+    check_rope_args(x, cos, sin, x_dot)
+    return _rope_jvp_ref(x, cos, sin, x_dot, interleaved=interleaved)
+
+
+def _rope_jvp_ref(x, cos, sin, x_dot, *, interleaved: bool = True):
+    kt = x_dot.shape[0]
+    target = tuple(x.shape[:-1]) + (x.shape[-1] // 2,)
+    acc = acc_dtype(x.dtype, cos.dtype)
+    c, s = (t.to(acc).broadcast_to(target) for t in (cos, sin))
+    y = rotate_pairs(x.to(acc), c, s, interleaved)
+    with torch.no_grad():
+        y_dot = rotate_pairs(x_dot.to(acc), c[:kt], s[:kt], interleaved)
+    return y.to(x.dtype), y_dot.to(x.dtype)
+
+
+def qk_norm_rope_jvp_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
+                         k_weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                         q_dot: torch.Tensor, k_dot: torch.Tensor, *, eps: float = 1e-6, interleaved: bool = True
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """QK-norm then RoPE on q and k: (RoPE(RMSNorm(q, q_weight)), RoPE(RMSNorm(k, k_weight)), and their tangents).
+
+    q, k: (B, ..., D) one shape (e.g. (B, H, N, Dh) views of a fused qkv projection); weights (D,) or both None;
+    cos / sin as in `rope_jvp_ref`, or both None (QK-norm only). Returns (q_out, k_out, q_out_dot, k_out_dot)."""
+    check_qk_args(q, k, q_weight, k_weight, cos, sin, q_dot, k_dot, eps)
+    return _qk_norm_rope_jvp_ref(q, k, q_weight, k_weight, cos, sin, q_dot, k_dot, eps=eps, interleaved=interleaved)
+
+
+def _qk_norm_rope_jvp_ref(q, k, q_weight, k_weight, cos, sin, q_dot, k_dot, *, eps: float = 1e-6,
+                          interleaved: bool = True):
+    outs = []
+    for x, w, x_dot in ((q, q_weight, q_dot), (k, k_weight, k_dot)):
+        if cos is None:
+            outs.append(_rmsnorm_jvp_ref(x, w, x_dot, eps=eps))
+            continue
+        # norm and rotation in the accumulation dtype, one rounding at the end (as the fused kernel)
+        acc = acc_dtype(x.dtype, cos.dtype, w.dtype if w is not None else x.dtype)
+        y, y_dot = _rmsnorm_jvp_ref(x.to(acc), None if w is None else w.to(acc), x_dot.to(acc), eps=eps)
+        y, y_dot = _rope_jvp_ref(y, cos, sin, y_dot, interleaved=interleaved)
+        outs.append((y.to(x.dtype), y_dot.to(x.dtype)))
+    (qo, qo_dot), (ko, ko_dot) = outs
+    return qo, ko, qo_dot, ko_dot
+
+
+# --------------------------------------------------------------------------------------------- MeanFlow target/loss
 def meanflow_loss_ref(u: torch.Tensor, v_g: torch.Tensor, du_dt: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
                       p: float = 1.0, eps: float = 0.01) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The stop-gradient MeanFlow target and the adaptively weighted loss (DESIGN.md 1), accumulated in fp32.
+    """The stop-gradient MeanFlow target and the adaptively weighted loss (docs/design.md, 'The MeanFlow loss'),
+    accumulated in fp32.
 
     u_tgt_i = v_g_i - clip(t_i - r_i, 0, 1) du_dt_i   for the first kt rows (du_dt: (kt, ...));  u_tgt_i = v_g_i after
     L_i = sum over non-batch dims (u_i - u_tgt_i)^2;  w_i = 1 / (L_i + eps)^p (detached);  loss = mean_i w_i L_i
-    Returns (loss, L, w) in fp32 (fp64 for fp64 u); loss is differentiable in u only: d loss / d u_i = (2 / B) w_i (u_i - u_tgt_i).
+    Returns (loss, L, w) in fp32 (fp64 for fp64 u); loss is differentiable in u only:
+    d loss / d u_i = (2 / B) w_i (u_i - u_tgt_i).
     """
     batch, kt = u.shape[0], du_dt.shape[0]
-    acc = torch.promote_types(u.dtype, torch.float32)  # fp32 accumulation (fp64 for fp64 inputs)
+    acc = acc_dtype(u.dtype)
     with torch.no_grad():
         target = v_g.to(acc).clone()
         if kt:
@@ -300,14 +435,3 @@ def meanflow_loss_ref(u: torch.Tensor, v_g: torch.Tensor, du_dt: torch.Tensor, t
     weight = (per_sample.detach() + eps).pow(-p)
     loss = (weight * per_sample).mean()
     return loss, per_sample.detach(), weight
-
-
-# ------------------------------------------------------------------------------- modern transformer ops (issue 16)
-# RMSNorm, RoPE, fused QK-norm + RoPE and the SwiGLU MLP live in their own module; re-exported here so that every
-# `<op>_ref` is reachable as mfkernels.reference.<op>_ref.
-from .reference_modern import (  # noqa: E402
-    qk_norm_rope_jvp_ref,
-    rmsnorm_jvp_ref,
-    rope_jvp_ref,
-    swiglu_jvp_ref,
-)

@@ -4,16 +4,15 @@
     y_dot = x_dot + gate_dot f + gate f_dot  (first kt samples only)
 
 Forward: one elementwise kernel over (token rows, feature blocks) tiles, writing y and, for tangent rows, y_dot.
-Backward (primal only): dx = dy (returned as is, no copy); df = gate dy and per-chunk partial sums of dy f in one
-kernel; the host sums the partials over chunks (deterministic) into dgate = sum over tokens of dy f.
+Backward (primal only): dx = dy (returned as is, no copy); df = gate dy and dgate = sum over tokens of dy f as torch ops
+(see gated_residual_bwd).
 
 Dtypes: as in the reference, x, gate and f may differ (the usual autocast case: an fp32 residual stream x, bf16 gate and
 branch output f); y and y_dot have their promoted dtype, math in fp32 (fp64 if any input is fp64). Each tangent must
 have its primal's dtype.
 
 Chain: `_gated_residual_jvp_fwd_kernel` -> `gated_residual_jvp_fwd()` -> op `mfkernels::gated_residual_fwd`
--> `gated_residual_jvp()`; backward `gated_residual_bwd()` (torch ops: measured faster on Hopper; traced by
-torch.compile as they are).
+-> `gated_residual_jvp()`; backward `gated_residual_bwd()` (torch ops, traced by torch.compile as they are).
 """
 from __future__ import annotations
 
@@ -22,14 +21,8 @@ import torch
 from . import _runtime
 from ._checks import check_gated_residual_args
 from ._library import FusedOp
-from ._tl_math import (
-    acc_dtype,
-    next_power_of_2,
-    row_stride,
-    tl,
-    triton,
-)
-from .reference import gated_residual_jvp_ref
+from ._triton import next_power_of_2, row_stride, tl, tl_acc_dtype, triton
+from .reference import _gated_residual_jvp_ref
 
 __all__ = ["gated_residual_jvp"]
 
@@ -71,7 +64,7 @@ def _gated_residual_jvp_fwd_kernel(
         tl.store(Y_DOT + offs, y_dot.to(Y_DOT.dtype.element_ty), mask=tmask)
 
 
-# ----------------------------------------------------------------------------------------------------------- launchers
+# -------------------------------------------------------------------------------------------------------- launchers
 def _tile(c: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) of the forward: 128-wide column blocks divide the DiT widths (768, 1024, 1152)
     exactly; 16 rows make 2048-element tiles, 8 per thread at 8 warps (one 16-byte load per 16-bit tensor). Bigger
@@ -97,7 +90,7 @@ def gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot) -> tuple[torch.Te
         _gated_residual_jvp_fwd_kernel[grid](
             x, gate, f, x_dot, gate_dot, f_dot, y, y_dot,
             rows, kt * tokens, tokens, c, s_gate, s_gate_dot,
-            BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc_dtype(x.dtype, gate.dtype, f.dtype), num_warps=warps,
+            BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc_dtype(x.dtype, gate.dtype, f.dtype), num_warps=warps,
         )
     return y, y_dot
 
@@ -105,18 +98,18 @@ def gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot) -> tuple[torch.Te
 def gated_residual_bwd(grad_y, gate, f, compute_df: bool, compute_dgate: bool):
     """Returns (df or None, dgate or None): df = gate dy, dgate = sum over tokens of dy f; dx = dy needs nothing.
 
-    Plain torch ops on purpose: on an H200 (bench/results/h200, DiT-B and DiT-XL widths at 256 tokens) the eager
-    product and token reduction beat the Triton partial-sum kernel this replaced by 1.4-2.8x (forward + backward).
+    Plain torch ops on purpose: at DiT-B and DiT-XL widths on an H200 the eager product and token reduction were
+    faster than a Triton partial-sum kernel (bench/results/h200-2026-11-26/NOTES.md, the gated-residual rows).
     """
     df = (grad_y * gate[:, None, :]).to(f.dtype) if compute_df else None
     dgate = None
     if compute_dgate:
-        acc = _runtime.promote(grad_y.dtype, f.dtype, torch.float32)
+        acc = _runtime.acc_dtype(grad_y.dtype, f.dtype)
         dgate = (grad_y * f).sum(1, dtype=acc).to(gate.dtype)  # products as eager autograd, fp32 accumulation
     return df, dgate
 
 
-# ------------------------------------------------------------------------------------------------------ custom op
+# ----------------------------------------------------------------------------------------------------- registration
 def _fwd_impl(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, x_dot: torch.Tensor, gate_dot: torch.Tensor,
               f_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot)
@@ -158,7 +151,7 @@ _fwd = FusedOp("gated_residual_fwd", _fwd_impl, _fwd_fake, setup_context=_setup_
                check=_check_op_args)
 
 
-# ---------------------------------------------------------------------------------------------------------- public
+# ----------------------------------------------------------------------------------------------------------- public
 def gated_residual_jvp(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor,
                        x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +162,13 @@ def gated_residual_jvp(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor,
     to it (one warning) where Triton cannot run. The op is `torch.ops.mfkernels.gated_residual_fwd`.
     """
     check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
+    return _gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot)
+
+
+def _gated_residual_jvp(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, x_dot: torch.Tensor,
+                        gate_dot: torch.Tensor, f_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gated_residual_jvp on checked arguments."""
     if not _runtime.triton_can_run(x):
         _runtime.warn_fallback("gated_residual_jvp", x)
-        return gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot)
+        return _gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot)
     return _fwd(x, gate, f, x_dot, gate_dot, f_dot)

@@ -14,19 +14,19 @@ dy xh that the host sums (deterministic) into dw.
 Dtypes: y and y_dot have x's dtype; w may be another float dtype (an fp32 parameter with bf16 activations); math in
 fp32 (fp64 for fp64 inputs).
 
-Chain: `_rmsnorm_jvp_fwd_kernel` -> `rmsnorm_jvp_fwd()` -> custom op `mfkernels::rmsnorm_fwd` (autograd registered:
-`_rmsnorm_bwd_kernel` -> `rmsnorm_bwd()` -> `mfkernels::rmsnorm_bwd`) -> `rmsnorm_jvp()`.
+Chain: `_rmsnorm_jvp_fwd_kernel` -> `rmsnorm_jvp_fwd()` -> op `mfkernels::rmsnorm_fwd` (backward `_rmsnorm_bwd_kernel`
+-> `rmsnorm_bwd()` -> op `mfkernels::rmsnorm_bwd`, see `_library.FusedOp`) -> `rmsnorm_jvp()`.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _runtime
-from ._checks import describe
+from ._checks import check_rmsnorm_args
+from ._library import FusedOp
 from ._rows import rows_for
-from ._tl_math import acc_dtype, row_block, tl, torch_acc_dtype, triton
-from ._tl_store import rne_bf16, round_to
-from .reference_modern import check_rmsnorm_args, rmsnorm_jvp_ref
+from ._triton import partial_sum_programs, rne_bf16, round_to, row_block, tl, tl_acc_dtype, triton
+from .reference import _rmsnorm_jvp_ref
 
 __all__ = ["rmsnorm_jvp"]
 
@@ -125,7 +125,7 @@ def _rmsnorm_bwd_kernel(
         tl.store(DW_PART + pid.to(tl.int64) * D + cols, dw, mask=col_ok)
 
 
-# --------------------------------------------------------------------------------------------------------- launchers
+# -------------------------------------------------------------------------------------------------------- launchers
 TILE_ELEMENTS = 4096  # BLOCK_R x BLOCK_D per program: 16 fp32 per thread at 8 warps
 
 
@@ -134,18 +134,6 @@ def _tile(d: int) -> tuple[int, int, int]:
     block_d = row_block(d, "rmsnorm_jvp")
     block_r = max(1, min(64, TILE_ELEMENTS // block_d))
     return block_r, block_d, min(8, max(1, block_r * block_d // 512))
-
-
-def _bwd_programs(n_tiles: int, device: torch.device) -> int:
-    """Programs of the backward: each walks tiles with stride P and keeps one dw partial. ~4 per SM on a GPU; on CPU
-    (interpreter) 3, so that tests see several programs each walking several tiles."""
-    if device.type == "cuda":
-        from ._tl_math import _sm_count
-
-        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 3
-    return max(1, min(n_tiles, target))
 
 
 def rmsnorm_jvp_fwd(x: torch.Tensor, weight: torch.Tensor | None,
@@ -158,7 +146,7 @@ def rmsnorm_jvp_fwd(x: torch.Tensor, weight: torch.Tensor | None,
     n_tangent_rows = x_dot.shape[0] * layout.rows_per_sample
     y = _runtime.new_output(shape, dtype=x.dtype, device=x.device)
     y_dot = _runtime.new_output(tuple(x_dot.shape), dtype=x.dtype, device=x.device)
-    stats_dtype = torch_acc_dtype(x.dtype, *(() if weight is None else (weight.dtype,)))
+    stats_dtype = _runtime.acc_dtype(x.dtype, *(() if weight is None else (weight.dtype,)))
     rstd = _runtime.new_output((n_rows,), dtype=stats_dtype, device=x.device)
     if n_rows:
         block_r, block_d, warps = _tile(d)
@@ -167,7 +155,7 @@ def rmsnorm_jvp_fwd(x: torch.Tensor, weight: torch.Tensor | None,
             x, weight if weight is not None else x, x_dot, y, y_dot, rstd,
             n_rows, n_tangent_rows, *layout.sizes, d, *sx, *sd, eps,
             HAS_W=weight is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-            ACC=acc_dtype(x.dtype, *(() if weight is None else (weight.dtype,))), RNE=rne_bf16(x.dtype),
+            ACC=tl_acc_dtype(x.dtype, *(() if weight is None else (weight.dtype,))), RNE=rne_bf16(x.dtype),
             num_warps=warps,
         )
     return y, y_dot, rstd
@@ -185,14 +173,14 @@ def rmsnorm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     dx = _runtime.new_output(shape if compute_dx else (0,), dtype=x.dtype, device=x.device)
     block_r, block_d, warps = _tile(d)
     n_tiles = _runtime.cdiv(n_rows, block_r)
-    programs = _bwd_programs(n_tiles, x.device) if compute_dw else max(n_tiles, 1)
+    programs = partial_sum_programs(n_tiles, x.device) if compute_dw else max(n_tiles, 1)
     dw_part = _runtime.new_output((programs, d) if compute_dw else (0,), dtype=rstd.dtype, device=x.device)
     if n_rows and (compute_dx or compute_dw):
         _rmsnorm_bwd_kernel[(programs,)](
             grad_y, x, weight if weight is not None else x, rstd, dx, dw_part,
             n_rows, *layout.sizes, d, programs, *layout.strides[0],
             HAS_W=weight is not None, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw,
-            BLOCK_R=block_r, BLOCK_D=block_d, ACC=acc_dtype(rstd.dtype), RNE=rne_bf16(x.dtype),
+            BLOCK_R=block_r, BLOCK_D=block_d, ACC=tl_acc_dtype(rstd.dtype), RNE=rne_bf16(x.dtype),
             num_warps=warps,
         )
     if not compute_dw:
@@ -202,42 +190,32 @@ def rmsnorm_bwd(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | No
     return dx, dw_part.sum(0).to(weight.dtype)
 
 
-# ------------------------------------------------------------------------------------------------------ custom ops
-def _kernel_can_run(x: torch.Tensor) -> bool:
-    return _runtime.triton_can_run(x)
-
-
-@torch.library.custom_op("mfkernels::rmsnorm_fwd", mutates_args=())
-def _rmsnorm_fwd_op(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torch.Tensor,
-                    eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, y_dot, rstd) from the fused kernel; opaque to Dynamo and torch.func."""
-    if not _kernel_can_run(x):
-        raise RuntimeError(f"mfkernels::rmsnorm_fwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                           f"got x with {describe(x)}")
+# ----------------------------------------------------------------------------------------------------- registration
+def _fwd_impl(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torch.Tensor,
+              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, y_dot, rstd) from the fused kernel."""
     return rmsnorm_jvp_fwd(x, weight, x_dot, eps)
 
 
-@_rmsnorm_fwd_op.register_fake
-def _(x, weight, x_dot, eps):
+def _fwd_fake(x, weight, x_dot, eps):
     n_rows = x.numel() // x.shape[-1]
-    stats = torch.float64 if torch.float64 in (x.dtype, getattr(weight, "dtype", None)) else torch.float32
+    stats = _runtime.acc_dtype(x.dtype, *(() if weight is None else (weight.dtype,)))
     return x.new_empty(x.shape), x.new_empty(x_dot.shape), x.new_empty((n_rows,), dtype=stats)
 
 
-@torch.library.custom_op("mfkernels::rmsnorm_bwd", mutates_args=())
-def _rmsnorm_bwd_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
-                    compute_dx: bool, compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _bwd_impl(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor,
+              compute_dx: bool, compute_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx or empty, dw or empty) from the backward kernel and the saved row statistics."""
-    if not _kernel_can_run(x):
-        raise RuntimeError(f"mfkernels::rmsnorm_bwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                           f"got x with {describe(x)}")
     return rmsnorm_bwd(grad_y, x, weight, rstd, compute_dx, compute_dw)
 
 
-@_rmsnorm_bwd_op.register_fake
-def _(grad_y, x, weight, rstd, compute_dx, compute_dw):
+def _bwd_fake(grad_y, x, weight, rstd, compute_dx, compute_dw):
     dw = weight.new_empty(weight.shape) if (compute_dw and weight is not None) else x.new_empty(0)
     return x.new_empty(x.shape if compute_dx else (0,)), dw
+
+
+_bwd = FusedOp("rmsnorm_bwd", _bwd_impl, _bwd_fake,
+               check=lambda grad_y, x, *_: _runtime.require_triton("rmsnorm_bwd", x))
 
 
 def _setup_context(ctx, inputs, output):
@@ -245,19 +223,28 @@ def _setup_context(ctx, inputs, output):
     _y, y_dot, rstd = output
     ctx.save_for_backward(x, weight, rstd)
     ctx.mark_non_differentiable(y_dot, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for y_dot and rstd
 
 
 def _backward(ctx, grad_y, _grad_y_dot, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
     need_dx, need_dw = ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1]
-    dx, dw = torch.ops.mfkernels.rmsnorm_bwd(grad_y, x, weight, rstd, need_dx, need_dw)
+    if grad_y is None or not (need_dx or need_dw):
+        return None, None, None, None
+    dx, dw = _bwd(grad_y, x, weight, rstd, need_dx, need_dw)
     return (dx if need_dx else None), (dw if need_dw else None), None, None
 
 
-torch.library.register_autograd("mfkernels::rmsnorm_fwd", _backward, setup_context=_setup_context)
+def _check_op_args(x, weight, x_dot, eps):
+    check_rmsnorm_args(x, weight, x_dot, eps)
+    _runtime.require_triton("rmsnorm_fwd", x)
 
 
-# ---------------------------------------------------------------------------------------------------------- public
+_fwd = FusedOp("rmsnorm_fwd", _fwd_impl, _fwd_fake, setup_context=_setup_context, backward=_backward,
+               check=_check_op_args)
+
+
+# ----------------------------------------------------------------------------------------------------------- public
 def rmsnorm_jvp(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torch.Tensor,
                 *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim with its tangent, fused (formulas in the module docstring).
@@ -265,11 +252,17 @@ def rmsnorm_jvp(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torch.Tenso
     x: (B, ..., D) any strides (per-head q / k views included); weight: (D,) learned scale or None; x_dot: (kt, ..., D),
     kt <= B, its own strides allowed. Returns (y differentiable in x and weight, y_dot detached), both contiguous in x's
     shape and dtype. Same contract and checks as `reference.rmsnorm_jvp_ref`; falls back to it (one warning) where
-    Triton cannot run.
+    Triton cannot run. The op is `torch.ops.mfkernels.rmsnorm_fwd`.
     """
     check_rmsnorm_args(x, weight, x_dot, eps)
-    if not _kernel_can_run(x):
+    return _rmsnorm_jvp(x, weight, x_dot, eps=eps)
+
+
+def _rmsnorm_jvp(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torch.Tensor,
+                 *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """rmsnorm_jvp on checked arguments."""
+    if not _runtime.triton_can_run(x):
         _runtime.warn_fallback("rmsnorm_jvp", x)
-        return rmsnorm_jvp_ref(x, weight, x_dot, eps=eps)
-    y, y_dot, _ = torch.ops.mfkernels.rmsnorm_fwd(x, weight, x_dot, float(eps))
+        return _rmsnorm_jvp_ref(x, weight, x_dot, eps=eps)
+    y, y_dot, _ = _fwd(x, weight, x_dot, float(eps))
     return y, y_dot

@@ -15,19 +15,19 @@ place, see `_rows`), optionally RMS-normalises them first (NORM: the fused QK-no
 writes contiguous outputs. Grid axis 1 picks the tensor (q or k): both are done in ONE launch. Backward: the inverse
 rotation of dy (the transpose: sin -> -sin), then, with NORM, the RMSNorm backward, in one kernel.
 
-Chain: `_rope_jvp_fwd_kernel` -> `rope_fwd_launch()` -> custom op `mfkernels::rope_fwd` (autograd registered:
-`_rope_bwd_kernel` -> `rope_bwd_launch()` -> `mfkernels::rope_bwd`) -> `rope_jvp()`.
+Chain: `_rope_jvp_fwd_kernel` -> `rope_fwd_launch()` -> op `mfkernels::rope_fwd` (backward `_rope_bwd_kernel` ->
+`rope_bwd_launch()` -> op `mfkernels::rope_bwd`, see `_library.FusedOp`) -> `rope_jvp()`.
 """
 from __future__ import annotations
 
 import torch
 
 from . import _runtime
-from ._checks import describe
+from ._checks import check_angles_constant, check_rope_args
+from ._library import FusedOp
 from ._rows import rows_for
-from ._tl_math import acc_dtype, next_power_of_2, tl, torch_acc_dtype, triton
-from ._tl_store import rne_bf16, round_to
-from .reference_modern import check_rope_args, rope_jvp_ref
+from ._triton import next_power_of_2, partial_sum_programs, rne_bf16, round_to, tl, tl_acc_dtype, triton
+from .reference import _rope_jvp_ref
 
 __all__ = ["rope_jvp"]
 
@@ -213,7 +213,7 @@ def _rope_bwd_kernel(
         tl.store(DW_PART + part + c2, dw2, mask=pair_ok)
 
 
-# --------------------------------------------------------------------------------------------------------- launchers
+# -------------------------------------------------------------------------------------------------------- launchers
 TILE_PAIRS = 2048  # BLOCK_R x BLOCK_H pairs per program: two (64, 32) halves for a head dim of 64
 
 
@@ -221,17 +221,6 @@ def _tile(half: int) -> tuple[int, int, int]:
     block_h = next_power_of_2(max(half, 1))
     block_r = max(1, min(64, TILE_PAIRS // block_h))
     return block_r, block_h, min(8, max(1, block_r * block_h // 256))
-
-
-def _bwd_programs(n_tiles: int, device: torch.device) -> int:
-    """Programs of a backward that sums weight-gradient partials: ~4 per SM on a GPU, 3 under the interpreter."""
-    if device.type == "cuda":
-        from ._tl_math import _sm_count
-
-        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:
-        target = 3
-    return max(1, min(n_tiles, target))
 
 
 def _angles(cos, sin, shape):
@@ -244,10 +233,6 @@ def pick(seq):
     """The two slots' values of a 1- or 2-tensor launch: slot 1 repeats slot 0 in a single-tensor launch (grid axis 1
     of size 1 never reads it)."""
     return seq[0], seq[-1]
-
-
-def _stat_dtype(*tensors) -> torch.dtype:
-    return torch_acc_dtype(*(t.dtype for t in tensors if t is not None))
 
 
 def rope_fwd_launch(xs, x_dots, weights, cos, sin, *, eps: float, norm: bool, interleaved: bool):
@@ -268,7 +253,8 @@ def rope_fwd_launch(xs, x_dots, weights, cos, sin, *, eps: float, norm: bool, in
     y_dots = [_runtime.new_output(tuple(xd.shape), dtype=x0.dtype, device=x0.device) for xd in x_dots]
     has_w = norm and weights is not None
     rstd = _runtime.new_output((slots, n_rows) if norm else (0,),
-                               dtype=_stat_dtype(x0, *(weights or ())), device=x0.device)
+                               dtype=_runtime.acc_dtype(*(t.dtype for t in (x0, *(weights or ())))),
+                               device=x0.device)
     if n_rows:
         strides_x = [s for st in pick(layout.strides[:slots]) for s in st]
         strides_d = [s for st in pick(layout.strides[slots:2 * slots]) for s in st]
@@ -281,7 +267,7 @@ def rope_fwd_launch(xs, x_dots, weights, cos, sin, *, eps: float, norm: bool, in
             n_rows, x_dots[0].shape[0] * layout.rows_per_sample, *layout.sizes, half,
             *strides_x, *strides_d, *angle_strides, eps,
             NORM=norm, HAS_W=has_w, ROPE=rope, INTERLEAVED=interleaved, BLOCK_R=block_r, BLOCK_H=block_h,
-            ACC=acc_dtype(x0.dtype, *(t.dtype for t in (*(weights if has_w else ()), *((cos,) if rope else ())))),
+            ACC=tl_acc_dtype(x0.dtype, *(t.dtype for t in (*(weights if has_w else ()), *((cos,) if rope else ())))),
             RNE=rne_bf16(x0.dtype), num_warps=warps,
         )
     return ys, y_dots, rstd
@@ -313,7 +299,7 @@ def rope_bwd_launch(grads, xs, weights, cos, sin, rstd, *, norm: bool, interleav
     dxs = [_runtime.new_output(shape if compute_dx else (0,), dtype=g0.dtype, device=g0.device) for _ in grads]
     block_r, block_h, warps = _tile(half)
     n_tiles = _runtime.cdiv(n_rows, block_r)
-    programs = _bwd_programs(n_tiles, g0.device) if compute_dw else max(n_tiles, 1)
+    programs = partial_sum_programs(n_tiles, g0.device) if compute_dw else max(n_tiles, 1)
     dw_part = _runtime.new_output((slots, programs, d) if compute_dw else (0,),
                                   dtype=rstd.dtype if norm else torch.float32, device=g0.device)
     if n_rows and (compute_dx or compute_dw):
@@ -327,7 +313,7 @@ def rope_bwd_launch(grads, xs, weights, cos, sin, rstd, *, norm: bool, interleav
             n_rows, *layout.sizes, half, programs, *strides_x, *angle_strides,
             NORM=norm, HAS_W=has_w, ROPE=rope, INTERLEAVED=interleaved, COMPUTE_DX=compute_dx, COMPUTE_DW=compute_dw,
             BLOCK_R=block_r, BLOCK_H=block_h,
-            ACC=acc_dtype(g0.dtype, *((rstd.dtype,) if norm else ()), *((cos.dtype,) if rope else ())),
+            ACC=tl_acc_dtype(g0.dtype, *((rstd.dtype,) if norm else ()), *((cos.dtype,) if rope else ())),
             RNE=rne_bf16(g0.dtype), num_warps=warps,
         )
     if not compute_dw:
@@ -337,38 +323,32 @@ def rope_bwd_launch(grads, xs, weights, cos, sin, rstd, *, norm: bool, interleav
     return dxs, [dw_part[s].sum(0).to(weights[s].dtype) for s in range(slots)]
 
 
-# ------------------------------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("mfkernels::rope_fwd", mutates_args=())
-def _rope_fwd_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
-                 interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y, y_dot) from the fused kernel; opaque to Dynamo and torch.func."""
-    if not _runtime.triton_can_run(x):
-        raise RuntimeError(f"mfkernels::rope_fwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                           f"got x with {describe(x)}")
+# ----------------------------------------------------------------------------------------------------- registration
+def _fwd_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
+              interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, y_dot) from the fused kernel."""
     (y,), (y_dot,), _ = rope_fwd_launch([x], [x_dot], None, cos, sin, eps=0.0, norm=False, interleaved=interleaved)
     return y, y_dot
 
 
-@_rope_fwd_op.register_fake
-def _(x, cos, sin, x_dot, interleaved):
+def _fwd_fake(x, cos, sin, x_dot, interleaved):
     return x.new_empty(x.shape), x.new_empty(x_dot.shape)
 
 
-@torch.library.custom_op("mfkernels::rope_bwd", mutates_args=())
-def _rope_bwd_op(grad_y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def _bwd_impl(grad_y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """dx = the inverse rotation of grad_y (contiguous, in grad_y's shape)."""
-    if not _runtime.triton_can_run(grad_y):
-        raise RuntimeError(f"mfkernels::rope_bwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                           f"got grad_y with {describe(grad_y)}")
     empty = torch.empty(0, device=grad_y.device)
     (dx,), _ = rope_bwd_launch([grad_y], None, None, cos, sin, empty, norm=False, interleaved=interleaved,
                                compute_dx=True, compute_dw=False)
     return dx
 
 
-@_rope_bwd_op.register_fake
-def _(grad_y, cos, sin, interleaved):
+def _bwd_fake(grad_y, cos, sin, interleaved):
     return grad_y.new_empty(grad_y.shape)
+
+
+_bwd = FusedOp("rope_bwd", _bwd_impl, _bwd_fake,
+               check=lambda grad_y, *_: _runtime.require_triton("rope_bwd", grad_y))
 
 
 def _setup_context(ctx, inputs, output):
@@ -376,26 +356,26 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(cos, sin)
     ctx.interleaved = interleaved
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for y_dot
 
 
 def _backward(ctx, grad_y, _grad_y_dot):
+    if grad_y is None or not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
     cos, sin = ctx.saved_tensors
-    dx = torch.ops.mfkernels.rope_bwd(grad_y, cos, sin, ctx.interleaved) if ctx.needs_input_grad[0] else None
-    return dx, None, None, None, None
+    return _bwd(grad_y, cos, sin, ctx.interleaved), None, None, None, None
 
 
-torch.library.register_autograd("mfkernels::rope_fwd", _backward, setup_context=_setup_context)
+def _check_op_args(x, cos, sin, x_dot, interleaved):
+    check_rope_args(x, cos, sin, x_dot)
+    _runtime.require_triton("rope_fwd", x)
 
 
-def check_angles_constant(cos: torch.Tensor | None, sin: torch.Tensor | None) -> None:
-    """The fused ops treat the angles as constants (positions: no gradient, no tangent). Refuse angles that would need
-    a gradient instead of dropping it silently."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (cos, sin)):
-        raise ValueError("cos / sin require grad, but the fused RoPE treats the angles as constants (no gradient flows "
-                         "into them); detach them, or use the `_ref` op to differentiate through the angles")
+_fwd = FusedOp("rope_fwd", _fwd_impl, _fwd_fake, setup_context=_setup_context, backward=_backward,
+               check=_check_op_args)
 
 
-# ---------------------------------------------------------------------------------------------------------- public
+# ----------------------------------------------------------------------------------------------------------- public
 def rope_jvp(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
              *, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of x with its tangent, fused (formulas and pairing in the module docstring).
@@ -403,11 +383,18 @@ def rope_jvp(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch
     x: (B, ..., D), D even, any strides; cos, sin: broadcastable to x.shape[:-1] + (D/2,) (e.g. (N, D/2) for x of
     (B, H, N, D), (N, 1, D/2) for (B, N, H, D)), constants; x_dot: (kt, ..., D), kt <= B, strides of its own. Returns
     (y differentiable in x, y_dot detached), contiguous in x's shape and dtype. Same contract and checks as
-    `reference.rope_jvp_ref`; falls back to it (one warning) where Triton cannot run.
+    `reference.rope_jvp_ref`, and cos / sin must not require grad; falls back to the reference (one warning) where
+    Triton cannot run. The op is `torch.ops.mfkernels.rope_fwd`.
     """
     check_rope_args(x, cos, sin, x_dot)
     check_angles_constant(cos, sin)
+    return _rope_jvp(x, cos, sin, x_dot, interleaved=interleaved)
+
+
+def _rope_jvp(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
+              *, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_jvp on checked arguments."""
     if not _runtime.triton_can_run(x):
         _runtime.warn_fallback("rope_jvp", x)
-        return rope_jvp_ref(x, cos, sin, x_dot, interleaved=interleaved)
-    return torch.ops.mfkernels.rope_fwd(x, cos, sin, x_dot, bool(interleaved))
+        return _rope_jvp_ref(x, cos, sin, x_dot, interleaved=interleaved)
+    return _fwd(x, cos, sin, x_dot, bool(interleaved))

@@ -15,8 +15,8 @@ Weights: w13 = [W1; W3] (2H, C), gate rows first, as one parameter (`mfkernels.n
 Autocast: as `mlp_jvp`, x, x_dot, weights and biases are cast to the autocast dtype first; outside autocast all must
 share x's dtype.
 
-Chain: `_swiglu_jvp_fwd_kernel` -> `swiglu_jvp_fwd()` -> custom op `mfkernels::swiglu_fwd` (autograd registered:
-`_swiglu_bwd_kernel` -> `swiglu_bwd()` -> `mfkernels::swiglu_bwd`) -> `swiglu_jvp()`.
+Chain: `_swiglu_jvp_fwd_kernel` -> `swiglu_jvp_fwd()` -> op `mfkernels::swiglu_fwd` (backward `_swiglu_bwd_kernel` ->
+`swiglu_bwd()` -> op `mfkernels::swiglu_bwd`, see `_library.FusedOp`) -> `swiglu_jvp()`.
 """
 from __future__ import annotations
 
@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from . import _runtime
-from ._checks import describe
-from ._tl_math import acc_dtype, next_power_of_2, silu_and_grad, tl, triton
-from ._tl_store import rne_bf16, round_to
-from .mlp import _autocast_dtype, _cast
-from .reference_modern import check_swiglu_args, swiglu_jvp_ref
+from ._checks import check_params_match, check_swiglu_args
+from ._library import FusedOp
+from ._triton import next_power_of_2, rne_bf16, round_to, silu_and_grad, tl, tl_acc_dtype, triton
+from .mlp import two_gemm_jvp
+from .reference import _swiglu_jvp_ref
 
 __all__ = ["swiglu_jvp"]
 
@@ -106,7 +106,7 @@ def _swiglu_bwd_kernel(
         tl.store(G + in_g, round_to(silu_a * b, G.dtype.element_ty, RNE), mask=mask)
 
 
-# --------------------------------------------------------------------------------------------------------- launchers
+# -------------------------------------------------------------------------------------------------------- launchers
 def _tile(hidden: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps): 1024-element tiles, 128 hidden units wide (divides 2048 and 2730 -> 22 blocks
     with a masked tail), 8 elements per thread at 4 warps: 16-byte vector loads of 16-bit data."""
@@ -131,7 +131,7 @@ def swiglu_jvp_fwd(x, w13, b13, w2, b2, x_dot, save_pre: bool):
         _swiglu_jvp_fwd_kernel[(_runtime.cdiv(m, block_r), _runtime.cdiv(hidden, block_c))](
             h, b13 if b13 is not None else h, g_stack, ab if save_pre else h, m, mt, hidden,
             HAS_BIAS=b13 is not None, WRITE_AB=save_pre, BLOCK_R=block_r, BLOCK_C=block_c,
-            ACC=acc_dtype(h.dtype), RNE=rne_bf16(h.dtype), num_warps=warps,
+            ACC=tl_acc_dtype(h.dtype), RNE=rne_bf16(h.dtype), num_warps=warps,
         )
     del h  # nothing of the tangent survives the forward
     # GEMM 2 as two calls over the two halves of [g; g_dot]: a custom op's outputs must not share storage (two views of
@@ -160,7 +160,7 @@ def swiglu_bwd(grad_y, x, ab, w13, b13, w2, has_b2: bool, need_dx: bool, need_dw
         block_r, block_c, warps = _tile(hidden)
         _swiglu_bwd_kernel[(_runtime.cdiv(m, block_r), _runtime.cdiv(hidden, block_c))](
             dg, ab, dab, dg, m, hidden,
-            WRITE_G=need_dw, BLOCK_R=block_r, BLOCK_C=block_c, ACC=acc_dtype(ab.dtype),
+            WRITE_G=need_dw, BLOCK_R=block_r, BLOCK_C=block_c, ACC=tl_acc_dtype(ab.dtype),
             RNE=rne_bf16(ab.dtype), num_warps=warps,
         )
     def empty():  # a fresh one each: a custom op's outputs must not alias each other
@@ -174,39 +174,28 @@ def swiglu_bwd(grad_y, x, ab, w13, b13, w2, has_b2: bool, need_dx: bool, need_dw
             torch.mm(dy.t(), g), dy.sum(0) if has_b2 else empty())
 
 
-# ------------------------------------------------------------------------------------------------------ custom ops
-@torch.library.custom_op("mfkernels::swiglu_fwd", mutates_args=())
-def _swiglu_fwd_op(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, w2: torch.Tensor,
-                   b2: torch.Tensor | None, x_dot: torch.Tensor,
-                   save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, y_dot, [a | b] or empty) from GEMM 1, the fused gate kernel and GEMM 2; opaque to Dynamo and torch.func."""
-    if not _runtime.triton_can_run(x):
-        raise RuntimeError(f"mfkernels::swiglu_fwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                           f"got x with {describe(x)}")
+# ----------------------------------------------------------------------------------------------------- registration
+def _fwd_impl(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+              x_dot: torch.Tensor, save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, y_dot, [a | b] or empty) from GEMM 1, the fused gate kernel and GEMM 2."""
     return swiglu_jvp_fwd(x, w13, b13, w2, b2, x_dot, save_pre)
 
 
-@_swiglu_fwd_op.register_fake
-def _(x, w13, b13, w2, b2, x_dot, save_pre):
+def _fwd_fake(x, w13, b13, w2, b2, x_dot, save_pre):
     m = math.prod(x.shape[:-1]) if save_pre else 0
     out = w2.shape[0]
     return (x.new_empty((*x.shape[:-1], out)), x.new_empty((*x_dot.shape[:-1], out)),
             x.new_empty((m, w13.shape[0])))
 
 
-@torch.library.custom_op("mfkernels::swiglu_bwd", mutates_args=())
-def _swiglu_bwd_op(grad_y: torch.Tensor, x: torch.Tensor, ab: torch.Tensor, w13: torch.Tensor,
-                   b13: torch.Tensor | None, w2: torch.Tensor, has_b2: bool, need_dx: bool, need_dw: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_impl(grad_y: torch.Tensor, x: torch.Tensor, ab: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None,
+              w2: torch.Tensor, has_b2: bool, need_dx: bool, need_dw: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw13, db13, dw2, db2), each empty when not needed (or its bias is absent)."""
-    if not _runtime.triton_can_run(x):
-        raise RuntimeError(f"mfkernels::swiglu_bwd needs a CUDA tensor (or TRITON_INTERPRET=1 on CPU); "
-                           f"got x with {describe(x)}")
     return swiglu_bwd(grad_y, x, ab, w13, b13, w2, has_b2, need_dx, need_dw)
 
 
-@_swiglu_bwd_op.register_fake
-def _(grad_y, x, ab, w13, b13, w2, has_b2, need_dx, need_dw):
+def _bwd_fake(grad_y, x, ab, w13, b13, w2, has_b2, need_dx, need_dw):
     def empty():
         return x.new_empty(0)
 
@@ -217,46 +206,58 @@ def _(grad_y, x, ab, w13, b13, w2, has_b2, need_dx, need_dw):
             w2.new_empty(w2.shape), w2.new_empty((w2.shape[0],)) if has_b2 else empty())
 
 
+_bwd = FusedOp("swiglu_bwd", _bwd_impl, _bwd_fake,
+               check=lambda grad_y, x, *_: _runtime.require_triton("swiglu_bwd", x))
+
+
 def _setup_context(ctx, inputs, output):
     x, w13, b13, w2, b2, _x_dot, _save = inputs
     _y, y_dot, ab = output
     ctx.save_for_backward(x, ab, w13, b13, w2)
     ctx.has_b2 = b2 is not None
     ctx.mark_non_differentiable(y_dot, ab)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for y_dot and ab
 
 
 def _backward(ctx, grad_y, _grad_y_dot, _grad_ab):
-    x, ab, w13, b13, w2 = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if grad_y is None:  # y took no part in what is differentiated
+        return (None,) * 7
+    x, ab, w13, b13, w2 = ctx.saved_tensors
     need_dx, need_dw = need[0], any(need[1:5])
-    dx, dw13, db13, dw2, db2 = torch.ops.mfkernels.swiglu_bwd(grad_y, x, ab, w13, b13, w2, ctx.has_b2, need_dx,
-                                                              need_dw)
+    dx, dw13, db13, dw2, db2 = _bwd(grad_y, x, ab, w13, b13, w2, ctx.has_b2, need_dx, need_dw)
     pick = lambda flag, g: g if flag else None  # noqa: E731
     return (pick(need[0], dx), pick(need[1], dw13), pick(need[2] and b13 is not None, db13), pick(need[3], dw2),
             pick(need[4] and ctx.has_b2, db2), None, None)
 
 
-torch.library.register_autograd("mfkernels::swiglu_fwd", _backward, setup_context=_setup_context)
+def _check_op_args(x, w13, b13, w2, b2, x_dot, save_pre):
+    check_swiglu_args(x, w13, b13, w2, b2, x_dot)
+    check_params_match("SwiGLU", x, None, w13=w13, b13=b13, w2=w2, b2=b2)
+    _runtime.require_triton("swiglu_fwd", x)
 
 
-# ---------------------------------------------------------------------------------------------------------- public
+_fwd = FusedOp("swiglu_fwd", _fwd_impl, _fwd_fake, setup_context=_setup_context, backward=_backward,
+               check=_check_op_args)
+
+
+# ----------------------------------------------------------------------------------------------------------- public
 def swiglu_jvp(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, w2: torch.Tensor,
                b2: torch.Tensor | None, x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SwiGLU MLP y = (silu(x W1^T + b1) * (x W3^T + b3)) W2^T + b2 with its tangent (module docstring).
 
     x: (B, ..., C); w13: (2H, C) = [W1; W3]; b13: (2H,) or None; w2: (out, H); b2: (out,) or None; x_dot: (kt, ..., C),
     kt <= B. Returns (y differentiable in x and the parameters, y_dot detached). Same contract and checks as
-    `reference.swiglu_jvp_ref`; falls back to it (one warning) where Triton cannot run.
+    `reference.swiglu_jvp_ref`; outside autocast the parameters must have x's dtype and device. Falls back to the
+    reference (one warning) where Triton cannot run. The op is `torch.ops.mfkernels.swiglu_fwd`.
     """
     check_swiglu_args(x, w13, b13, w2, b2, x_dot)
-    x, w13, b13, w2, b2, x_dot = _cast(_autocast_dtype(x), x, w13, b13, w2, b2, x_dot)
-    if not _runtime.triton_can_run(x):
-        _runtime.warn_fallback("swiglu_jvp", x)
-        return swiglu_jvp_ref(x, w13, b13, w2, b2, x_dot)
-    for name, t in (("w13", w13), ("b13", b13), ("w2", w2), ("b2", b2)):
-        if t is not None and (t.dtype != x.dtype or t.device != x.device):
-            raise TypeError(f"{name} has dtype {t.dtype} on {t.device} but x has dtype {x.dtype} on {x.device}; "
-                            f"outside autocast the SwiGLU parameters must match x")
-    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w13, b13, w2, b2))
-    y, y_dot, _ = torch.ops.mfkernels.swiglu_fwd(x, w13, b13, w2, b2, x_dot, save)
-    return y, y_dot
+    if _runtime.triton_can_run(x):  # the reference takes mixed dtypes as torch does
+        check_params_match("SwiGLU", x, _runtime.autocast_dtype(x), w13=w13, b13=b13, w2=w2, b2=b2)
+    return _swiglu_jvp(x, w13, b13, w2, b2, x_dot)
+
+
+def _swiglu_jvp(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, w2: torch.Tensor,
+                b2: torch.Tensor | None, x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """swiglu_jvp on checked arguments."""
+    return two_gemm_jvp("swiglu_jvp", _fwd, _swiglu_jvp_ref, x, w13, b13, w2, b2, x_dot)

@@ -2,7 +2,7 @@
 
     loss, per_sample, weight = meanflow_loss(u, v_g, du_dt, t, r, p=1.0, eps=0.01)
 
-Exactly the semantics of `mfkernels.reference.meanflow_loss_ref` (DESIGN.md 1):
+Exactly the semantics of `mfkernels.reference.meanflow_loss_ref` (docs/design.md, 'The MeanFlow loss'):
 
     u_tgt_i = v_g_i - clip(t_i - r_i, 0, 1) du_dt_i   for the first kt = du_dt.shape[0] rows, u_tgt_i = v_g_i after
     L_i = sum over non-batch dims (u_i - u_tgt_i)^2;   w_i = (L_i + eps)^-p (detached);   loss = mean_i w_i L_i
@@ -29,18 +29,21 @@ t >= r is checked (a ValueError / RuntimeError naming the first bad row): always
 tensors on the reference path; on CUDA only with check_times=True, because reading the result needs a host sync
 (without it a row with t < r behaves as in the reference: clip(t - r, 0, 1) = 0). Not checked while torch.compile
 traces.
+
+Layout: the kernels are C++ / CUDA (csrc/: `TORCH_LIBRARY` defines the schema); this file registers their Python
+parts (fake kernels, autograd) once the library is loaded, then the public `meanflow_loss`. Not a FusedOp: the op is
+defined in C++, and its eager call is one dispatch into C++ with no Python body to skip.
 """
 from __future__ import annotations
 
-import math
-import numbers
 import threading
 import warnings
 
 import torch
 
 from . import _ext
-from ._checks import check_float, check_like, check_tangent, describe
+from ._checks import check_meanflow_loss_args, check_time_order
+from ._runtime import acc_dtype
 from .reference import meanflow_loss_ref
 
 __all__ = ["meanflow_loss", "native_available", "native_status"]
@@ -48,124 +51,9 @@ __all__ = ["meanflow_loss", "native_available", "native_status"]
 BACKENDS = ("auto", "native", "torch")
 
 
-def native_status() -> _ext.NativeStatus:
-    """Load the extension if not done yet; say where it came from, whether it has CUDA kernels, and why not."""
-    status = _ext.status()
-    if status.available:
-        _register_python_parts()
-    return status
-
-
-def native_available(device: str | torch.device = "cpu") -> bool:
-    """True when the native op can run on tensors of `device` (loads the extension on first call)."""
-    return _unavailable_reason(torch.device(device).type) == ""
-
-
-# ------------------------------------------------------------------------------------------------------- the API
-def meanflow_loss(u: torch.Tensor, v_g: torch.Tensor, du_dt: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
-                  p: float = 1.0, eps: float = 0.01, *, backend: str = "auto",
-                  check_times: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, per_sample_L, weight) of the MeanFlow objective; see the module doc for the exact contract.
-
-    backend: "auto" | "native" | "torch".  check_times: None = check t >= r where it costs no host sync (CPU);
-    True = check on every device (one sync on CUDA); False = no Python-side check (the CPU kernel still refuses).
-    """
-    _check_args(u, v_g, du_dt, t, r, p, eps)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    native = False
-    if backend != "torch":
-        why = _unavailable_reason(u.device.type, backend == "auto")  # warns (once) when "auto" falls back
-        if why == "":
-            native = True
-        elif backend == "native":
-            raise RuntimeError(f"mfkernels.meanflow_loss: backend='native' is not available for {u.device.type} "
-                               f"tensors: {why}")
-    if check_times is None:
-        check_times = u.device.type == "cpu"  # free there (the CPU kernel checks too; this gives the same error type)
-    if check_times and not torch.compiler.is_compiling():
-        _check_time_order(t, r)
-    if native:
-        save_residual = torch.is_grad_enabled() and u.requires_grad
-        loss, per_sample, weight, _ = torch.ops.mfkernels.meanflow_loss(u, v_g, du_dt, t, r, float(p), float(eps),
-                                                                         save_residual)
-        return loss, per_sample, weight
-    return meanflow_loss_ref(u, v_g, du_dt, t, r, p, eps)
-
-
-def _check_args(u, v_g, du_dt, t, r, p, eps) -> None:
-    """Clear errors naming the argument, its shape / dtype / device, and what was expected (before any kernel)."""
-    check_float("u", u)
-    if u.dim() < 1:
-        raise ValueError(f"u must have a batch dim (B, ...); got {describe(u)}")
-    check_float("v_g", v_g)
-    check_like("v_g", v_g, "u", u)
-    if v_g.shape != u.shape:
-        raise ValueError(f"v_g has shape {tuple(v_g.shape)} but u has shape {tuple(u.shape)}; they must be equal")
-    check_tangent("du_dt", du_dt, "u", u)
-    batch = u.shape[0]
-    for name, x in (("t", t), ("r", r)):
-        check_float(name, x)
-        if x.device != u.device:
-            raise ValueError(f"{name} is on {x.device} but u is on {u.device}; they must be on the same device")
-        if x.dim() != 1 or x.shape[0] != batch:
-            raise ValueError(f"{name} must have shape (B,) = ({batch},), one value per row of u; got {describe(x)}")
-    if r.dtype != t.dtype:
-        raise TypeError(f"r has dtype {r.dtype} but t has dtype {t.dtype}; they must match")
-    if not (isinstance(p, numbers.Real) and math.isfinite(p)):
-        raise ValueError(f"p must be a finite number; got {p!r}")
-    if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be a finite number >= 0; got {eps!r}")
-
-
-def _check_time_order(t: torch.Tensor, r: torch.Tensor) -> None:
-    bad = torch.nonzero(t < r).flatten()
-    if bad.numel():
-        i = int(bad[0])
-        more = f" ({bad.numel()} rows in all)" if bad.numel() > 1 else ""
-        raise ValueError(f"meanflow_loss: t < r in row {i} (t[{i}] = {float(t[i]):.6g}, r[{i}] = {float(r[i]):.6g})"
-                         f"{more}; every row needs r <= t")
-
-
-# ------------------------------------------------------------------------------------------- availability + warning
-_SUPPORTED = ("cpu", "cuda", "meta")
-
-
-@torch.compiler.assume_constant_result
-def _unavailable_reason(device_type: str, warn: bool = False) -> str:
-    """'' when the native op runs on `device_type`, else why not (and, with warn, the one fallback warning).
-    Loads the extension on first call; under torch.compile it runs at trace time and its result is a constant of
-    the graph."""
-    why = ""
-    if device_type not in _SUPPORTED:
-        why = f"no native kernel for device type {device_type!r}"
-    else:
-        status = native_status()
-        if not status.available:
-            why = status.reason or "the native extension is not available"
-        elif device_type == "cuda" and not status.cuda:
-            why = status.reason or "the native extension has no CUDA kernels"
-    if why and warn:
-        _warn_fallback(device_type, why)
-    return why
-
-
-_warned: set[str] = set()
-
-
-def _warn_fallback(device_type: str, why: str) -> None:
-    """One warning per process and device type: the reference replaces the native op, and why."""
-    if device_type in _warned:
-        return
-    _warned.add(device_type)
-    warnings.warn(f"mfkernels.meanflow_loss: native op unavailable for {device_type} tensors, falling back to the "
-                  f"pure-torch reference meanflow_loss_ref (slower, same results). Why: {why}",
-                  RuntimeWarning, stacklevel=4)
-
-
-# ------------------------------------------------------------------------------ fake kernels and autograd (Python)
+# ----------------------------------------------------------------------------------------------------- registration
 def _fake_meanflow_loss(u, v_g, du_dt, t, r, p, eps, save_residual=True):
-    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(u.dtype)
     batch = u.shape[0]
     residual = u.new_empty(u.shape) if save_residual else u.new_empty((0,))
     return (u.new_empty((), dtype=acc), u.new_empty((batch,), dtype=acc), u.new_empty((batch,), dtype=acc),
@@ -215,3 +103,84 @@ def _register_python_parts() -> None:
 
 if _ext.op_defined():  # someone loaded the library before importing this module (csrc's set_python_module)
     _register_python_parts()
+
+
+# ----------------------------------------------------------------------------------------------------- availability
+_SUPPORTED = ("cpu", "cuda", "meta")
+
+
+@torch.compiler.assume_constant_result
+def _unavailable_reason(device_type: str, warn: bool = False) -> str:
+    """'' when the native op runs on `device_type`, else why not (and, with warn, the one fallback warning).
+    Loads the extension on first call; under torch.compile it runs at trace time and its result is a constant of
+    the graph."""
+    why = ""
+    if device_type not in _SUPPORTED:
+        why = f"no native kernel for device type {device_type!r}"
+    else:
+        status = native_status()
+        if not status.available:
+            why = status.reason or "the native extension is not available"
+        elif device_type == "cuda" and not status.cuda:
+            why = status.reason or "the native extension has no CUDA kernels"
+    if why and warn:
+        _warn_fallback(device_type, why)
+    return why
+
+
+_warned: set[str] = set()
+
+
+def _warn_fallback(device_type: str, why: str) -> None:
+    """One warning per process and device type: the reference replaces the native op, and why."""
+    if device_type in _warned:
+        return
+    _warned.add(device_type)
+    warnings.warn(f"mfkernels.meanflow_loss: native op unavailable for {device_type} tensors, falling back to the "
+                  f"pure-torch reference meanflow_loss_ref (slower, same results). Why: {why}",
+                  RuntimeWarning, stacklevel=4)
+
+
+# ----------------------------------------------------------------------------------------------------------- public
+def native_status() -> _ext.NativeStatus:
+    """Load the extension if not done yet; say where it came from, whether it has CUDA kernels, and why not."""
+    status = _ext.status()
+    if status.available:
+        _register_python_parts()
+    return status
+
+
+def native_available(device: str | torch.device = "cpu") -> bool:
+    """True when the native op can run on tensors of `device` (loads the extension on first call)."""
+    return _unavailable_reason(torch.device(device).type) == ""
+
+
+def meanflow_loss(u: torch.Tensor, v_g: torch.Tensor, du_dt: torch.Tensor, t: torch.Tensor, r: torch.Tensor,
+                  p: float = 1.0, eps: float = 0.01, *, backend: str = "auto",
+                  check_times: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, per_sample_L, weight) of the MeanFlow objective; see the module doc for the exact contract.
+
+    backend: "auto" | "native" | "torch".  check_times: None = check t >= r where it costs no host sync (CPU);
+    True = check on every device (one sync on CUDA); False = no Python-side check (the CPU kernel still refuses).
+    """
+    check_meanflow_loss_args(u, v_g, du_dt, t, r, p, eps)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    native = False
+    if backend != "torch":
+        why = _unavailable_reason(u.device.type, backend == "auto")  # warns (once) when "auto" falls back
+        if why == "":
+            native = True
+        elif backend == "native":
+            raise RuntimeError(f"mfkernels.meanflow_loss: backend='native' is not available for {u.device.type} "
+                               f"tensors: {why}")
+    if check_times is None:
+        check_times = u.device.type == "cpu"  # free there (the CPU kernel checks too; this gives the same error type)
+    if check_times and not torch.compiler.is_compiling():
+        check_time_order(t, r)
+    if native:
+        save_residual = torch.is_grad_enabled() and u.requires_grad
+        loss, per_sample, weight, _ = torch.ops.mfkernels.meanflow_loss(u, v_g, du_dt, t, r, float(p), float(eps),
+                                                                         save_residual)
+        return loss, per_sample, weight
+    return meanflow_loss_ref(u, v_g, du_dt, t, r, p, eps)

@@ -5,7 +5,7 @@ gradients from autograd through attention_ref in fp64. Low-precision dtypes are 
 kernel's error against the fp64 reference must stay within a small multiple of torch's own error in the same dtype
 (plus a floor). On CPU the kernels run in the Triton interpreter (tiny shapes); tests marked `gpu` run the compiled
 kernels on CUDA at larger sizes. The "exact" tests run fp64 in the interpreter (1e-10) and fp32 on CUDA (fp32 rounding
-level), because CUDA fp64 goes to the reference by design (attention._kernel_can_run).
+level), because CUDA fp64 goes to the reference by design (attention.registration.kernel_can_run).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from mfkernels import _runtime, reference
-from mfkernels import attention as attn
-from mfkernels.attention import attention_jvp, scaled_dot_product_attention
+from mfkernels.attention import _configs, _pieces, api, attention_jvp, backward, forward, scaled_dot_product_attention
+from mfkernels.attention import tangent_backward
 
 DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 # Floor added to "2 x torch's error": fp64 must be exact to rounding; the others allow ~1 ulp of an O(1) output.
@@ -372,7 +372,7 @@ def test_compile_reverse_mode_fullgraph(device):
 def test_compile_func_jvp_upstream_bug_still_present():
     """Records the upstream bug the eager island works around, by compiling the raw Function with a jvp."""
     q, k, v, q_dot, k_dot, v_dot = _compile_inputs("cpu" if not torch.cuda.is_available() else "cuda")
-    raw = lambda a, b, c: attn._SDPAJVPFunction.apply(a, b, c, None, False, 32 ** -0.5)[0]  # noqa: E731
+    raw = lambda a, b, c: api._SDPAJVPFunction.apply(a, b, c, None, False, 32 ** -0.5)[0]  # noqa: E731
     fn = lambda *a: torch.func.jvp(raw, a[:3], a[3:])  # noqa: E731
     torch._dynamo.reset()
     eager = fn(q, k, v, q_dot, k_dot, v_dot)
@@ -463,14 +463,14 @@ def test_cpu_fallback_without_interpreter(monkeypatch):
 def test_autotune_configs(monkeypatch):
     """One config under the interpreter; the GPU lists are sane tiles (powers of two >= 16) for every D group, and the
     pruner hands each kernel the list for its head dim (and the forward the tangent or the plain list)."""
-    kernels = (attn._attn_jvp_fwd_kernel, attn._attn_bwd_dkdv_kernel, attn._attn_bwd_dq_kernel,
-               attn._attn_tbwd_dkdv_kernel, attn._attn_tbwd_dq_kernel)
+    kernels = (forward._attn_jvp_fwd_kernel, backward._attn_bwd_dkdv_kernel, backward._attn_bwd_dq_kernel,
+               tangent_backward._attn_tbwd_dkdv_kernel, tangent_backward._attn_tbwd_dq_kernel)
     if _runtime.interpreter_active():
         assert all(len(kern.configs) == 1 for kern in kernels)
-    tables = (attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._DKDV_CONFIGS, attn._DQ_CONFIGS,
-              attn._FP32_FWD_CONFIGS, attn._FP32_DKDV_CONFIGS, attn._FP32_DQ_CONFIGS, attn._TBWD_DKDV_CONFIGS,
-              attn._TBWD_DQ_CONFIGS, attn._FP32_TBWD_DKDV_CONFIGS, attn._FP32_TBWD_DQ_CONFIGS,
-              attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS, attn._DQ_MASKED_CONFIGS)
+    tables = (_configs._FWD_JVP_CONFIGS, _configs._FWD_PLAIN_CONFIGS, _configs._DKDV_CONFIGS, _configs._DQ_CONFIGS,
+              _configs._FP32_FWD_CONFIGS, _configs._FP32_DKDV_CONFIGS, _configs._FP32_DQ_CONFIGS, _configs._TBWD_DKDV_CONFIGS,
+              _configs._TBWD_DQ_CONFIGS, _configs._FP32_TBWD_DKDV_CONFIGS, _configs._FP32_TBWD_DQ_CONFIGS,
+              _configs._FWD_JVP_MASKED_CONFIGS, _configs._FWD_PLAIN_MASKED_CONFIGS, _configs._DQ_MASKED_CONFIGS)
     for table in tables:
         assert set(table) == {64, 80, 96, 112, 128, 256}
         for cfgs in table.values():
@@ -479,36 +479,36 @@ def test_autotune_configs(monkeypatch):
                     size = c.kwargs[key]
                     assert size >= 16 and size & (size - 1) == 0
                 assert c.num_warps in (4, 8) and 1 <= c.num_stages <= 5
-    monkeypatch.setattr(attn._configs, "interpreter_active", lambda: False)  # what a GPU process sees
+    monkeypatch.setattr(_configs, "interpreter_active", lambda: False)  # what a GPU process sees
     sig = lambda cfgs: {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in cfgs}  # noqa
-    every = attn._all_configs(*tables)
-    prune = attn._pruner(attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._FP32_FWD_CONFIGS)["early_config_prune"]
+    every = _configs._all_configs(*tables)
+    prune = _configs._pruner(_configs._FWD_JVP_CONFIGS, _configs._FWD_PLAIN_CONFIGS, _configs._FP32_FWD_CONFIGS)["early_config_prune"]
     bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
     # head dims to lists: by the width the pieces run at (_pieces.py), the split ones (72, 80 -> 80, 96, 112) their own
     for d, group in ((32, 64), (40, 64), (64, 64), (72, 80), (80, 80), (96, 96), (112, 112), (128, 128), (200, 256)):
-        pieces = dict(D_PIECES=attn._pieces.head_pieces(d), DV_PIECES=attn._pieces.head_pieces(d))
-        assert sig(prune(every, {"Q": bf16}, **pieces, HAS_TANGENT=True)) == sig(attn._FWD_JVP_CONFIGS[group])
-        assert sig(prune(every, {"Q": bf16}, **pieces, HAS_TANGENT=False)) == sig(attn._FWD_PLAIN_CONFIGS[group])
-        assert sig(prune(every, {"Q": fp32}, **pieces, HAS_TANGENT=True)) == sig(attn._FP32_FWD_CONFIGS[group])
-    prune_dq = attn._pruner(attn._DQ_CONFIGS, fp32_table=attn._FP32_DQ_CONFIGS)["early_config_prune"]
+        pieces = dict(D_PIECES=_pieces.head_pieces(d), DV_PIECES=_pieces.head_pieces(d))
+        assert sig(prune(every, {"Q": bf16}, **pieces, HAS_TANGENT=True)) == sig(_configs._FWD_JVP_CONFIGS[group])
+        assert sig(prune(every, {"Q": bf16}, **pieces, HAS_TANGENT=False)) == sig(_configs._FWD_PLAIN_CONFIGS[group])
+        assert sig(prune(every, {"Q": fp32}, **pieces, HAS_TANGENT=True)) == sig(_configs._FP32_FWD_CONFIGS[group])
+    prune_dq = _configs._pruner(_configs._DQ_CONFIGS, fp32_table=_configs._FP32_DQ_CONFIGS)["early_config_prune"]
     d128 = dict(D_PIECES=(128,), DV_PIECES=(128,))
-    assert sig(prune_dq(every, {**d128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128])
-    assert sig(prune_dq(every, {**d128, "Q": fp32})) == sig(attn._FP32_DQ_CONFIGS[128])
+    assert sig(prune_dq(every, {**d128, "Q": bf16})) == sig(_configs._DQ_CONFIGS[128])
+    assert sig(prune_dq(every, {**d128, "Q": fp32})) == sig(_configs._FP32_DQ_CONFIGS[128])
     monkeypatch.setenv("MFKERNELS_AUTOTUNE", "0")  # GPU test runs: the first config of the list only
-    assert sig(prune_dq(every, {**d128, "Q": bf16})) == sig(attn._DQ_CONFIGS[128][:1])
+    assert sig(prune_dq(every, {**d128, "Q": bf16})) == sig(_configs._DQ_CONFIGS[128][:1])
     assert sig(prune(every, {"Q": bf16}, D_PIECES=(64,), DV_PIECES=(64,), HAS_TANGENT=False)) == sig(
-        attn._FWD_PLAIN_CONFIGS[64][:1])
+        _configs._FWD_PLAIN_CONFIGS[64][:1])
     # masks: the masked lists for 2-D and additive masks (MASK_KIND 1, 2, 4), the main ones for bool key padding (3)
-    prune = attn._pruner(attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_CONFIGS, attn._FP32_FWD_CONFIGS,
-                         attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS)["early_config_prune"]
-    for kind, jvp_table, plain_table in ((1, attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS),
-                                         (3, attn._FWD_JVP_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS),
-                                         (4, attn._FWD_JVP_MASKED_CONFIGS, attn._FWD_PLAIN_MASKED_CONFIGS)):
+    prune = _configs._pruner(_configs._FWD_JVP_CONFIGS, _configs._FWD_PLAIN_CONFIGS, _configs._FP32_FWD_CONFIGS,
+                         _configs._FWD_JVP_MASKED_CONFIGS, _configs._FWD_PLAIN_MASKED_CONFIGS)["early_config_prune"]
+    for kind, jvp_table, plain_table in ((1, _configs._FWD_JVP_MASKED_CONFIGS, _configs._FWD_PLAIN_MASKED_CONFIGS),
+                                         (3, _configs._FWD_JVP_CONFIGS, _configs._FWD_PLAIN_MASKED_CONFIGS),
+                                         (4, _configs._FWD_JVP_MASKED_CONFIGS, _configs._FWD_PLAIN_MASKED_CONFIGS)):
         assert sig(prune(every, {"Q": bf16}, **d128, HAS_TANGENT=True, MASK_KIND=kind)) == sig(jvp_table[128][:1])
         assert sig(prune(every, {"Q": bf16}, **d128, HAS_TANGENT=False, MASK_KIND=kind)) == sig(
             plain_table[128][:1])
     # Dv != D: the wider of the two picks the list
     monkeypatch.setenv("MFKERNELS_AUTOTUNE", "1")
-    assert sig(prune_dq(every, {"D_PIECES": (64,), "DV_PIECES": (128,), "Q": bf16})) == sig(attn._DQ_CONFIGS[128])
+    assert sig(prune_dq(every, {"D_PIECES": (64,), "DV_PIECES": (128,), "Q": bf16})) == sig(_configs._DQ_CONFIGS[128])
     assert sig(prune_dq(every, {"D_PIECES": (64, 32), "DV_PIECES": (64, 16), "Q": bf16})) == sig(
-        attn._DQ_CONFIGS[96])
+        _configs._DQ_CONFIGS[96])

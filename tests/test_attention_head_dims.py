@@ -1,4 +1,4 @@
-"""Head dims that are not powers of two (issue 19): D = 72 (DiT-XL/2), 80, 96, 112 and odd ones run as power-of-two
+"""Head dims that are not powers of two: D = 72 (DiT-XL/2), 80, 96, 112 and odd ones run as power-of-two
 pieces (mfkernels/attention/_pieces.py) in the forward + JVP, the plain forward and the flash backward (the tangent
 backward, padded there, is checked too); with masks, GQA, Dv != D (split differently), causal, every dtype; and the
 opt-in Hopper levers (mfkernels/attention/_levers.py: tensor descriptors, persistent programs) and the forced padding

@@ -1,4 +1,4 @@
-"""Attention as an SDPA drop-in (issue 13): attn_mask (bool / additive, broadcast like torch), fully masked rows,
+"""Attention as an SDPA drop-in: attn_mask (bool / additive, broadcast like torch), fully masked rows,
 GQA / MQA (enable_gqa) and a value head dim Dv != D, through attention_jvp, its backward and the drop-in in every mode.
 
 Reference: torch's own F.scaled_dot_product_attention forced to the MATH backend, under torch.func.jvp for tangents and

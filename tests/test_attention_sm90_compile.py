@@ -5,7 +5,7 @@ config (what runs with MFKERNELS_AUTOTUNE=0, and the autotuner's fallback). bf16
 exceed Hopper's shared memory. MFKERNELS_AOT_ALL_CONFIGS=1 compiles every config of every list instead (minutes; run
 before changing a list).
 
-Split head dims (issue 19, mfkernels/attention/_pieces.py): D = 72 (DiT-XL/2, pieces 64 + 16) in every kernel and
+Split head dims (mfkernels/attention/_pieces.py): D = 72 (DiT-XL/2, pieces 64 + 16) in every kernel and
 mask kind; 96 (64 + 32), 112 (64 + 32 + 16) and a Dv split differently from D in the heaviest variants (80 has 72's
 pieces); fp32 at 112 (the widest split: shared memory). The opt-in Hopper levers of the forward (_levers.py: tensor
 descriptors, persistent programs) compile at D = 72 and 128 (the persistent one spills a little: KNOWN_SPILLS). Warp
@@ -24,7 +24,9 @@ from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
 BODY = r'''
 from triton.runtime.autotuner import Autotuner
 
-from mfkernels.attention import attention_bwd, attention_jvp_bwd, attention_jvp_fwd
+from mfkernels.attention.backward import attention_bwd
+from mfkernels.attention.forward import attention_jvp_fwd
+from mfkernels.attention.tangent_backward import attention_jvp_bwd
 
 ALL = os.environ.get("MFKERNELS_AOT_ALL_CONFIGS") == "1"
 
@@ -107,8 +109,8 @@ else:
 #  - the persistent lever (opt-in, off by default) carries the tile loop around the whole program: at the first config
 #    (128, 32, 8, 3) it spilled 24 B at D = 72 and 212 B at D = 128 (255 registers); a GPU timing decides its fate.
 #  - the tangent backward's dK/dV kernel with D = 72 and Dv = 112 (both padded to 128), a 2-D additive mask and G:
-#    24 B (255 registers; the same tiles before issue 19 compiled to 255 registers and no spill; without the
-#    stride-alignment hints 8 B remain, from the refactored code). A rare shape (Dv != D, D not a power of two).
+#    24 B (255 registers). The same tiles compiled without a spill before the head-dim split reorganised the kernel
+#    code; without the stride-alignment hints 8 B remain. A rare shape (Dv != D, D not a power of two).
 KNOWN_SPILLS = {("_attn_jvp_fwd_kernel", "persistent", "72"): 32, ("_attn_jvp_fwd_kernel", "persistent", "128"): 256,
                 ("_attn_tbwd_dkdv_kernel", "72", "112"): 32}
 

@@ -1,4 +1,4 @@
-"""Exact gradients through the tangent output (issue 13, item 4): a loss of (o, o_dot) differentiated with respect to
+"""Exact gradients through the tangent output: a loss of (o, o_dot) differentiated with respect to
 q, k, v and the tangents q_dot, k_dot, v_dot, through attention_jvp(tangent_grad=True) and through the SDPA drop-in
 after torch.func.jvp / forward_ad (reverse-over-forward), against torch's math SDPA under torch.func.jvp (float64).
 

@@ -262,10 +262,10 @@ def _attn_row(d, n, provider, ms, variant="default", tflops=None):
             "ms_p20": ms * 0.99, "ms_p80": ms * 1.01, "tflops": tflops}
 
 
-def test_attention_variants_summary_and_split_head_dim_checks(tmp_path):
-    """bench_attention's A/B variants (split head dims against padding, the Hopper levers): which providers each one
-    re-times, the split / padded and lever ratios of the summary, report.py's variants table and the attention targets
-    set for split head dims (1.75x FA2 at D 64, 0.75x padded at D 72, backward no slower, 550 TFLOP/s)."""
+def test_attention_variants_summary_and_hopper_checks(tmp_path):
+    """bench_attention's A/B variants: which providers each one re-times, the split / padded and lever
+    ratios of the summary, report.py's variants table and the Hopper targets (1.75x FA2 at D 64, 0.75x padded at
+    D 72, backward no slower, 550 TFLOP/s)."""
     from bench import bench_attention as ba
 
     every = ["default", "padded", "tma", "persistent"]
@@ -282,15 +282,15 @@ def test_attention_variants_summary_and_split_head_dim_checks(tmp_path):
     assert by[(72, 2048)]["split_over_padded_fwd_jvp"] == pytest.approx(0.7)
     assert by[(72, 2048)]["split_over_padded_bwd"] == pytest.approx(1.1)
     assert by[(64, 2048)]["tma_over_default_fwd_jvp"] == pytest.approx(1.6 / 1.8)
-    assert by[(64, 2048)]["fused_fwd_jvp_over_flash_fwd_target"] == "<= 1.75 (issue 19)"
+    assert by[(64, 2048)]["fused_fwd_jvp_over_flash_fwd_target"] == "<= 1.75 (Hopper target)"
     (tmp_path / "attention.json").write_text(json.dumps({"bench": "attention", "rows": rows, "meta": {
         "commit": "e" * 40, "dirty": False, "device": "NVIDIA H200", "device_type": "cuda"}}))
     files = report.load_folder(tmp_path)
     checks = {c.target: c for c in report.targets(files)}
-    assert checks["attention fwd+JVP at D 72 <= 0.75x the padded kernel (issue 19)"].met == [True]
-    assert checks["attention bwd at a split head dim <= 1.0x the padded kernel (issue 19)"].met == [False]
-    assert checks["attention fwd+JVP <= 1.75x SDPA flash (FA2) fwd at D 64 (issue 19)"].met == [False]
-    assert sorted(checks["attention fwd+JVP >= 550 eff. TFLOP/s at N >= 2048 (issue 19)"].met) == [False, True]
+    assert checks["attention fwd+JVP at D 72 <= 0.75x the padded kernel (Hopper target)"].met == [True]
+    assert checks["attention bwd at a split head dim <= 1.0x the padded kernel (Hopper target)"].met == [False]
+    assert checks["attention fwd+JVP <= 1.75x SDPA flash (FA2) fwd at D 64 (Hopper target)"].met == [False]
+    assert sorted(checks["attention fwd+JVP >= 550 eff. TFLOP/s at N >= 2048 (Hopper target)"].met) == [False, True]
     variants = next(t for t in _tables(report.build_report(tmp_path)) if "| shape | provider | default ms |" in t)
     lines = {tuple(line.split(" | ")[:2]): line for line in variants.splitlines() if line.startswith("| bf16")}
     assert "| 0.70x |" in lines[("| bf16 D72 N2048 (B8 H28)", "fused_fwd_jvp")]  # split / padded
@@ -464,10 +464,11 @@ def test_bench_shapes_attention(device, shape):
         err, err_torch = (g - r).abs().max().item(), (lw.double() - r).abs().max().item()
         assert err <= 2 * err_torch + 1.6e-2, f"{name} at {shape}: {err:.3g} > 2 x {err_torch:.3g} + 0.016"
     if device == "cuda":
-        from mfkernels import attention as attn
+        from mfkernels.attention import backward, forward, tangent_backward
 
         chosen = {name: {str(key): str(cfg) for key, cfg in getattr(kernel, "cache", {}).items()}
-                  for name, kernel in vars(attn).items() if hasattr(kernel, "cache") and hasattr(kernel, "configs")}
+                  for module in (forward, backward, tangent_backward) for name, kernel in vars(module).items()
+                  if hasattr(kernel, "cache") and hasattr(kernel, "configs")}
         print(f"autotuned configs after {shape}: {chosen}")
 
 

@@ -3,7 +3,7 @@ from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
 
 BODY = r'''
 from mfkernels import activations, mlp, norm, residual
-from mfkernels._tl_math import ACT_GELU_TANH, ACT_SILU
+from mfkernels._triton import ACT_GELU_TANH, ACT_SILU
 
 for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
     for c in (24, 768, 1152):

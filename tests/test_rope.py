@@ -235,6 +235,26 @@ def test_qk_norm_rope_tangent_rows_end_on_a_tile_boundary(device, kt):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("used", ["q", "k"])
+def test_qk_norm_rope_gradients_when_one_output_is_unused(device, used):
+    """A loss of q' alone (or k' alone): the other output's gradient never arrives (no zero-filled gradients), and the
+    gradients of q, k and both scales still match the reference's."""
+    q, k = (rand(2, 2, 5, 8, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2))
+    wq, wk = (rand(8, dtype=torch.float64, device=device, requires_grad=True) for _ in range(2))
+    cos, sin = angles(5, 8, device=device)
+    index = 0 if used == "q" else 1
+    grads = []
+    for op in (qk_norm_rope_jvp, qk_norm_rope_jvp_ref):
+        out = op(q, k, wq, wk, cos, sin, q[:1].detach(), k[:1].detach(), eps=EPS)
+        grads.append(torch.autograd.grad(out[index].square().sum(), (q, k, wq, wk), allow_unused=True))
+    for name, got, ref in zip(("q", "k", "q_weight", "k_weight"), *grads):
+        if ref is None or not ref.abs().any():  # the unused side: no gradient, or zeros
+            assert got is None or not got.abs().any(), name
+        else:
+            torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12, msg=name)
+
+
+@pytest.mark.gpu
 def test_qk_norm_odd_head_dim_without_rope(device):
     q, k = rand(2, 3, 5, dtype=torch.float64, device=device), rand(2, 3, 5, dtype=torch.float64, device=device)
     w = rand(5, dtype=torch.float64, device=device)

@@ -23,13 +23,14 @@ def check_backend(backend: str) -> str:
     return backend
 
 
-def ops_for(backend: str) -> JVPOps:
-    """The op table of a `forward_jvp` backend: 'explicit' = mfkernels.reference, 'fused' = the mfkernels kernels."""
+def ops_for(backend: str, *, checked: bool = True) -> JVPOps:
+    """The op table of a `forward_jvp` backend: 'explicit' = mfkernels.reference, 'fused' = the mfkernels kernels.
+    checked=False: ops that skip their argument checks (mfkernels.ops), for a network that validated its inputs."""
     check_backend(backend)
     if backend == "autograd":
         raise ValueError("the 'autograd' backend has no op table: it differentiates the plain forward with "
                          "torch.func.jvp")
-    return ops_table(_TABLES[backend])
+    return ops_table(_TABLES[backend], checked=checked)
 
 
 __all__ = ["BACKENDS", "JVPOps", "check_backend", "ops_for"]

@@ -77,7 +77,8 @@ class JVPNetwork(nn.Module):
         if backend == "autograd":
             out = self._forward_autograd_jvp(z, t, h, y, z_dot, t_dot, h_dot, kt, extra)
         else:
-            out = self._forward_jvp(z, t, h, y, z_dot, t_dot, h_dot, ops_for(backend), **extra)
+            # inputs validated above: the layers call the ops without re-checking what they build from them
+            out = self._forward_jvp(z, t, h, y, z_dot, t_dot, h_dot, ops_for(backend, checked=False), **extra)
         return (out[0], out[1].detach()) + tuple(out[2:])
 
     def _forward_autograd_jvp(self, z, t, h, y, z_dot, t_dot, h_dot, kt, extra):

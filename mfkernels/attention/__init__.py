@@ -6,12 +6,12 @@ Per head, with c the softmax scale (default D^-1/2) and an optional mask (bool: 
     S_dot = c (Q_dot K^T + Q K_dot^T)                        (a mask is a constant: no tangent)
     O_dot = P_dot V + P V_dot = (T V + P~ V_dot) / l - (mu / l) O,   P~ = exp(S - m), l = rowsum P~, T = P~ * S_dot,
                                                                       mu = rowsum T
-One pass over the key tiles (DESIGN.md 2) keeps, per query row, the running max m, l, mu and two accumulators
-A_O = sum P~ V and A_T = sum (T V + P~ V_dot), rescaled by alpha = exp(m_old - m_new) when the max moves. The
-running max needs no tangent. Only O(N) state is kept beyond the outputs: the log-sum-exp of the primal, saved so that
-the backward of O is the ordinary flash backward (no tangent recompute, no second forward). When the tangent output
-is differentiable (tangent_grad), mu / l is saved too and a loss of O_dot backpropagates through the tangent backward
-(tangent_backward.py: its formulas, FLOPs and memory).
+One pass over the key tiles (docs/design.md, 'Attention: forward and tangent') keeps, per query row, the running max
+m, l, mu and two accumulators A_O = sum P~ V and A_T = sum (T V + P~ V_dot), rescaled by alpha = exp(m_old - m_new)
+when the max moves. The running max needs no tangent. Only O(N) state is kept beyond the outputs: the log-sum-exp of
+the primal, saved so that the backward of O is the ordinary flash backward (no tangent recompute, no second forward).
+When the tangent output is differentiable (tangent_grad), mu / l is saved too and a loss of O_dot backpropagates
+through the tangent backward (tangent_backward.py: its formulas, FLOPs and memory).
 
 Shapes: q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv): GQA / MQA (query head h reads key/value head
 h // (Hq / Hkv), in place) and Dv != D everywhere; attn_mask broadcastable to (B, Hq, Nq, Nk), read per tile through
@@ -29,18 +29,22 @@ Public API
         torch.autograd.forward_ad and torch.func.jvp (its forward-mode derivative from the fused kernel, differentiable
         again: reverse-over-forward) and torch.compile.
 
-Files (one concern each): _common.py (head dims, scale / mask arguments, tile helpers), _configs.py (autotune tables),
-forward.py (forward + JVP kernel and launcher), backward.py (flash backward kernels and launcher), tangent_backward.py
-(backward of the tangent: kernels and launcher), custom_ops.py (the torch.library ops and their autograd), api.py
-(attention_jvp and the SDPA drop-in).
+Files, in the order of every mfkernels op (kernels | launchers | registration | public; docs/kernels.md). The
+package is one op split by concern, because one file would run to about 2,000 lines:
+    kernel parts   _common.py: scale / mask arguments, the causal / key-tail mask (_attends), the user mask, row
+                   statistics, tile helpers; _pieces.py: head dims as power-of-two pieces (tile loads, stores, dots);
+                   _configs.py: autotune tables and their pruner; _levers.py: opt-in Hopper levers (A/B switches)
+    kernels and    forward.py: the forward + JVP kernel, launcher attention_jvp_fwd(); backward.py: the flash
+    launchers      backward, attention_bwd(); tangent_backward.py: the backward of the tangent, attention_jvp_bwd()
+    registration   registration.py: the three ops as FusedOps (custom op for tracing, direct eager path), autograd
+    public         api.py: attention_jvp, its unchecked twin _attention_jvp (what the op tables hold), the SDPA drop-in
 
-Layers (the op pattern, DESIGN.md 7): _attn_jvp_fwd_kernel -> attention_jvp_fwd() (launcher) -> custom op
-        mfkernels::attention_jvp_fwd; _attn_bwd_{preprocess,dkdv,dq}_kernel -> attention_bwd() -> custom op
-        mfkernels::attention_bwd; _attn_tbwd_{preprocess,dkdv,dq}_kernel -> attention_jvp_bwd() -> custom op
-        mfkernels::attention_jvp_bwd; torch.library.register_autograd ties them (custom_ops.py) -> attention_jvp()
-        and, without forward mode, scaled_dot_product_attention(); in forward mode the drop-in goes through
-        _SDPAJVPFunction, whose jvp is the fused op wrapped in _SDPATangentFunction (functorch-compatible autograd).
-The custom ops make the launchers opaque to torch.func transforms and Dynamo (DESIGN.md 4).
+Chain: _attn_jvp_fwd_kernel -> attention_jvp_fwd() -> op mfkernels::attention_jvp_fwd (registration.attention_fwd_op)
+-> attention_jvp(); backward _attn_bwd_{preprocess,dkdv,dq}_kernel -> attention_bwd() -> op mfkernels::attention_bwd;
+tangent backward _attn_tbwd_{preprocess,dkdv,dq}_kernel -> attention_jvp_bwd() -> op mfkernels::attention_jvp_bwd.
+The drop-in calls the forward op directly without forward mode; in forward mode it goes through _SDPAJVPFunction,
+whose jvp is the fused op wrapped in _SDPATangentFunction (functorch-compatible autograd). The ops are opaque to
+torch.func transforms and Dynamo (docs/design.md, 'Triton interpreter and CPU testing').
 
 Numerics: the kernels use exp2 and keep the running max m in raw-score units (s = q . k, before any scale; an additive
 mask enters as b / c), so that P~ = 2^((s - m) c log2 e): the subtraction of two large logits happens before the
@@ -51,19 +55,6 @@ _common._store_row_stats). This needs c > 0 (a scale <= 0 is refused).
 """
 from __future__ import annotations
 
-# Re-exports: the public API, plus what tests and benchmarks reach for (kernels, config tables).
-from . import _common, _configs, _levers, _pieces  # noqa: F401
-from ._common import LOG2E, MAX_HEAD_DIM
-from ._configs import (_DKDV_CONFIGS, _DQ_CONFIGS, _FP32_DKDV_CONFIGS, _FP32_DQ_CONFIGS,  # noqa: F401
-                       _FP32_FWD_CONFIGS, _FP32_TBWD_DKDV_CONFIGS, _FP32_TBWD_DQ_CONFIGS, _FWD_JVP_CONFIGS,
-                       _FWD_PLAIN_CONFIGS, _TBWD_DKDV_CONFIGS, _TBWD_DQ_CONFIGS, _all_configs, _pruner,
-                       _DQ_MASKED_CONFIGS, _FWD_JVP_MASKED_CONFIGS, _FWD_PLAIN_MASKED_CONFIGS)
-from .api import _SDPAJVPFunction, _SDPATangentFunction  # noqa: F401
 from .api import attention_jvp, scaled_dot_product_attention
-from .backward import _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, attention_bwd  # noqa: F401
-from .custom_ops import _kernel_can_run  # noqa: F401
-from .forward import _attn_jvp_fwd_kernel, attention_jvp_fwd  # noqa: F401
-from .tangent_backward import _attn_tbwd_dkdv_kernel, _attn_tbwd_dq_kernel, attention_jvp_bwd  # noqa: F401
 
-__all__ = ["attention_jvp", "scaled_dot_product_attention", "attention_jvp_fwd", "attention_bwd", "attention_jvp_bwd",
-           "LOG2E", "MAX_HEAD_DIM"]
+__all__ = ["attention_jvp", "scaled_dot_product_attention"]

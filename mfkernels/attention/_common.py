@@ -1,22 +1,19 @@
-"""Shared pieces of the attention kernels: softmax-scale and mask arguments, row statistics, tile helpers (head dims:
-_pieces.py)."""
+"""Shared pieces of the attention kernels: softmax-scale and mask arguments, the causal / key-tail mask, the user
+mask, row statistics, tile helpers (head dims: _pieces.py)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
+from .._runtime import acc_dtype
+
 LOG2E = 1.4426950408889634
-MAX_HEAD_DIM = 256
 
 # attn_mask kinds (the MASK_KIND constexpr of every kernel): bool or additive, and whether the mask varies over the
 # query rows (a (.., Nq, Nk) tile is read) or only over the keys (key padding: one BLOCK_N vector a tile, broadcast;
 # a 2-D tile of 64-bit pointers costs the forward + JVP kernel ~30 registers a thread: see _configs.py).
 NO_MASK, BOOL_MASK, ADDITIVE_MASK, KEY_BOOL_MASK, KEY_ADDITIVE_MASK = 0, 1, 2, 3, 4
-
-
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def lse_shape(batch: int, heads: int, n_q: int, attn_mask: torch.Tensor | None) -> tuple[int, ...]:
@@ -55,10 +52,50 @@ def mask_args(attn_mask: torch.Tensor | None, shape: tuple[int, int, int, int], 
     per_key = m.stride(2) == 0 or shape[2] == 1  # the same for every query row
     if m.dtype == torch.bool:
         return m.view(torch.uint8), m.stride(), KEY_BOOL_MASK if per_key else BOOL_MASK, 0.0
-    return m, m.stride(), KEY_ADDITIVE_MASK if per_key else ADDITIVE_MASK, -torch.finfo(_lse_dtype(dtype)).max
+    return m, m.stride(), KEY_ADDITIVE_MASK if per_key else ADDITIVE_MASK, -torch.finfo(acc_dtype(dtype)).max
 
 
 # ======================================================================================================= Triton
+@triton.jit
+def _attends(offs_q, offs_k, k_ok, IS_CAUSAL: tl.constexpr, KEYS_ON_ROWS: tl.constexpr):
+    """Where a score tile is live before the user's mask: the causal / key-tail mask of every attention kernel.
+
+    Queries x keys (KEYS_ON_ROWS False: the forward, dQ and tangent dQ loops): keys inside Nk (k_ok) and, when causal,
+    key j <= query i (top-left aligned, as torch's SDPA with is_causal). Keys x queries (KEYS_ON_ROWS: the dK/dV
+    loops, which keep a key tile resident): the causal condition only, since a key-tail row there is computed but
+    never stored and rows do not mix. Callers apply it only on the tiles that need it (MASKED: the key tail and the
+    tiles crossing the causal diagonal), so interior tiles pay nothing."""
+    if KEYS_ON_ROWS:
+        ok = offs_q[None, :] >= offs_k[:, None]
+    else:
+        ok = k_ok[None, :]
+        if IS_CAUSAL:
+            ok = ok & (offs_q[:, None] >= offs_k[None, :])
+    return ok
+
+
+@triton.jit
+def _key_range(pid_m, N_K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """(mid, hi) of query tile pid_m's key loop: keys [0, mid) need no causal / key-tail mask, [mid, hi) do (the key
+    tail; under causal masking the tiles crossing the diagonal, and no key after the tile's last query)."""
+    if IS_CAUSAL:
+        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
+        mid = (tl.minimum(N_K, pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
+    else:
+        hi = N_K
+        mid = (N_K // BLOCK_N) * BLOCK_N
+    return mid, hi
+
+
+@triton.jit
+def _causal_query_range(pid_n, N_Q, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, mid) of key tile pid_n's query loop under causal masking: queries before lo see none of the tile, queries
+    [lo, mid) cross the diagonal (masked), queries from mid on see all of it."""
+    lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
+    mid = tl.minimum(tl.cdiv(pid_n * BLOCK_N + BLOCK_N, BLOCK_M) * BLOCK_M, N_Q)
+    return lo, mid
+
+
 @triton.jit
 def _load_rows(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """Load a (rows, D) tile; masks only where a tail can exist (constexpr), zero elsewhere."""

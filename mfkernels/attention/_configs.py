@@ -1,6 +1,7 @@
 """Autotune tables of the attention kernels and the pruner that picks a list per call (head dim, dtype, tangent).
 
-Hopper-oriented lists (DESIGN.md 5), keyed on the padded head dim group; the interpreter gets exactly one config.
+Hopper-oriented lists (docs/design.md, 'Kernel shapes'), keyed on the head dim group; the interpreter gets exactly one
+config.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _cfg(bm, bn, warps, stages):
 # BLOCK_M != BLOCK_N on purpose: it exercises the causal diagonal logic with unequal tiles.
 _INTERP_CONFIG = [_cfg(32, 16, 4, 1)]
 
-# Hopper-oriented lists (DESIGN.md 5), keyed on (N, padded D, causal, tangent or not, dtype) and pruned by D (and, for
+# Hopper-oriented lists (H100 / H200), keyed on (N, padded D, causal, tangent or not, dtype) and pruned by D (and, for
 # the forward, by whether the kernel has tangent rows). Every entry was compiled offline for sm_90a with Triton 3.6's
 # bundled ptxas: all use wgmma, none spills registers for bf16 at D = 64 / 128 (D = 256 works but spills).
 # Forward + JVP holds A_O, A_T (BLOCK_M x D fp32) plus S, S_dot (BLOCK_M x BLOCK_N fp32) in registers: BLOCK_M 128 needs
@@ -97,7 +98,7 @@ _FP32_TBWD_DQ_CONFIGS = {
     128: [_cfg(16, 32, 8, 1), _cfg(16, 16, 4, 1)],
     256: [_cfg(16, 16, 4, 1)],
 }
-# fp32 inputs (3xTF32 dots, see _triton_utils.compute_dtypes): fp32 tiles take twice the registers and shared memory,
+# fp32 inputs (3xTF32 dots, see _triton.compute_dtypes): fp32 tiles take twice the registers and shared memory,
 # so small tiles (compiled offline too: a few hundred bytes of spills at most for D <= 64, ~1-3 KB at D = 128).
 _FP32_FWD_CONFIGS = {
     64: [_cfg(64, 32, 4, 2), _cfg(128, 32, 8, 2)],

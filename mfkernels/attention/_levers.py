@@ -1,12 +1,12 @@
-"""Opt-in Hopper levers of the forward + JVP kernel (issue 19; DESIGN.md 5): A/B switches, all OFF by default until a
-GPU measurement says otherwise (bench/bench_attention.py times each one on and off, row by row).
+"""Opt-in Hopper levers of the forward + JVP kernel: A/B switches, all OFF by default until a GPU measurement says
+otherwise (bench/bench_attention.py times each one on and off, row by row; docs/design.md, 'Kernel shapes').
 
     MFKERNELS_ATTN_TMA=1          K, V, K_dot, V_dot tiles through tensor descriptors (tl.make_tensor_descriptor: TMA
                                   loads on sm_90, bounds handled by the copy engine) instead of pointer tiles
     MFKERNELS_ATTN_PERSISTENT=1   persistent programs: one per SM, each looping over (row tile, batch * head) tiles
     MFKERNELS_ATTN_PAD_D=1        (not a Hopper lever: _pieces.py) pad head dims to a power of two, the pre-split tiles
 
-Warp specialisation (tl.range(..., warp_specialize=True), DESIGN.md 5) is not a lever here: in Triton 3.6.0 it does
+Warp specialisation (tl.range(..., warp_specialize=True)) is not a lever here: in Triton 3.6.0 it does
 nothing on sm_90 at 8 warps (the warps of every bf16 attention config): the PTX is byte-identical with and without it
 (the automatic partitioning pass, tritongpu-warp-specialize, runs only for compute capability >= 10:
 backends/nvidia/compiler.py, make_ttgir); at 4 warps the Hopper pass (nvgpu-warp-specialization) fails to compile a
@@ -22,12 +22,11 @@ projection may not satisfy; the pointer path then runs.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
-from .._runtime import interpreter_active
+from .._runtime import interpreter_active, sm_count
 
 ENV = {"tma": "MFKERNELS_ATTN_TMA", "persistent": "MFKERNELS_ATTN_PERSISTENT"}
 INTERPRETER_PROGRAMS = 3  # persistent programs under the interpreter: fewer than tiles, so the tile loop is exercised
@@ -49,17 +48,12 @@ def tma_applies(*tensors: torch.Tensor) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def persistent_programs(device: torch.device) -> int:
     """How many persistent programs to launch: one per SM on a GPU (the forward + JVP tiles use the whole register
     file at 8 warps: one resident program per SM), a few under the interpreter."""
     if device.type != "cuda" or interpreter_active():
         return INTERPRETER_PROGRAMS
-    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return sm_count(device)
 
 
 _ALLOCATOR_SET = False

@@ -1,19 +1,19 @@
 """Head dims as power-of-two pieces: how a head dim D maps onto kernel tiles, and the Triton helpers that load, multiply
 and store tiles split that way.
 
-tl.dot and tl.arange need power-of-two tile widths >= 16. Today's rule padded every other head dim to the next power of
-two (D = 72 ran as 128 columns: 44% of the tensor-core work on zeros). Instead a head dim is covered by a few
-power-of-two pieces (largest first), and every product that involves it is split along them:
+tl.dot and tl.arange need power-of-two tile widths >= 16. Padding every other head dim to the next power of two would
+run D = 72 as 128 columns (44% of the tensor-core work on zeros). Instead a head dim is covered by a few power-of-two
+pieces (largest first), and every product that involves it is split along them:
 
     D = 72  -> (64, 16)        80 columns of work instead of 128 (the last 8 of the 16-wide piece masked)
     D = 80  -> (64, 16)        80 instead of 128
     D = 96  -> (64, 32)        96 instead of 128
     D = 112 -> (64, 32, 16)    112 instead of 128
     D = 40  -> (32, 16)        48 instead of 64
-    D in {16, 32, 64, 128, 256}, D <= 16, or D in 17..32: one piece, exactly today's tile (the pieces reduce to it).
+    D in {16, 32, 64, 128, 256}, D <= 16, or D in 17..32: one piece, exactly the padded tile (the pieces reduce to it).
 
 The rule: round D up to a multiple of 16 (the smallest tl.dot width), W; if W is a power of two, or W > 128, one
-piece of next_power_of_2(D) (as before: D in (128, 256) stays padded to 256, whose tiles already run at the register
+piece of next_power_of_2(D) (padded: D in (128, 256) runs as 256, whose tiles already run at the register
 limit; no DiT uses such heads); otherwise the binary digits of W (at most three pieces below 128).
 
 How a split enters the products (the q/k head dim D and the value head dim Dv split independently):
@@ -37,7 +37,7 @@ import os
 import triton
 import triton.language as tl
 
-from .._triton_utils import round_to
+from .._triton import round_to
 from ._common import _load_rows
 
 MIN_PIECE = 16  # tl.dot's smallest operand width

@@ -1,85 +1,18 @@
-"""Public API: attention_jvp (fused forward + JVP) and the SDPA drop-in scaled_dot_product_attention."""
+"""Public API: attention_jvp (fused forward + JVP) and the SDPA drop-in scaled_dot_product_attention (with its
+forward-mode autograd.Functions)."""
 from __future__ import annotations
-
-import math
-import numbers
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from .. import reference
-from .._checks import describe
-from ._common import MAX_HEAD_DIM
-from .custom_ops import _fallback, _kernel_can_run, mask_grad_error
+from .._checks import (check_attention_args, check_attention_kernel_args, check_bool, check_dropout, check_mask_grad,
+                       check_mask_is_constant, check_tangent_grad, mask_grad_error)
+from ..reference import _attention_jvp_ref, attention_ref
+from .registration import attention_bwd_op, attention_fwd_op, attention_jvp_bwd_op, kernel_can_run, warn_reference
 
-
-# ================================================================================================ argument checks
-def _resolve_scale(scale, d: int) -> float:
-    if scale is None:
-        return d ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be None or a real number; got {scale!r} ({type(scale).__name__})")
-    if not (math.isfinite(float(scale)) and scale > 0):
-        raise ValueError(f"scale must be finite and > 0 (the kernels track the row max of unscaled scores); "
-                         f"got {scale!r}")
-    return float(scale)
-
-
-def _check_head_dims(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    for name, t, dim in (("q", q, "D"), ("v", v, "Dv")):
-        if not 1 <= t.shape[-1] <= MAX_HEAD_DIM:
-            raise ValueError(f"{name} has head dim {dim} = {t.shape[-1]} ({describe(t)}); supported head dims are "
-                             f"1..{MAX_HEAD_DIM} (tuned for 64 and 128; others are zero-padded to the next power of "
-                             f"two >= 16)")
-    if k.shape[2] == 0:
-        raise ValueError(f"k has no keys ({describe(k)}); attention needs Nk >= 1")
-
-
-def _check_causal(causal, name: str = "causal") -> bool:
-    if not isinstance(causal, bool):
-        raise TypeError(f"{name} must be a bool; got {causal!r} ({type(causal).__name__})")
-    return causal
-
-
-def _check_gqa(enable_gqa) -> bool:
-    if not isinstance(enable_gqa, bool):
-        raise TypeError(f"enable_gqa must be a bool; got {enable_gqa!r} ({type(enable_gqa).__name__})")
-    return enable_gqa
-
-
-def _mask_tangent_error() -> ValueError:
-    return ValueError("attn_mask carries a tangent (it is a dual tensor of forward_ad, or depends on the inputs of "
-                      "torch.func.jvp / another functorch transform); the fused attention treats a mask as a "
-                      "constant (zero tangent): pass one that does not depend on them (e.g. attn_mask.detach() "
-                      "outside the transform), or use F.scaled_dot_product_attention")
-
-
-def _check_mask_is_constant(attn_mask: torch.Tensor | None) -> None:
-    """Forward mode: refuse a float mask with a tangent of its own rather than drop it. forward_ad: the mask is a dual.
-    functorch (torch.func.jvp and friends): the mask is wrapped by a transform level, i.e. computed from the inputs of
-    the transform (a closed-over mask is a plain tensor). Eager only: called outside Dynamo."""
-    if attn_mask is None or attn_mask.dtype == torch.bool:
-        return
-    if fwAD._current_level >= 0 and fwAD.unpack_dual(attn_mask).tangent is not None:
-        raise _mask_tangent_error()
-    if torch._C._functorch.is_functorch_wrapped_tensor(attn_mask):
-        raise _mask_tangent_error()
-
-
-def _resolve_tangent_grad(tangent_grad, *tangents: torch.Tensor) -> bool:
-    if tangent_grad is None:
-        return torch.is_grad_enabled() and any(t.requires_grad for t in tangents)
-    if not isinstance(tangent_grad, bool):
-        raise TypeError(f"tangent_grad must be None or a bool; got {tangent_grad!r} ({type(tangent_grad).__name__})")
-    return tangent_grad
-
-
-def _check_mask_grad(attn_mask: torch.Tensor | None) -> None:
-    """The kernels give no gradient for a float mask: refuse one that asks for it rather than return none silently."""
-    if attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled():
-        raise mask_grad_error()
+__all__ = ["attention_jvp", "scaled_dot_product_attention"]
 
 
 # ===================================================================================================== public API
@@ -105,33 +38,44 @@ def attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     tangent_backward.py; the tangents, o_dot and one float a tangent row are saved). None (default): True exactly when
     grad mode is on and a tangent requires grad (a tangent with a graph is never cut silently).
     """
-    causal = _check_causal(causal)
-    enable_gqa = _check_gqa(enable_gqa)
-    reference._check_attention(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal=causal, enable_gqa=enable_gqa)
-    _check_head_dims(q, k, v)
-    c = _resolve_scale(scale, q.shape[-1])
-    if not _kernel_can_run(q):
-        _fallback("attention_jvp", q)
-        return reference.attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, attn_mask=attn_mask, causal=causal, scale=c,
-                                           enable_gqa=enable_gqa, tangent_grad=tangent_grad)
-    _check_mask_grad(attn_mask)
-    tangent_grad = _resolve_tangent_grad(tangent_grad, q_dot, k_dot, v_dot)
-    o, o_dot, _, _ = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, c,
-                                                           tangent_grad)
+    check_bool("causal", causal)
+    check_bool("enable_gqa", enable_gqa)
+    check_attention_args(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal=causal, enable_gqa=enable_gqa)
+    c = check_attention_kernel_args(q, k, v, scale)
+    check_tangent_grad(tangent_grad)
+    if kernel_can_run(q):  # the reference differentiates a float mask (torch's SDPA does)
+        check_mask_grad(attn_mask)
+    return _attention_jvp(q, k, v, q_dot, k_dot, v_dot, attn_mask=attn_mask, causal=causal, scale=c,
+                          enable_gqa=enable_gqa, tangent_grad=tangent_grad)
+
+
+def _attention_jvp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   q_dot: torch.Tensor, k_dot: torch.Tensor, v_dot: torch.Tensor,
+                   *, attn_mask: torch.Tensor | None = None, causal: bool = False, scale: float | None = None,
+                   enable_gqa: bool = False, tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """attention_jvp on checked arguments (what the unchecked op tables hold)."""
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if not kernel_can_run(q):
+        warn_reference("attention_jvp", q)
+        return _attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, attn_mask=attn_mask, causal=causal, scale=scale,
+                                  enable_gqa=enable_gqa, tangent_grad=tangent_grad)
+    if tangent_grad is None:
+        tangent_grad = torch.is_grad_enabled() and (q_dot.requires_grad or k_dot.requires_grad or v_dot.requires_grad)
+    o, o_dot, _, _ = attention_fwd_op(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, float(scale), tangent_grad)
     return o, o_dot
 
 
 # ===================================================================================== SDPA drop-in: forward mode
 class _SDPAJVPFunction(torch.autograd.Function):
     """Attention with a custom forward-mode rule, used only where forward mode is active (torch.func.jvp, forward_ad;
-    any functorch transform): o from the custom op, its backward the flash backward, its jvp the fused forward + JVP
+    any functorch transform): o from the forward op, its backward the flash backward, its jvp the fused forward + JVP
     kernel. setup_context style (no ctx in forward) so that torch.func transforms accept it. Without forward mode the
-    drop-in calls the custom op directly (register_autograd gives its backward; Dynamo traces it whole)."""
+    drop-in calls the forward op directly (its registered autograd is the flash backward; Dynamo traces it whole)."""
 
     @staticmethod
     def forward(q, k, v, attn_mask, causal, scale):
-        o, _, lse, _ = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q[:0], k[:0], v[:0], attn_mask, causal, scale,
-                                                             False)
+        o, _, lse, _ = attention_fwd_op(q, k, v, q[:0], k[:0], v[:0], attn_mask, causal, scale, False)
         return o, lse
 
     @staticmethod
@@ -149,14 +93,14 @@ class _SDPAJVPFunction(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             raise mask_grad_error()
         q, k, v, o, lse, attn_mask = ctx.saved_tensors
-        dq, dk, dv = torch.ops.mfkernels.attention_bwd(grad_o, q, k, v, o, lse, attn_mask, ctx.causal, ctx.scale)
+        dq, dk, dv = attention_bwd_op(grad_o, q, k, v, o, lse, attn_mask, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None, None
 
     @staticmethod
     def jvp(ctx, q_dot, k_dot, v_dot, mask_dot, _causal_dot, _scale_dot):
         q, k, v, attn_mask = ctx.saved_tensors
         # mask_dot is ignored: the mask is a constant. torch.func.jvp hands a zero tangent here even for a closed-over
-        # mask; a mask that really carries a tangent was refused before apply (_check_mask_is_constant).
+        # mask; a mask that really carries a tangent was refused before apply (check_mask_is_constant).
         # An input without a tangent has a zero tangent. The fused kernel recomputes O alongside O_dot (the primal
         # forward already ran: forward mode only sees the tangents after it).
         q_dot = torch.zeros_like(q) if q_dot is None else q_dot
@@ -175,8 +119,7 @@ class _SDPATangentFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, scale):
-        o, o_dot, lse, mu = torch.ops.mfkernels.attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal,
-                                                                  scale, True)
+        o, o_dot, lse, mu = attention_fwd_op(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal, scale, True)
         return o_dot, o, lse, mu
 
     @staticmethod
@@ -196,8 +139,8 @@ class _SDPATangentFunction(torch.autograd.Function):
         if grad_o_dot is None:
             return (None,) * 9
         q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, attn_mask = ctx.saved_tensors
-        grads = torch.ops.mfkernels.attention_jvp_bwd(None, grad_o_dot, q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse,
-                                                      mu, attn_mask, ctx.causal, ctx.scale)
+        grads = attention_jvp_bwd_op(None, grad_o_dot, q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse, mu, attn_mask,
+                                     ctx.causal, ctx.scale)
         return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])) + (None,) * 3
 
 
@@ -209,9 +152,10 @@ def _forward_mode_active() -> bool:
 @torch.compiler.disable
 def _sdpa_outside_dynamo(q, k, v, attn_mask, causal: bool, scale: float) -> torch.Tensor:
     """Eager island for forward mode under torch.compile: Dynamo drops an autograd.Function's custom jvp inside
-    torch.func.jvp / forward_ad and returns zero (or no) tangents silently (pytorch #192985). Running the Function
+    torch.func.jvp / forward_ad and returns zero (or no) tangents silently (a PyTorch bug, still open in torch 2.13;
+    tests/test_attention.py pins it with a strict xfail). Running the Function
     outside Dynamo costs a graph break but keeps the tangent right."""
-    _check_mask_is_constant(attn_mask)
+    check_mask_is_constant(attn_mask)
     return _SDPAJVPFunction.apply(q, k, v, attn_mask, causal, scale)[0]
 
 
@@ -232,32 +176,25 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     F.scaled_dot_product_attention (with a warning; in forward mode to the math reference) where the kernels cannot
     run. Under torch.compile, plain autograd traces into the graph (two opaque custom ops); forward mode
     (torch.func.jvp / forward_ad) graph-breaks around this call, because Dynamo would otherwise silently drop the custom
-    jvp (pytorch #192985).
+    jvp (see _sdpa_outside_dynamo).
     """
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real) or dropout_p != 0.0:
-        raise NotImplementedError(f"mfkernels.scaled_dot_product_attention: dropout_p must be 0.0 (there is no fused "
-                                  f"dropout; apply dropout outside, or use F.scaled_dot_product_attention); "
-                                  f"got {dropout_p!r}")
-    causal = _check_causal(is_causal, "is_causal")
-    enable_gqa = _check_gqa(enable_gqa)
+    check_dropout(dropout_p)
+    causal = check_bool("is_causal", is_causal)
+    check_bool("enable_gqa", enable_gqa)
     q0 = query[:0]  # zero-row tangents: the checks of attention_jvp without any tangent
-    reference._check_attention(query, key, value, q0, key[:0], value[:0], attn_mask, causal=causal,
-                               enable_gqa=enable_gqa)
-    _check_head_dims(query, key, value)
-    c = _resolve_scale(scale, query.shape[-1])
-    if not _kernel_can_run(query):
-        _fallback("scaled_dot_product_attention", query)
+    check_attention_args(query, key, value, q0, key[:0], value[:0], attn_mask, causal=causal, enable_gqa=enable_gqa)
+    c = check_attention_kernel_args(query, key, value, scale)
+    if not kernel_can_run(query):
+        warn_reference("scaled_dot_product_attention", query)
         if _forward_mode_active():  # torch's fused CPU/CUDA SDPA kernels have no forward-mode formula
-            return reference.attention_ref(query, key, value, attn_mask=attn_mask, causal=causal, scale=c,
-                                           enable_gqa=enable_gqa)
+            return attention_ref(query, key, value, attn_mask=attn_mask, causal=causal, scale=c, enable_gqa=enable_gqa)
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=causal, scale=c,
                                               enable_gqa=enable_gqa)
-    _check_mask_grad(attn_mask)
+    check_mask_grad(attn_mask)
     if _forward_mode_active():
         if torch.compiler.is_compiling():
             return _sdpa_outside_dynamo(query, key, value, attn_mask, causal, c)
-        _check_mask_is_constant(attn_mask)
+        check_mask_is_constant(attn_mask)
         return _SDPAJVPFunction.apply(query, key, value, attn_mask, causal, c)[0]
-    # No forward mode: the custom op itself (its registered autograd is the flash backward; Dynamo traces it whole).
-    return torch.ops.mfkernels.attention_jvp_fwd(query, key, value, q0, key[:0], value[:0], attn_mask, causal, c,
-                                                 False)[0]
+    # No forward mode: the op itself (its autograd is the flash backward; Dynamo traces it whole).
+    return attention_fwd_op(query, key, value, q0, key[:0], value[:0], attn_mask, causal, c, False)[0]

@@ -11,8 +11,9 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, new_output
-from .._triton_utils import compute_dtypes
-from ._common import _load_row_stats, _masked_scores, _probs, _scale_args, _scales, _tile_and_head, mask_args
+from .._triton import compute_dtypes
+from ._common import (_attends, _causal_query_range, _key_range, _load_row_stats, _masked_scores, _probs,
+                      _scale_args, _scales, _tile_and_head, mask_args)
 from ._configs import (_DKDV_CONFIGS, _DQ_CONFIGS, _DQ_MASKED_CONFIGS, _FP32_DKDV_CONFIGS, _FP32_DQ_CONFIGS,
                        _all_configs, _pruner)
 from ._pieces import (_aligned, _dot_nt, _dot_pieces, _load_pieces, _row_dot, _scale_all, _store_pieces,
@@ -60,7 +61,7 @@ def _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, Mh, sqm, sqd, sdom, sdo
         s_t = _masked_scores(s_t, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, True)
         p_t = _probs(s_t, lse_a[None, :], lse_b[None, :], qk, MASK_KIND)
         if MASKED:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            p_t = tl.where(_attends(offs_m, offs_n, n_ok, True, True), p_t, 0.0)
         dv = _dot_pieces(p_t.to(DOT), do, dv, ACC, PREC)
         dp_t = _dot_nt(v, do, ACC, PREC)
         ds_t = p_t * (dp_t - delta[None, :])
@@ -86,8 +87,7 @@ def _dkdv_group(dk, dv, k, v, Q, DO, LSE, DELTA, M, b, hk, pid_n, offs_n, n_ok,
         DELTAh = DELTA + (b * H + h) * N_Q
         Mh = M + b * smb + h * smh
         if IS_CAUSAL:
-            lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M  # queries i < first key of the tile see none of it
-            mid = tl.minimum(tl.cdiv(pid_n * BLOCK_N + BLOCK_N, BLOCK_M) * BLOCK_M, N_Q)
+            lo, mid = _causal_query_range(pid_n, N_Q, BLOCK_M, BLOCK_N)
             dk, dv = _bwd_dkdv_tiles(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, Mh, sqm, sqd, sdom, sdod, smm, smn,
                                      offs_n, n_ok, lo, mid, N_Q, sm, qk, inv_sm, STAT_STRIDE,
                                      HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
@@ -166,10 +166,7 @@ def _bwd_dq_tiles(dq, q, do, lse_a, lse_b, delta, Kh, Vh, Mh, skn, skd, svn, svd
         s = _dot_nt(q, k, ACC, PREC)
         s = _masked_scores(s, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, False)
         if MASKED:
-            ok = n_ok[None, :]
-            if IS_CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(_attends(offs_m, offs_n, n_ok, IS_CAUSAL, False), s, float("-inf"))
         p = _probs(s, lse_a[:, None], lse_b[:, None], qk, MASK_KIND)
         dp = _dot_nt(do, v, ACC, PREC)
         ds = p * (dp - delta[:, None])
@@ -186,13 +183,7 @@ def _dq_rows(dq, q, do, lse_a, lse_b, delta, Kh, Vh, Mh, skn, skd, svn, svd, smm
              DOT: tl.constexpr, ACC: tl.constexpr, PREC: tl.constexpr):
     """dQ (unscaled) of one query tile over all its keys. Causal: keys after the tile are skipped, the tiles crossing
     the diagonal masked; the key tail is masked."""
-    # Key range: [0, mid) needs no masking, [mid, hi) does (key tail; tiles crossing the causal diagonal).
-    if IS_CAUSAL:
-        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
-        mid = (tl.minimum(N_K, pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
-    else:
-        hi = N_K
-        mid = (N_K // BLOCK_N) * BLOCK_N
+    mid, hi = _key_range(pid_m, N_K, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _bwd_dq_tiles(dq, q, do, lse_a, lse_b, delta, Kh, Vh, Mh, skn, skd, svn, svd, smm, smn,
                        offs_m, m_ok, 0, mid, N_K, sm, qk, inv_sm, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
                        BLOCK_N, False, IS_CAUSAL, MASK_KIND, NEG_MAX, DOT, ACC, PREC)

@@ -5,10 +5,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .._runtime import cdiv, new_output
-from .._triton_utils import compute_dtypes
-from ._common import (_apply_mask, _load_mask, _lse_dtype, _masked_scores, _safe_max, _scale_args, _scales,
-                      _store_row_stats, _tile_of, lse_shape, mask_args)
+from .._runtime import acc_dtype, cdiv, new_output
+from .._triton import compute_dtypes
+from ._common import (_apply_mask, _attends, _key_range, _load_mask, _masked_scores, _safe_max, _scale_args,
+                      _scales, _store_row_stats, _tile_of, lse_shape, mask_args)
 from ._configs import (_FP32_FWD_CONFIGS, _FWD_JVP_CONFIGS, _FWD_JVP_MASKED_CONFIGS, _FWD_PLAIN_CONFIGS,
                        _FWD_PLAIN_MASKED_CONFIGS, _all_configs, _pruner)
 from ._levers import forward_levers, persistent_programs
@@ -59,9 +59,7 @@ def _fwd_jvp_tiles(acc_o, acc_t, m_i, l_i, mu_i, q, qd, Kh, KDh, Vh, VDh, Mh, KS
         sd = _dot_nt(qd, k, ACC, PREC)
         sd = _dot_nt_acc(q, kd, sd, ACC, PREC) * sm
         if MASKED:
-            ok = n_ok[None, :]
-            if IS_CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
+            ok = _attends(offs_m, offs_n, n_ok, IS_CAUSAL, False)
             s = tl.where(ok, s, float("-inf"))
             sd = tl.where(ok, sd, 0.0)
         if MASK_KIND == 1 or MASK_KIND == 2:
@@ -101,10 +99,7 @@ def _fwd_tiles(acc_o, m_i, l_i, q, Kh, Vh, Mh, KS, VS, skn, skd, svn, svd, smm, 
         k = _kv_tile(Kh, KS, offs_n, n_ok, start_n, skn, skd, HEAD_D, D_PIECES, MASKED, DOT, USE_TMA)
         s = _dot_nt(q, k, ACC, PREC)
         if MASKED:
-            ok = n_ok[None, :]
-            if IS_CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(_attends(offs_m, offs_n, n_ok, IS_CAUSAL, False), s, float("-inf"))
         if MASK_KIND == 1 or MASK_KIND == 2:
             s = _apply_mask(s, mtile, sm, inv_sm, MASK_KIND, NEG_MAX)
         else:
@@ -184,13 +179,7 @@ def _fwd_program(
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < N_Q
-    # Key range: [0, mid) needs no tail masking, [mid, hi) does (key tail; tiles crossing the causal diagonal).
-    if IS_CAUSAL:
-        hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
-        mid = (tl.minimum(N_K, pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
-    else:
-        hi = N_K
-        mid = (N_K // BLOCK_N) * BLOCK_N
+    mid, hi = _key_range(pid_m, N_K, BLOCK_M, BLOCK_N, IS_CAUSAL)
 
     Kh = K + b * skb + hk * skh
     Vh = V + b * svb + hk * svh
@@ -322,8 +311,8 @@ def attention_jvp_fwd(q, k, v, q_dot, k_dot, v_dot, attn_mask: torch.Tensor | No
     kt = q_dot.shape[0]
     o = new_output((batch, heads, n_q, dv), dtype=q.dtype, device=q.device)
     o_dot = new_output((kt, heads, n_q, dv), dtype=q.dtype, device=q.device)
-    lse = new_output(lse_shape(batch, heads, n_q, attn_mask), dtype=_lse_dtype(q.dtype), device=q.device)
-    mu = new_output((kt if tangent_grad else 0, heads, n_q), dtype=_lse_dtype(q.dtype), device=q.device)
+    lse = new_output(lse_shape(batch, heads, n_q, attn_mask), dtype=acc_dtype(q.dtype), device=q.device)
+    mu = new_output((kt if tangent_grad else 0, heads, n_q), dtype=acc_dtype(q.dtype), device=q.device)
     if batch * heads * n_q == 0:
         return o, o_dot, lse, mu
     acc, dot, prec, rne = compute_dtypes(q.dtype)

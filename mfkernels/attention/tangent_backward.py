@@ -43,8 +43,9 @@ import triton
 import triton.language as tl
 
 from .._runtime import cdiv, new_output
-from .._triton_utils import compute_dtypes
-from ._common import _load_row_stats, _masked_scores, _probs, _scale_args, _scales, _tile_and_head, mask_args
+from .._triton import compute_dtypes
+from ._common import (_attends, _causal_query_range, _key_range, _load_row_stats, _masked_scores, _probs,
+                      _scale_args, _scales, _tile_and_head, mask_args)
 from ._configs import _FP32_TBWD_DKDV_CONFIGS, _FP32_TBWD_DQ_CONFIGS, _TBWD_DKDV_CONFIGS, _TBWD_DQ_CONFIGS
 from ._configs import _all_configs, _pruner
 from ._pieces import (_aligned, _dot_nt, _dot_nt_acc, _dot_pieces, _load_pieces, _row_dot, _scale_all,
@@ -113,7 +114,7 @@ def _tbwd_dkdv_tiles(dk, dv, dkd, dvd, k, kd, v, vd, Qh, QDh, GOh, GODh, LSEh, M
         s_t = _masked_scores(s_t, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, True)
         p_t = _probs(s_t, lse_a[None, :], lse_b[None, :], qk, MASK_KIND)
         if MASKED:
-            p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
+            p_t = tl.where(_attends(offs_m, offs_n, n_ok, True, True), p_t, 0.0)
         sd_t = _dot_nt(k, qd, ACC, PREC)
         sd_t = _dot_nt_acc(kd, q, sd_t, ACC, PREC) * sm
         dpd_t = _dot_nt(v, gd, ACC, PREC)
@@ -187,8 +188,7 @@ def _attn_tbwd_dkdv_kernel(
             GODh = GOD + b * sgdb + h * sgdh
             Mh = M + b * smb + h * smh
             if IS_CAUSAL:
-                lo = ((pid_n * BLOCK_N) // BLOCK_M) * BLOCK_M
-                mid = tl.minimum(tl.cdiv(pid_n * BLOCK_N + BLOCK_N, BLOCK_M) * BLOCK_M, N_Q)
+                lo, mid = _causal_query_range(pid_n, N_Q, BLOCK_M, BLOCK_N)
                 dk, dv, dkd, dvd = _tbwd_dkdv_tiles(
                     dk, dv, dkd, dvd, k, kd, v, vd, Qh, QDh, GOh, GODh, LSE + row, MU + row, DELTA + row,
                     DDELTA + row, Mh, sqm, sqd, sqdm, sqdd, sgm, sgd, sgdm, sgdd, smm, smn,
@@ -237,10 +237,7 @@ def _tbwd_dq_tiles(dq, dqd, q, qd, g, gd, lse_a, lse_b, mu, delta, ddelta, Kh, K
         s = _dot_nt(q, k, ACC, PREC)
         s = _masked_scores(s, Mh, offs_m, m_ok, offs_n, n_ok, smm, smn, sm, inv_sm, MASK_KIND, NEG_MAX, False)
         if MASKED:
-            ok = n_ok[None, :]
-            if IS_CAUSAL:
-                ok = ok & (offs_m[:, None] >= offs_n[None, :])
-            s = tl.where(ok, s, float("-inf"))
+            s = tl.where(_attends(offs_m, offs_n, n_ok, IS_CAUSAL, False), s, float("-inf"))
         p = _probs(s, lse_a[:, None], lse_b[:, None], qk, MASK_KIND)
         sd = _dot_nt(qd, k, ACC, PREC)
         sd = _dot_nt_acc(q, kd, sd, ACC, PREC) * sm
@@ -307,12 +304,7 @@ def _attn_tbwd_dq_kernel(
         KDh = KD + b * skdb + hk * skdh
         VDh = VD + b * svdb + hk * svdh
         dqd = _zeros_pieces(BLOCK_M, D_PIECES, ACC)
-        if IS_CAUSAL:
-            hi = tl.minimum(N_K, (pid_m + 1) * BLOCK_M)
-            mid = (tl.minimum(N_K, pid_m * BLOCK_M) // BLOCK_N) * BLOCK_N
-        else:
-            hi = N_K
-            mid = (N_K // BLOCK_N) * BLOCK_N
+        mid, hi = _key_range(pid_m, N_K, BLOCK_M, BLOCK_N, IS_CAUSAL)
         dq, dqd = _tbwd_dq_tiles(dq, dqd, q, qd, g, gd, lse_a, lse_b, mu, delta, ddelta, Kh, KDh, Vh, VDh, Mh,
                                  skn, skd, skdn, skdd, svn, svd, svdn, svdd, smm, smn,
                                  offs_m, m_ok, 0, mid, N_K, sm, qk, inv_sm, HEAD_D, D_PIECES, HEAD_DV, DV_PIECES,
@@ -347,7 +339,7 @@ def attention_jvp_bwd(grad_o: torch.Tensor | None, grad_o_dot: torch.Tensor, q, 
     grads = [new_output(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v, q_dot, k_dot, v_dot)]
     # Padded tiles (one power-of-two piece) at every head dim: split into pieces (_pieces.py) these two kernels spill
     # on sm_90 in bf16 with every config of their lists (D = 72: 56-1628 B, 255 registers) where the padded ones do
-    # not (171 / 242 registers), so the tangent backward keeps the tiles it had before issue 19.
+    # not (171 / 242 registers), so the tangent backward keeps padded tiles.
     dims = head_dim_args(d, dv_dim, q, k, v, q_dot, k_dot, v_dot, o, o_dot, grad_o_dot,
                          *((grad_o,) if grad_o is not None else ()), *grads, pad=True)
     dq, dk, dv, dqd, dkd, dvd = grads
