@@ -65,24 +65,26 @@ def _forward_mode_state() -> str:
 def _refusal(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa) -> tuple[str, str] | None:
     """(argument, why) when mfkernels.scaled_dot_product_attention would refuse this call, else None. The fused op's
     own argument checks, run without computing anything."""
-    from .attention import api
-    from . import reference
+    from . import _checks as C
 
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or dropout_p != 0.0:
+    try:
+        C.check_dropout(dropout_p)
+    except NotImplementedError:
         return "dropout_p", f"dropout_p={dropout_p!r}: the fused attention has no dropout"
     if not all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (query, key, value)):
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (query, key, value)]
         return "query/key/value", f"inputs of shapes {shapes}: the fused attention takes 4-D (B, H, N, D)"
+    # the checks mfkernels.scaled_dot_product_attention runs (mfkernels/_checks.py), in its order
     checks = (
-        ("is_causal", lambda: api._check_causal(is_causal, "is_causal")),
-        ("enable_gqa", lambda: api._check_gqa(enable_gqa)),
-        ("query/key/value/attn_mask", lambda: reference._check_attention(
+        ("is_causal", lambda: C.check_bool("is_causal", is_causal)),
+        ("enable_gqa", lambda: C.check_bool("enable_gqa", enable_gqa)),
+        ("query/key/value/attn_mask", lambda: C.check_attention_args(
             query, key, value, query[:0], key[:0], value[:0], attn_mask, causal=bool(is_causal),
             enable_gqa=bool(enable_gqa))),
-        ("head dim", lambda: api._check_head_dims(query, key, value)),
-        ("scale", lambda: api._resolve_scale(scale, query.shape[-1])),
-        ("attn_mask", lambda: api._check_mask_grad(attn_mask)),
-        ("attn_mask", lambda: api._check_mask_is_constant(attn_mask)),
+        ("head dim", lambda: C.check_attention_kernel_args(query, key, value, None)),
+        ("scale", lambda: C.check_attention_kernel_args(query, key, value, scale)),
+        ("attn_mask", lambda: C.check_mask_grad(attn_mask)),
+        ("attn_mask", lambda: C.check_mask_is_constant(attn_mask)),
     )
     for argument, check in checks:
         try:
