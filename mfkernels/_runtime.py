@@ -59,14 +59,17 @@ _warned: set[str] = set()
 
 
 def warn_fallback(op: str, t: torch.Tensor) -> None:
-    """One warning per op and process when the pure-torch reference replaces a Triton kernel."""
-    if op in _warned:
+    """One warning per process when a pure-torch reference replaces a Triton kernel: the first op to fall back names
+    itself and the reason, which holds for every other op of the process too (a network on the CPU would otherwise
+    print one warning per kind of layer)."""
+    if _warned:
         return
     _warned.add(op)
     why = "Triton is not importable" if not triton_importable() else (
         f"tensors are on {t.device} (Triton kernels run on CUDA, or on CPU only with TRITON_INTERPRET=1)"
     )
-    warnings.warn(f"mfkernels.{op}: falling back to the pure-torch reference {op}_ref because {why}.",
+    warnings.warn(f"mfkernels.{op}: falling back to the pure-torch reference {op}_ref because {why}. Every "
+                  f"mfkernels op falls back the same way in this process (exact, slower); this is said once.",
                   RuntimeWarning, stacklevel=3)
 
 

@@ -88,3 +88,27 @@ def test_bad_config_and_backend(model):
     uncond = build_dit("DiT-Micro/4", input_size=8, in_channels=2)
     with pytest.raises(ValueError, match="guidance .* needs a class-conditional model"):
         MeanFlowLoss(omega=2.0)(uncond, torch.randn(2, 2, 8, 8))
+
+
+def test_falling_back_to_the_references_is_said_once_per_process(monkeypatch):
+    """A network on a CPU without the interpreter: its first op to fall back warns, naming itself and why; the other
+    ops fall back silently (exactly their references)."""
+    import warnings as _warnings
+
+    from mfkernels import _runtime
+    from mfkernels.activations import silu_jvp
+    from mfkernels.norm import layernorm_modulate_jvp
+
+    monkeypatch.setattr(_runtime, "interpreter_active", lambda: False)
+    monkeypatch.setattr(_runtime, "_warned", set())
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    mod = torch.randn(2, 8, dtype=torch.float64)
+    with _warnings.catch_warnings(record=True) as seen:
+        _warnings.simplefilter("always")
+        silu_jvp(x, x[:1])
+        layernorm_modulate_jvp(x, mod, mod, x[:1], mod[:1], mod[:1])
+        silu_jvp(x, x[:1])
+    ours = [w for w in seen if "mfkernels." in str(w.message)]
+    assert len(ours) == 1 and "mfkernels.silu_jvp: falling back" in str(ours[0].message)
+    assert "Every mfkernels op falls back the same way" in str(ours[0].message)
+
