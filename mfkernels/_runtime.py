@@ -116,6 +116,15 @@ def wants_grad(*tensors: torch.Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def tangent_grad_on(tangent_grad: bool | None, *tangents: torch.Tensor | None) -> bool:
+    """Whether an op's tangent output is differentiable (the rule of every op's `tangent_grad` argument): grad mode is
+    on and either tangent_grad is True, or it is None (the default) and a tangent input requires grad, so that a
+    tangent that carries a graph is never cut silently. False: the op contract, a detached tangent."""
+    if tangent_grad is False or not torch.is_grad_enabled():
+        return False
+    return tangent_grad is True or any(t is not None and t.requires_grad for t in tangents)
+
+
 def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The accumulation / math dtype of every op, kernel and reference alike: float64 if any input is float64 (the
     exact tests), else float32 (16-bit inputs are upcast after the load; loads and stores keep the tensors' dtypes)."""

@@ -6,20 +6,29 @@
 One launch reads a once and writes y and y_dot (eager reads a twice and runs about six kernels for the tangent).
 The backward of the primal is one more elementwise kernel: da = dy g'(a).
 
+Gradients through the tangent (`tangent_grad`, rule in `_runtime.tangent_grad_on`): y_dot is differentiable, and a
+loss of (y, y_dot) with upstream gradients (G, G') backpropagates as
+    da = G g'(a) + G' g''(a) a_dot  (tangent rows; G g'(a) on the others),   da_dot = G' g'(a)
+(`act_tangent_bwd`: the primal kernel for G g'(a), then torch elementwise ops on the kt tangent rows with the
+closed forms `reference.gelu_tanh_grad2` / `silu_grad2`). Only then is a_dot saved; without tangent_grad the op saves
+a alone, as before.
+
 Chain: `_act_jvp_fwd_kernel` -> `gelu_tanh_jvp_fwd()` / `silu_jvp_fwd()` -> ops `mfkernels::gelu_tanh_fwd` /
 `mfkernels::silu_fwd` (backward ops `mfkernels::gelu_tanh_bwd` / `silu_bwd`, see `_library.FusedOp`) ->
 `gelu_tanh_jvp()` / `silu_jvp()`. The MLP op (mlp.py) reuses both kernels with a fused bias.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import _runtime
-from ._checks import check_tangent
+from ._checks import check_tangent, check_tangent_grad
 from ._library import FusedOp
 from ._triton import (ACT_GELU_TANH, ACT_SILU, ELEMENTWISE_BLOCK, ELEMENTWISE_WARPS, act_and_grad, tl, tl_acc_dtype,
                       triton)
-from .reference import _gelu_tanh_jvp_ref, _silu_jvp_ref
+from .reference import _gelu_tanh_jvp_ref, _silu_jvp_ref, gelu_tanh_grad, gelu_tanh_grad2, silu_grad, silu_grad2
 
 __all__ = ["gelu_tanh_jvp", "silu_jvp"]
 
@@ -127,6 +136,18 @@ def gelu_tanh_jvp_fwd(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tenso
     return act_jvp_fwd(a.contiguous(), a_dot.contiguous(), ACT_GELU_TANH)
 
 
+def act_tangent_bwd(a: torch.Tensor, a_dot: torch.Tensor, grad_y: torch.Tensor | None, grad_y_dot: torch.Tensor,
+                    grad: Callable, grad2: Callable, primal_bwd: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """(da, da_dot) of y = g(a), y_dot = g'(a) a_dot (module docstring): the primal backward kernel for G g'(a) on
+    every row, torch elementwise ops (in fp32 / fp64) for the tangent rows' terms."""
+    kt = a_dot.shape[0]
+    acc = _runtime.acc_dtype(a.dtype)
+    ak, gyd = a[:kt].to(acc), grad_y_dot.to(acc)
+    da = primal_bwd(a, grad_y) if grad_y is not None else torch.zeros_like(a)
+    da[:kt] += (gyd * grad2(ak) * a_dot.to(acc)).to(a.dtype)
+    return da, (gyd * grad(ak)).to(a_dot.dtype)
+
+
 def gelu_tanh_bwd(a: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
     return act_bwd(a, grad_y, ACT_GELU_TANH)[0]
 
@@ -149,15 +170,21 @@ def _bwd_fake(a, grad_y):
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0])
-    ctx.mark_non_differentiable(output[1])
+    a, a_dot, tangent_grad = inputs
+    ctx.tangent_grad = tangent_grad
+    if tangent_grad:  # y_dot differentiable: its backward needs the tangent too
+        ctx.save_for_backward(a, a_dot)
+    else:
+        ctx.save_for_backward(a)
+        ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for y_dot (a launch and a write per call)
 
 
-def _act_ops(name: str, fwd_launcher, bwd_launcher) -> FusedOp:
-    """mfkernels::<name>_fwd (a, a_dot) -> (y, y_dot) with mfkernels::<name>_bwd (a, grad_y) -> da as its backward."""
+def _act_ops(name: str, fwd_launcher, bwd_launcher, grad: Callable, grad2: Callable) -> FusedOp:
+    """mfkernels::<name>_fwd (a, a_dot, tangent_grad) -> (y, y_dot) with mfkernels::<name>_bwd (a, grad_y) -> da as
+    its backward (and `act_tangent_bwd` around it when y_dot carries a gradient)."""
 
-    def fwd_impl(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def fwd_impl(a: torch.Tensor, a_dot: torch.Tensor, tangent_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return fwd_launcher(a, a_dot)
 
     def bwd_impl(a: torch.Tensor, grad_y: torch.Tensor) -> torch.Tensor:
@@ -165,53 +192,69 @@ def _act_ops(name: str, fwd_launcher, bwd_launcher) -> FusedOp:
 
     bwd = FusedOp(f"{name}_bwd", bwd_impl, _bwd_fake)
 
-    def backward(ctx, grad_y, _grad_y_dot):
-        (a,) = ctx.saved_tensors
-        return (bwd(a, grad_y) if ctx.needs_input_grad[0] and grad_y is not None else None), None
+    def backward(ctx, grad_y, grad_y_dot):
+        if ctx.tangent_grad and grad_y_dot is not None and grad_y_dot.shape[0]:
+            a, a_dot = ctx.saved_tensors
+            da, da_dot = act_tangent_bwd(a, a_dot, grad_y, grad_y_dot, grad, grad2, bwd)
+            return (da if ctx.needs_input_grad[0] else None), (da_dot if ctx.needs_input_grad[1] else None), None
+        a = ctx.saved_tensors[0]
+        return (bwd(a, grad_y) if ctx.needs_input_grad[0] and grad_y is not None else None), None, None
 
-    def check(a, a_dot):
+    def check(a, a_dot, tangent_grad=False):
         check_tangent("a_dot", a_dot, "a", a)
         _runtime.require_triton(f"{name}_fwd", a)
 
-    return FusedOp(f"{name}_fwd", fwd_impl, _fwd_fake, setup_context=_setup_context, backward=backward, check=check)
+    def fake(a, a_dot, tangent_grad=False):
+        return _fwd_fake(a, a_dot)
+
+    return FusedOp(f"{name}_fwd", fwd_impl, fake, setup_context=_setup_context, backward=backward, check=check)
 
 
-_gelu_tanh = _act_ops("gelu_tanh", gelu_tanh_jvp_fwd, gelu_tanh_bwd)
-_silu = _act_ops("silu", silu_jvp_fwd, silu_bwd)
+_gelu_tanh = _act_ops("gelu_tanh", gelu_tanh_jvp_fwd, gelu_tanh_bwd, gelu_tanh_grad, gelu_tanh_grad2)
+_silu = _act_ops("silu", silu_jvp_fwd, silu_bwd, silu_grad, silu_grad2)
 
 
 # ----------------------------------------------------------------------------------------------------------- public
-def gelu_tanh_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = GELU_tanh(a) (differentiable);  y_dot = g'(a) a_dot (detached), a_dot: (kt, *a.shape[1:]), kt <= B.
+def gelu_tanh_jvp(a: torch.Tensor, a_dot: torch.Tensor, *,
+                  tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = GELU_tanh(a) (differentiable);  y_dot = g'(a) a_dot (detached, unless tangent_grad: module docstring),
+    a_dot: (kt, *a.shape[1:]), kt <= B.
 
     Same contract and checks as `reference.gelu_tanh_jvp_ref`; no autocast casting (elementwise: runs in a's dtype,
     math in fp32). Falls back to the reference (with one warning) where Triton cannot run.
     The op is `torch.ops.mfkernels.gelu_tanh_fwd` (its backward `mfkernels::gelu_tanh_bwd`).
     """
     check_tangent("a_dot", a_dot, "a", a)
-    return _gelu_tanh_jvp(a, a_dot)
+    check_tangent_grad(tangent_grad)
+    return _gelu_tanh_jvp(a, a_dot, tangent_grad=tangent_grad)
 
 
-def _gelu_tanh_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _gelu_tanh_jvp(a: torch.Tensor, a_dot: torch.Tensor, *,
+                   tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """gelu_tanh_jvp on checked arguments."""
-    return _fused_or_reference("gelu_tanh_jvp", _gelu_tanh, _gelu_tanh_jvp_ref, a, a_dot)
+    return _fused_or_reference("gelu_tanh_jvp", _gelu_tanh, _gelu_tanh_jvp_ref, a, a_dot, tangent_grad)
 
 
-def silu_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = SiLU(a) (differentiable);  y_dot = sig(a) (1 + a (1 - sig(a))) a_dot (detached). See `gelu_tanh_jvp`.
+def silu_jvp(a: torch.Tensor, a_dot: torch.Tensor, *,
+             tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = SiLU(a) (differentiable);  y_dot = sig(a) (1 + a (1 - sig(a))) a_dot (detached unless tangent_grad). See
+    `gelu_tanh_jvp`.
 
     The op is `torch.ops.mfkernels.silu_fwd` (its backward `mfkernels::silu_bwd`)."""
     check_tangent("a_dot", a_dot, "a", a)
-    return _silu_jvp(a, a_dot)
+    check_tangent_grad(tangent_grad)
+    return _silu_jvp(a, a_dot, tangent_grad=tangent_grad)
 
 
-def _silu_jvp(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _silu_jvp(a: torch.Tensor, a_dot: torch.Tensor, *,
+              tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """silu_jvp on checked arguments."""
-    return _fused_or_reference("silu_jvp", _silu, _silu_jvp_ref, a, a_dot)
+    return _fused_or_reference("silu_jvp", _silu, _silu_jvp_ref, a, a_dot, tangent_grad)
 
 
-def _fused_or_reference(name: str, fused: FusedOp, reference, a: torch.Tensor, a_dot: torch.Tensor):
+def _fused_or_reference(name: str, fused: FusedOp, reference, a: torch.Tensor, a_dot: torch.Tensor,
+                        tangent_grad: bool | None):
     if not _runtime.triton_can_run(a):
         _runtime.warn_fallback(name, a)
-        return reference(a, a_dot)
-    return fused(a, a_dot)
+        return reference(a, a_dot, tangent_grad=tangent_grad)
+    return fused(a, a_dot, _runtime.tangent_grad_on(tangent_grad, a_dot))

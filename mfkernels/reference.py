@@ -9,6 +9,11 @@ Triton modules follows one contract:
   kt = 0 is allowed (no tangent work at all; y_dot is empty).
 * ``y`` is differentiable with respect to every primal input (ordinary autograd); ``y_dot`` is computed without
   building any autograd graph and is returned detached. Tangent inputs are constants: no gradient flows into them.
+* ``tangent_grad`` (a keyword of every op) changes the second point: with it True, ``y_dot`` is computed WITH grad from
+  the same formulas, so it is differentiable with respect to the primal inputs, the tangents and the weights (a loss
+  of the tangent, as TVM's, gets exact gradients: "reverse over forward"). None (the default): True exactly when grad
+  mode is on and a tangent input requires grad (`_runtime.tangent_grad_on`); False: detached. The backward formulas of
+  every op's tangent are in docs/design.md, 'Gradients through the tangent'.
 
 Rules (a dot is a tangent; parameters and positions carry none):
 
@@ -46,8 +51,8 @@ import torch.nn.functional as F
 
 from ._checks import (check_attention_args, check_gated_residual_args, check_layernorm_modulate_args,
                       check_linear_args, check_mlp_args, check_qk_args, check_rmsnorm_args, check_rope_args,
-                      check_swiglu_args, check_tangent)
-from ._runtime import acc_dtype
+                      check_swiglu_args, check_tangent, check_tangent_grad)
+from ._runtime import acc_dtype, tangent_grad_on
 
 GELU_K = math.sqrt(2.0 / math.pi)
 GELU_C = 0.044715
@@ -55,12 +60,23 @@ GELU_C = 0.044715
 __all__ = ["linear_jvp_ref", "silu_jvp_ref", "gelu_tanh_jvp_ref", "mlp_jvp_ref", "layernorm_modulate_jvp_ref",
            "gated_residual_jvp_ref", "attention_ref", "attention_jvp_ref", "rmsnorm_jvp_ref", "rope_jvp_ref",
            "qk_norm_rope_jvp_ref", "swiglu_jvp_ref", "meanflow_loss_ref", "gelu_tanh_grad", "silu_grad",
-           "rotate_pairs"]
+           "gelu_tanh_grad2", "silu_grad2", "rotate_pairs"]
 
 
 def _rows(t: torch.Tensor, kt: int) -> torch.Tensor:
     """The first kt rows, detached: tangent rules read primal values but never backpropagate through them."""
     return t[:kt].detach()
+
+
+def _graph_rows(t: torch.Tensor, kt: int) -> torch.Tensor:
+    """The first kt rows, attached (tangent_grad: the tangent's graph reaches the primal)."""
+    return t[:kt]
+
+
+def _tangent_mode(tangent_grad: bool | None, *tangents: torch.Tensor | None):
+    """(grad mode of the tangent math, how it reads primal rows) for an op's tangent_grad argument."""
+    on = tangent_grad_on(tangent_grad, *tangents)
+    return on, (_graph_rows if on else _rows)
 
 
 # ----------------------------------------------------------------------------------------------------------- linear
@@ -95,14 +111,22 @@ class _LinearJVP(torch.autograd.Function):
 
 
 def linear_jvp_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                   x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x W^T + b;  y_dot = x_dot W^T  (x: (B, ..., in), x_dot: (kt, ..., in), W: (out, in))."""
+                   x_dot: torch.Tensor, *, tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x W^T + b;  y_dot = x_dot W^T  (x: (B, ..., in), x_dot: (kt, ..., in), W: (out, in)).
+    tangent_grad: y_dot differentiable in x_dot and W (module docstring)."""
     check_linear_args(x, weight, x_dot)
-    return _linear_jvp_ref(x, weight, bias, x_dot)
+    check_tangent_grad(tangent_grad)
+    return _linear_jvp_ref(x, weight, bias, x_dot, tangent_grad=tangent_grad)
 
 
-def _linear_jvp_ref(x, weight, bias, x_dot):
-    return _LinearJVP.apply(x, x_dot, weight, bias)
+def _linear_jvp_ref(x, weight, bias, x_dot, *, tangent_grad: bool | None = None):
+    if not tangent_grad_on(tangent_grad, x_dot):
+        return _LinearJVP.apply(x, x_dot, weight, bias)
+    # the same one matmul over [x; x_dot], recorded by autograd (the tangent rows' gradient reaches x_dot and W)
+    batch, kt = x.shape[0], x_dot.shape[0]
+    out = F.linear(torch.cat([x, x_dot.to(x.dtype)]) if kt else x, weight)
+    y = out[:batch] + bias.to(out.dtype) if bias is not None else out[:batch]
+    return y, out[batch:]
 
 
 # ------------------------------------------------------------------------------------------------------ activations
@@ -112,17 +136,26 @@ def silu_grad(a: torch.Tensor) -> torch.Tensor:
     return s * (1 + a * (1 - s))
 
 
-def silu_jvp_ref(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def silu_grad2(a: torch.Tensor) -> torch.Tensor:
+    """silu''(a) = s (1 - s) (2 + a (1 - 2 s)), s = sigmoid(a): the fused ops' tangent backward uses it."""
+    s = torch.sigmoid(a)
+    return s * (1 - s) * (2 + a * (1 - 2 * s))
+
+
+def silu_jvp_ref(a: torch.Tensor, a_dot: torch.Tensor, *,
+                 tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y = a sig(a);  y_dot = sig(a) (1 + a (1 - sig(a))) a_dot."""
     check_tangent("a_dot", a_dot, "a", a)
-    return _silu_jvp_ref(a, a_dot)
+    check_tangent_grad(tangent_grad)
+    return _silu_jvp_ref(a, a_dot, tangent_grad=tangent_grad)
 
 
-def _silu_jvp_ref(a, a_dot):
+def _silu_jvp_ref(a, a_dot, *, tangent_grad: bool | None = None):
     y = F.silu(a)
-    with torch.no_grad():
+    on, rows = _tangent_mode(tangent_grad, a_dot)
+    with torch.set_grad_enabled(on):
         acc = acc_dtype(a.dtype)
-        y_dot = (silu_grad(_rows(a, a_dot.shape[0]).to(acc)) * a_dot.to(acc)).to(a.dtype)
+        y_dot = (silu_grad(rows(a, a_dot.shape[0]).to(acc)) * a_dot.to(acc)).to(a.dtype)
     return y, y_dot
 
 
@@ -132,60 +165,78 @@ def gelu_tanh_grad(a: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1 + th) + 0.5 * a * (1 - th * th) * GELU_K * (1 + 3 * GELU_C * a * a)
 
 
-def gelu_tanh_jvp_ref(a: torch.Tensor, a_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gelu_tanh_grad2(a: torch.Tensor) -> torch.Tensor:
+    """g''(a) of GELU(tanh): with u = k (a + c a^3), u' = k (1 + 3 c a^2), th = tanh(u):
+    g'' = (1 - th^2) (u' - a th u'^2 + 3 k c a^2)   (the fused ops' tangent backward uses it)."""
+    th = torch.tanh(GELU_K * (a + GELU_C * a * a * a))
+    du = GELU_K * (1 + 3 * GELU_C * a * a)
+    return (1 - th * th) * (du - a * th * du * du + 3 * GELU_K * GELU_C * a * a)
+
+
+def gelu_tanh_jvp_ref(a: torch.Tensor, a_dot: torch.Tensor, *,
+                      tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y = GELU_tanh(a);  y_dot = g'(a) a_dot."""
     check_tangent("a_dot", a_dot, "a", a)
-    return _gelu_tanh_jvp_ref(a, a_dot)
+    check_tangent_grad(tangent_grad)
+    return _gelu_tanh_jvp_ref(a, a_dot, tangent_grad=tangent_grad)
 
 
-def _gelu_tanh_jvp_ref(a, a_dot):
+def _gelu_tanh_jvp_ref(a, a_dot, *, tangent_grad: bool | None = None):
     y = F.gelu(a, approximate="tanh")
-    with torch.no_grad():
+    on, rows = _tangent_mode(tangent_grad, a_dot)
+    with torch.set_grad_enabled(on):
         acc = acc_dtype(a.dtype)
-        y_dot = (gelu_tanh_grad(_rows(a, a_dot.shape[0]).to(acc)) * a_dot.to(acc)).to(a.dtype)
+        y_dot = (gelu_tanh_grad(rows(a, a_dot.shape[0]).to(acc)) * a_dot.to(acc)).to(a.dtype)
     return y, y_dot
 
 
 def mlp_jvp_ref(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
-                b2: torch.Tensor | None, x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                b2: torch.Tensor | None, x_dot: torch.Tensor, *,
+                tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Linear -> GELU(tanh) -> Linear with its tangent; each linear is one GEMM over [x; x_dot]."""
     check_mlp_args(x, w1, w2, x_dot)
-    return _mlp_jvp_ref(x, w1, b1, w2, b2, x_dot)
+    check_tangent_grad(tangent_grad)
+    return _mlp_jvp_ref(x, w1, b1, w2, b2, x_dot, tangent_grad=tangent_grad)
 
 
-def _mlp_jvp_ref(x, w1, b1, w2, b2, x_dot):
-    a, a_dot = _linear_jvp_ref(x, w1, b1, x_dot)
-    g, g_dot = _gelu_tanh_jvp_ref(a, a_dot)
-    return _linear_jvp_ref(g, w2, b2, g_dot)
+def _mlp_jvp_ref(x, w1, b1, w2, b2, x_dot, *, tangent_grad: bool | None = None):
+    tangent_grad = tangent_grad_on(tangent_grad, x_dot)  # decided once: the inner tangents inherit it
+    a, a_dot = _linear_jvp_ref(x, w1, b1, x_dot, tangent_grad=tangent_grad)
+    g, g_dot = _gelu_tanh_jvp_ref(a, a_dot, tangent_grad=tangent_grad)
+    return _linear_jvp_ref(g, w2, b2, g_dot, tangent_grad=tangent_grad)
 
 
 def swiglu_jvp_ref(x: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, w2: torch.Tensor,
-                   b2: torch.Tensor | None, x_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                   b2: torch.Tensor | None, x_dot: torch.Tensor, *,
+                   tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """SwiGLU MLP with its tangent: [a | b] = x [W1; W3]^T (+ b13); g = silu(a) b; y = g W2^T (+ b2).
 
     x: (B, ..., C); w13: (2H, C) = [W1; W3] (gate rows first); w2: (out, H); x_dot: (kt, ..., C). Both GEMMs run once
     over the stacked rows [x; x_dot] (resp. [g; g_dot])."""
     check_swiglu_args(x, w13, b13, w2, b2, x_dot)
-    return _swiglu_jvp_ref(x, w13, b13, w2, b2, x_dot)
+    check_tangent_grad(tangent_grad)
+    return _swiglu_jvp_ref(x, w13, b13, w2, b2, x_dot, tangent_grad=tangent_grad)
 
 
-def _swiglu_jvp_ref(x, w13, b13, w2, b2, x_dot):
-    ab, ab_dot = _linear_jvp_ref(x, w13, b13, x_dot)
+def _swiglu_jvp_ref(x, w13, b13, w2, b2, x_dot, *, tangent_grad: bool | None = None):
+    on, rows = _tangent_mode(tangent_grad, x_dot)
+    ab, ab_dot = _linear_jvp_ref(x, w13, b13, x_dot, tangent_grad=on)
     a, b = ab.chunk(2, dim=-1)
     g = F.silu(a) * b
-    with torch.no_grad():
+    with torch.set_grad_enabled(on):
         kt = x_dot.shape[0]
         acc = acc_dtype(ab.dtype)
-        ak, bk = (t[:kt].detach().to(acc) for t in (a, b))
+        ak, bk = (rows(t, kt).to(acc) for t in (a, b))
         a_dot, b_dot = (t.to(acc) for t in ab_dot.chunk(2, dim=-1))
         g_dot = (silu_grad(ak) * a_dot * bk + F.silu(ak) * b_dot).to(g.dtype)
-    return _linear_jvp_ref(g, w2, b2, g_dot)
+    return _linear_jvp_ref(g, w2, b2, g_dot, tangent_grad=on)
 
 
 # --------------------------------------------------------------------------------------------- LayerNorm + modulate
 def layernorm_modulate_jvp_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                x_dot: torch.Tensor, shift_dot: torch.Tensor, scale_dot: torch.Tensor,
-                               *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                               *, eps: float = 1e-6, tangent_grad: bool | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm without affine, then adaLN modulation, with its tangent.
 
     xh = (x - mean) / sigma, sigma = sqrt(var + eps);  y = xh (1 + scale) + shift   (scale, shift broadcast over tokens)
@@ -194,40 +245,48 @@ def layernorm_modulate_jvp_ref(x: torch.Tensor, shift: torch.Tensor, scale: torc
     Shapes: x (B, N, C); shift, scale (B, C); tangents (kt, N, C) and (kt, C).
     """
     check_layernorm_modulate_args(x, shift, scale, x_dot, shift_dot, scale_dot)
-    return _layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, eps=eps)
+    check_tangent_grad(tangent_grad)
+    return _layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, eps=eps,
+                                       tangent_grad=tangent_grad)
 
 
-def _layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, *, eps: float = 1e-6):
+def _layernorm_modulate_jvp_ref(x, shift, scale, x_dot, shift_dot, scale_dot, *, eps: float = 1e-6,
+                                tangent_grad: bool | None = None):
     kt = x_dot.shape[0]
     xh = F.layer_norm(x, (x.shape[-1],), eps=eps)
     y = xh * (1 + scale[:, None, :]) + shift[:, None, :]
-    with torch.no_grad():
-        xk = _rows(x, kt)
+    # the statistics are recomputed from their formulas (not F.layer_norm's saved ones): with tangent_grad their
+    # dependence on x is part of the tangent's graph
+    on, rows = _tangent_mode(tangent_grad, x_dot, shift_dot, scale_dot)
+    with torch.set_grad_enabled(on):
+        xk = rows(x, kt)
         acc = acc_dtype(x.dtype)
         xf, xdf = xk.to(acc), x_dot.to(acc)
         mean = xf.mean(-1, keepdim=True)
         rstd = torch.rsqrt((xf - mean).pow(2).mean(-1, keepdim=True) + eps)
         xhk = (xf - mean) * rstd
         xh_dot = (xdf - xdf.mean(-1, keepdim=True) - xhk * (xhk * xdf).mean(-1, keepdim=True)) * rstd
-        y_dot = (xh_dot * (1 + _rows(scale, kt).to(acc)[:, None, :]) + xhk * scale_dot.to(acc)[:, None, :]
+        y_dot = (xh_dot * (1 + rows(scale, kt).to(acc)[:, None, :]) + xhk * scale_dot.to(acc)[:, None, :]
                  + shift_dot.to(acc)[:, None, :]).to(y.dtype)
     return y, y_dot
 
 
 # --------------------------------------------------------------------------------------------------- gated residual
 def gated_residual_jvp_ref(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor,
-                           x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor, *,
+                           tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x + gate * f;  y_dot = x_dot + gate_dot * f + gate * f_dot   (x, f: (B, N, C); gate: (B, C))."""
     check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
-    return _gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot)
+    check_tangent_grad(tangent_grad)
+    return _gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot, tangent_grad=tangent_grad)
 
 
-def _gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot):
+def _gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot, *, tangent_grad: bool | None = None):
     kt = x_dot.shape[0]
     y = x + gate[:, None, :] * f
-    with torch.no_grad():
-        y_dot = x_dot + gate_dot[:, None, :] * _rows(f, kt) + _rows(gate, kt)[:, None, :] * f_dot
+    on, rows = _tangent_mode(tangent_grad, x_dot, gate_dot, f_dot)
+    with torch.set_grad_enabled(on):
+        y_dot = x_dot + gate_dot[:, None, :] * rows(f, kt) + rows(gate, kt)[:, None, :] * f_dot
     return y, y_dot
 
 
@@ -290,6 +349,7 @@ def attention_jvp_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     when grad mode is on and a tangent requires grad.
     """
     check_attention_args(q, k, v, q_dot, k_dot, v_dot, attn_mask, causal=causal, enable_gqa=enable_gqa)
+    check_tangent_grad(tangent_grad)
     return _attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, attn_mask=attn_mask, causal=causal, scale=scale,
                               enable_gqa=enable_gqa, tangent_grad=tangent_grad)
 
@@ -299,12 +359,10 @@ def _attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, *, attn_mask=None, causal: 
     kt = q_dot.shape[0]
     c = scale if scale is not None else q.shape[-1] ** -0.5
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal, scale=c, enable_gqa=enable_gqa)
-    if tangent_grad is None:
-        tangent_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_dot, k_dot, v_dot))
-    with torch.set_grad_enabled(bool(tangent_grad) and torch.is_grad_enabled()):
+    on, rows = _tangent_mode(tangent_grad, q_dot, k_dot, v_dot)
+    with torch.set_grad_enabled(on):
         acc = acc_dtype(q.dtype)
-        rows = (lambda t: t[:kt]) if tangent_grad else (lambda t: _rows(t, kt))  # noqa: E731
-        qk, kk, vk = (rows(t).to(acc) for t in (q, k, v))
+        qk, kk, vk = (rows(t, kt).to(acc) for t in (q, k, v))
         qd, kd, vd = (t.to(acc) for t in (q_dot, k_dot, v_dot))
         kk, vk = _expand_kv(qk, kk, vk)
         kd, vd = _expand_kv(qk, kd, vd)
@@ -320,26 +378,28 @@ def _attention_jvp_ref(q, k, v, q_dot, k_dot, v_dot, *, attn_mask=None, causal: 
 
 # ---------------------------------------------------------------------------------------------------------- RMSNorm
 def rmsnorm_jvp_ref(x: torch.Tensor, weight: torch.Tensor | None, x_dot: torch.Tensor,
-                    *, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                    *, eps: float = 1e-6, tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y = x r w, r = 1 / sqrt(mean(x^2) + eps) over the last dim;  y_dot = (x_dot - x r^2 mean(x x_dot)) r w.
 
     x: (B, ..., D) any strides; weight: (D,) or None (no learned scale); x_dot: (kt, ..., D)."""
     check_rmsnorm_args(x, weight, x_dot, eps)
-    return _rmsnorm_jvp_ref(x, weight, x_dot, eps=eps)
+    check_tangent_grad(tangent_grad)
+    return _rmsnorm_jvp_ref(x, weight, x_dot, eps=eps, tangent_grad=tangent_grad)
 
 
-def _rmsnorm_jvp_ref(x, weight, x_dot, *, eps: float = 1e-6):
+def _rmsnorm_jvp_ref(x, weight, x_dot, *, eps: float = 1e-6, tangent_grad: bool | None = None):
     kt = x_dot.shape[0]
     acc = acc_dtype(x.dtype, weight.dtype if weight is not None else x.dtype)
     xf = x.to(acc)
     r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     y = xf * r * weight.to(acc) if weight is not None else xf * r
-    with torch.no_grad():
-        xk, xd = x[:kt].detach().to(acc), x_dot.to(acc)
-        rk = r[:kt].detach()
+    on, rows = _tangent_mode(tangent_grad, x_dot)
+    with torch.set_grad_enabled(on):
+        xk, xd = rows(x, kt).to(acc), x_dot.to(acc)
+        rk = rows(r, kt)
         y_dot = (xd - xk * rk.square() * (xk * xd).mean(-1, keepdim=True)) * rk
         if weight is not None:
-            y_dot = y_dot * weight.detach().to(acc)
+            y_dot = y_dot * (weight if on else weight.detach()).to(acc)
     return y.to(x.dtype), y_dot.to(x.dtype)
 
 
@@ -365,49 +425,55 @@ def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interlea
 
 
 def rope_jvp_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
-                 *, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                 *, interleaved: bool = True, tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """y = rotate(x) by the angles whose cos / sin are given (per position and pair);  y_dot = rotate(x_dot).
 
     x: (B, ..., D), D even; cos, sin: broadcastable to x.shape[:-1] + (D/2,); x_dot: (kt, ..., D). The positions carry
     no tangent, so the tangent rotates with the primal's angles (rows of the first kt samples)."""
     check_rope_args(x, cos, sin, x_dot)
-    return _rope_jvp_ref(x, cos, sin, x_dot, interleaved=interleaved)
+    check_tangent_grad(tangent_grad)
+    return _rope_jvp_ref(x, cos, sin, x_dot, interleaved=interleaved, tangent_grad=tangent_grad)
 
 
-def _rope_jvp_ref(x, cos, sin, x_dot, *, interleaved: bool = True):
+def _rope_jvp_ref(x, cos, sin, x_dot, *, interleaved: bool = True, tangent_grad: bool | None = None):
     kt = x_dot.shape[0]
     target = tuple(x.shape[:-1]) + (x.shape[-1] // 2,)
     acc = acc_dtype(x.dtype, cos.dtype)
     c, s = (t.to(acc).broadcast_to(target) for t in (cos, sin))
     y = rotate_pairs(x.to(acc), c, s, interleaved)
-    with torch.no_grad():
+    with torch.set_grad_enabled(tangent_grad_on(tangent_grad, x_dot)):
         y_dot = rotate_pairs(x_dot.to(acc), c[:kt], s[:kt], interleaved)
     return y.to(x.dtype), y_dot.to(x.dtype)
 
 
 def qk_norm_rope_jvp_ref(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None,
                          k_weight: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                         q_dot: torch.Tensor, k_dot: torch.Tensor, *, eps: float = 1e-6, interleaved: bool = True
+                         q_dot: torch.Tensor, k_dot: torch.Tensor, *, eps: float = 1e-6, interleaved: bool = True,
+                         tangent_grad: bool | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """QK-norm then RoPE on q and k: (RoPE(RMSNorm(q, q_weight)), RoPE(RMSNorm(k, k_weight)), and their tangents).
 
     q, k: (B, ..., D) one shape (e.g. (B, H, N, Dh) views of a fused qkv projection); weights (D,) or both None;
     cos / sin as in `rope_jvp_ref`, or both None (QK-norm only). Returns (q_out, k_out, q_out_dot, k_out_dot)."""
     check_qk_args(q, k, q_weight, k_weight, cos, sin, q_dot, k_dot, eps)
-    return _qk_norm_rope_jvp_ref(q, k, q_weight, k_weight, cos, sin, q_dot, k_dot, eps=eps, interleaved=interleaved)
+    check_tangent_grad(tangent_grad)
+    return _qk_norm_rope_jvp_ref(q, k, q_weight, k_weight, cos, sin, q_dot, k_dot, eps=eps, interleaved=interleaved,
+                                 tangent_grad=tangent_grad)
 
 
 def _qk_norm_rope_jvp_ref(q, k, q_weight, k_weight, cos, sin, q_dot, k_dot, *, eps: float = 1e-6,
-                          interleaved: bool = True):
+                          interleaved: bool = True, tangent_grad: bool | None = None):
+    on = tangent_grad_on(tangent_grad, q_dot, k_dot)  # one decision for q and k
     outs = []
     for x, w, x_dot in ((q, q_weight, q_dot), (k, k_weight, k_dot)):
         if cos is None:
-            outs.append(_rmsnorm_jvp_ref(x, w, x_dot, eps=eps))
+            outs.append(_rmsnorm_jvp_ref(x, w, x_dot, eps=eps, tangent_grad=on))
             continue
         # norm and rotation in the accumulation dtype, one rounding at the end (as the fused kernel)
         acc = acc_dtype(x.dtype, cos.dtype, w.dtype if w is not None else x.dtype)
-        y, y_dot = _rmsnorm_jvp_ref(x.to(acc), None if w is None else w.to(acc), x_dot.to(acc), eps=eps)
-        y, y_dot = _rope_jvp_ref(y, cos, sin, y_dot, interleaved=interleaved)
+        y, y_dot = _rmsnorm_jvp_ref(x.to(acc), None if w is None else w.to(acc), x_dot.to(acc), eps=eps,
+                                    tangent_grad=on)
+        y, y_dot = _rope_jvp_ref(y, cos, sin, y_dot, interleaved=interleaved, tangent_grad=on)
         outs.append((y.to(x.dtype), y_dot.to(x.dtype)))
     (qo, qo_dot), (ko, ko_dot) = outs
     return qo, ko, qo_dot, ko_dot

@@ -11,6 +11,13 @@ Dtypes: as in the reference, x, gate and f may differ (the usual autocast case: 
 branch output f); y and y_dot have their promoted dtype, math in fp32 (fp64 if any input is fp64). Each tangent must
 have its primal's dtype.
 
+Gradients through the tangent (`tangent_grad`, rule in `_runtime.tangent_grad_on`): torch elementwise ops and token
+sums, no kernel of their own (`gated_residual_tangent_bwd`). With G, G' the upstream gradients of y, y_dot:
+    dx_dot = G';  df_dot = gate G';  dgate_dot = sum over tokens of G' f
+    df += gate_dot G',  dgate += sum over tokens of G' f_dot      (tangent rows)
+Saved beyond the stop-gradient path: gate_dot and f_dot. A gate broadcast over the batch (a stride-0 view, iMF's
+scaled residual) gets its gradient summed by autograd's expand backward.
+
 Chain: `_gated_residual_jvp_fwd_kernel` -> `gated_residual_jvp_fwd()` -> op `mfkernels::gated_residual_fwd`
 -> `gated_residual_jvp()`; backward `gated_residual_bwd()` (torch ops, traced by torch.compile as they are).
 """
@@ -19,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from . import _runtime
-from ._checks import check_gated_residual_args
+from ._checks import check_gated_residual_args, check_tangent_grad
 from ._library import FusedOp
 from ._triton import next_power_of_2, row_stride, tl, tl_acc_dtype, triton
 from .reference import _gated_residual_jvp_ref
@@ -109,40 +116,77 @@ def gated_residual_bwd(grad_y, gate, f, compute_df: bool, compute_dgate: bool):
     return df, dgate
 
 
+def gated_residual_tangent_bwd(grad_y, grad_y_dot, gate, f, gate_dot, f_dot, x_dtype: torch.dtype,
+                               x_dot_dtype: torch.dtype, need: tuple[bool, ...]):
+    """Gradients of a loss of (y, y_dot) (module docstring), in the order of the op's inputs (x, gate, f, x_dot,
+    gate_dot, f_dot); None where not needed. grad_y may be None (y unused)."""
+    kt = grad_y_dot.shape[0]
+    acc = _runtime.acc_dtype(grad_y_dot.dtype, f.dtype, f_dot.dtype)
+    gyd = grad_y_dot.to(acc)
+    dx = dgate = df = None
+    if grad_y is not None:
+        if need[0]:
+            dx = grad_y if grad_y.dtype == x_dtype else grad_y.to(x_dtype)
+        df, dgate = gated_residual_bwd(grad_y, gate, f, need[2], need[1])
+    if need[1]:  # the tangent rows' share of dgate: sum over tokens of G' f_dot
+        extra = (gyd * f_dot.to(acc)).sum(1)
+        if dgate is None:
+            dgate = gate.new_zeros(gate.shape)
+        dgate[:kt] += extra.to(gate.dtype)  # dgate is a fresh tensor: added in place
+    if need[2]:  # df's tangent rows: + gate_dot G'
+        extra = (gyd * gate_dot.to(acc)[:, None, :]).to(f.dtype)
+        if df is None:
+            df = f.new_zeros(f.shape)
+        df[:kt] += extra
+    dx_dot = grad_y_dot.to(x_dot_dtype) if need[3] else None
+    dgate_dot = (gyd * f[:kt].to(acc)).sum(1).to(gate_dot.dtype) if need[4] else None
+    df_dot = (gyd * gate[:kt].to(acc)[:, None, :]).to(f_dot.dtype) if need[5] else None
+    return dx, dgate, df, dx_dot, dgate_dot, df_dot
+
+
 # ----------------------------------------------------------------------------------------------------- registration
 def _fwd_impl(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, x_dot: torch.Tensor, gate_dot: torch.Tensor,
-              f_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+              f_dot: torch.Tensor, tangent_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     return gated_residual_jvp_fwd(x, gate, f, x_dot, gate_dot, f_dot)
 
 
-def _fwd_fake(x, gate, f, x_dot, gate_dot, f_dot):
+def _fwd_fake(x, gate, f, x_dot, gate_dot, f_dot, tangent_grad=False):
     out_dtype = _runtime.promote(x.dtype, gate.dtype, f.dtype)
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty(x_dot.shape, dtype=out_dtype)
 
 
 def _setup_context(ctx, inputs, output):
-    x, gate, f, *_ = inputs
-    ctx.x_dtype = x.dtype
-    ctx.save_for_backward(gate, f)  # df needs gate, dgate needs f; nothing of the tangents is kept
-    ctx.mark_non_differentiable(output[1])
+    x, gate, f, x_dot, gate_dot, f_dot, tangent_grad = inputs
+    ctx.x_dtype, ctx.x_dot_dtype = x.dtype, x_dot.dtype
+    ctx.tangent_grad = tangent_grad
+    if tangent_grad:  # y_dot differentiable: its backward needs the tangents of the gate and the branch
+        ctx.save_for_backward(gate, f, gate_dot, f_dot)
+    else:
+        ctx.save_for_backward(gate, f)  # df needs gate, dgate needs f; nothing of the tangents is kept
+        ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for y_dot (a launch and a write per call)
 
 
-def _backward(ctx, grad_y, _grad_y_dot):
-    """dx = dy (in x's dtype), df = gate dy, dgate = sum over tokens of dy f (torch ops, see gated_residual_bwd)."""
-    gate, f = ctx.saved_tensors
+def _backward(ctx, grad_y, grad_y_dot):
+    """dx = dy (in x's dtype), df = gate dy, dgate = sum over tokens of dy f (torch ops, see gated_residual_bwd);
+    with a gradient of y_dot too, gated_residual_tangent_bwd."""
+    if ctx.tangent_grad and grad_y_dot is not None and grad_y_dot.shape[0]:
+        gate, f, gate_dot, f_dot = ctx.saved_tensors
+        return gated_residual_tangent_bwd(grad_y, grad_y_dot, gate, f, gate_dot, f_dot, ctx.x_dtype, ctx.x_dot_dtype,
+                                          ctx.needs_input_grad[:6]) + (None,)
+    gate, f = ctx.saved_tensors[:2]
     need_dx, need_dgate, need_df = ctx.needs_input_grad[:3]
     grad_x = grad_gate = grad_f = None
     if grad_y is None:  # y took no part in what is differentiated
-        return (None,) * 6
+        return (None,) * 7
     if need_dx:  # y = x + ...: dy is dx (in x's dtype if the output dtype was promoted)
         grad_x = grad_y if grad_y.dtype == ctx.x_dtype else grad_y.to(ctx.x_dtype)
     if need_dgate or need_df:
         grad_f, grad_gate = gated_residual_bwd(grad_y, gate, f, need_df, need_dgate)
-    return grad_x, grad_gate, grad_f, None, None, None
+    return grad_x, grad_gate, grad_f, None, None, None, None
 
 
-def _check_op_args(x, gate, f, x_dot, gate_dot, f_dot):
+def _check_op_args(x, gate, f, x_dot, gate_dot, f_dot, tangent_grad=False):
     check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
     _runtime.require_triton("gated_residual_fwd", x)
 
@@ -153,22 +197,25 @@ _fwd = FusedOp("gated_residual_fwd", _fwd_impl, _fwd_fake, setup_context=_setup_
 
 # ----------------------------------------------------------------------------------------------------------- public
 def gated_residual_jvp(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor,
-                       x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = x + gate f (differentiable in x, gate, f);  y_dot = x_dot + gate_dot f + gate f_dot (detached).
+                       x_dot: torch.Tensor, gate_dot: torch.Tensor, f_dot: torch.Tensor, *,
+                       tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = x + gate f (differentiable in x, gate, f);  y_dot = x_dot + gate_dot f + gate f_dot (detached, or with
+    tangent_grad differentiable in every input: module docstring).
 
     x, f: (B, N, C); gate: (B, C); x_dot, f_dot: (kt, N, C); gate_dot: (kt, C); kt <= B. Same contract and checks as
     `reference.gated_residual_jvp_ref` (mixed dtypes of x, gate, f allowed; outputs in the promoted dtype); falls back
     to it (one warning) where Triton cannot run. The op is `torch.ops.mfkernels.gated_residual_fwd`.
     """
     check_gated_residual_args(x, gate, f, x_dot, gate_dot, f_dot)
-    return _gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot)
+    check_tangent_grad(tangent_grad)
+    return _gated_residual_jvp(x, gate, f, x_dot, gate_dot, f_dot, tangent_grad=tangent_grad)
 
 
 def _gated_residual_jvp(x: torch.Tensor, gate: torch.Tensor, f: torch.Tensor, x_dot: torch.Tensor,
-                        gate_dot: torch.Tensor, f_dot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        gate_dot: torch.Tensor, f_dot: torch.Tensor, *,
+                        tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """gated_residual_jvp on checked arguments."""
     if not _runtime.triton_can_run(x):
         _runtime.warn_fallback("gated_residual_jvp", x)
-        return _gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot)
-    return _fwd(x, gate, f, x_dot, gate_dot, f_dot)
+        return _gated_residual_jvp_ref(x, gate, f, x_dot, gate_dot, f_dot, tangent_grad=tangent_grad)
+    return _fwd(x, gate, f, x_dot, gate_dot, f_dot, _runtime.tangent_grad_on(tangent_grad, x_dot, gate_dot, f_dot))

@@ -15,6 +15,11 @@ place, see `_rows`), optionally RMS-normalises them first (NORM: the fused QK-no
 writes contiguous outputs. Grid axis 1 picks the tensor (q or k): both are done in ONE launch. Backward: the inverse
 rotation of dy (the transpose: sin -> -sin), then, with NORM, the RMSNorm backward, in one kernel.
 
+Gradients through the tangent (`tangent_grad`, rule in `_runtime.tangent_grad_on`): RoPE is linear in x, so
+dx_dot = R^T G' (the inverse rotation of the tangent's upstream gradient: the primal backward kernel once more, on the
+kt tangent rows) and nothing else changes. The fused QK-norm + RoPE has a kernel of its own for it,
+`_norm_rope_tangent_bwd_kernel` (formulas in its docstring and in docs/design.md, 'Gradients through the tangent').
+
 Chain: `_rope_jvp_fwd_kernel` -> `rope_fwd_launch()` -> op `mfkernels::rope_fwd` (backward `_rope_bwd_kernel` ->
 `rope_bwd_launch()` -> op `mfkernels::rope_bwd`, see `_library.FusedOp`) -> `rope_jvp()`.
 """
@@ -23,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import _runtime
-from ._checks import check_angles_constant, check_rope_args
+from ._checks import check_angles_constant, check_rope_args, check_tangent_grad
 from ._library import FusedOp
 from ._rows import rows_for
 from ._triton import next_power_of_2, partial_sum_programs, rne_bf16, round_to, tl, tl_acc_dtype, triton
@@ -213,6 +218,106 @@ def _rope_bwd_kernel(
         tl.store(DW_PART + part + c2, dw2, mask=pair_ok)
 
 
+@triton.jit
+def _norm_rope_tangent_bwd_kernel(
+    DY0, DY1, DYD0, DYD1, X0, X1, XD0, XD1, W0, W1, RSTD, COS, SIN, DX0, DX1, DXD0, DXD1, DW_PART,
+    n_rows, n_tangent_rows, L1, L2, HALF, n_programs,
+    sa0, sa1, sa2, sb0, sb1, sb2,  # strides of x (slot 0, slot 1)
+    ta0, ta1, ta2, tb0, tb1, tb2,  # strides of x_dot (slot 0, slot 1)
+    sc0, sc1, sc2, ss0, ss1, ss2,  # strides of cos, sin
+    HAS_W: tl.constexpr, ROPE: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_DY: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DX_DOT: tl.constexpr, COMPUTE_DW: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr, ACC: tl.constexpr, RNE: tl.constexpr,
+):
+    """Backward of (y, y_dot) of the fused QK-norm (+ RoPE), y = R(xh w), y_dot = R(xh_dot w), for row tiles pid,
+    pid + P, ... of tensor `slot` (0: q, 1: k); grid (P, slots). Tangent rows are rows < n_tangent_rows (kt L1 L2).
+
+    First the inverse rotation of both upstream gradients (ROPE; R^T: sin -> -sin):
+        dz = R^T G (0 without HAS_DY),   dz' = R^T G' (0 off the tangent rows)
+    then RMSNorm's tangent backward over the whole row (both halves of every pair), with xh = x rstd,
+        m = mean(xh x_dot),  xh_dot = (x_dot - xh m) rstd,  p = dz w,  q = dz' w,  J u = rstd (u - xh mean(xh u)):
+        DX_DOT = J q
+        DX     = J p - rstd (mean(q xh_dot) xh + mean(q xh) xh_dot + m DX_DOT)
+        DW_PART[slot, pid] = sum over the program's rows of dz xh + dz' xh_dot     (the host sums the partials)
+    (the derivation is `rmsnorm._rmsnorm_tangent_bwd_kernel`'s). X, X_DOT, COS, SIN strided as in the forward; DY,
+    DY_DOT, DX, DX_DOT contiguous. Math in ACC.
+    """
+    slot = tl.program_id(1)
+    pid = tl.program_id(0)
+    if slot == 0:
+        DY, DYD, X, XD, W, DX, DXD = DY0, DYD0, X0, XD0, W0, DX0, DXD0
+        s0, s1, s2, t0, t1, t2 = sa0, sa1, sa2, ta0, ta1, ta2
+    else:
+        DY, DYD, X, XD, W, DX, DXD = DY1, DYD1, X1, XD1, W1, DX1, DXD1
+        s0, s1, s2, t0, t1, t2 = sb0, sb1, sb2, tb0, tb1, tb2
+    i, c1, c2 = _pair_cols(HALF, BLOCK_H, INTERLEAVED)
+    pair_ok = i < HALF
+    D = 2 * HALF
+    if HAS_W:
+        w1 = tl.load(W + c1, mask=pair_ok, other=0.0).to(ACC)[None, :]
+        w2 = tl.load(W + c2, mask=pair_ok, other=0.0).to(ACC)[None, :]
+    else:
+        w1 = 1.0
+        w2 = 1.0
+    dw1 = tl.zeros([BLOCK_H], dtype=ACC)
+    dw2 = tl.zeros([BLOCK_H], dtype=ACC)
+    n_tiles = tl.cdiv(n_rows, BLOCK_R)
+    for tile in range(pid, n_tiles, n_programs):
+        rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < n_rows
+        mask = row_ok[:, None] & pair_ok[None, :]
+        tmask = mask & (rows < n_tangent_rows)[:, None]
+        r64, b, i1, i2 = _row_coords(rows, L1, L2)
+        out = r64[:, None] * D
+        if HAS_DY:
+            dz1 = tl.load(DY + out + c1[None, :], mask=mask, other=0.0).to(ACC)
+            dz2 = tl.load(DY + out + c2[None, :], mask=mask, other=0.0).to(ACC)
+        else:
+            dz1 = tl.zeros([BLOCK_R, BLOCK_H], dtype=ACC)
+            dz2 = tl.zeros([BLOCK_R, BLOCK_H], dtype=ACC)
+        dzd1 = tl.load(DYD + out + c1[None, :], mask=tmask, other=0.0).to(ACC)
+        dzd2 = tl.load(DYD + out + c2[None, :], mask=tmask, other=0.0).to(ACC)
+        if ROPE:
+            cos = tl.load(COS + (b * sc0 + i1 * sc1 + i2 * sc2)[:, None] + i[None, :], mask=mask, other=0.0).to(ACC)
+            sin = tl.load(SIN + (b * ss0 + i1 * ss1 + i2 * ss2)[:, None] + i[None, :], mask=mask, other=0.0).to(ACC)
+            dz1, dz2 = dz1 * cos + dz2 * sin, dz2 * cos - dz1 * sin
+            dzd1, dzd2 = dzd1 * cos + dzd2 * sin, dzd2 * cos - dzd1 * sin
+        x_row = (b * s0 + i1 * s1 + i2 * s2)[:, None]
+        t_row = (b * t0 + i1 * t1 + i2 * t2)[:, None]
+        rstd = tl.load(RSTD + slot.to(tl.int64) * n_rows + rows, mask=row_ok, other=0.0)[:, None]
+        xh1 = tl.load(X + x_row + c1[None, :], mask=mask, other=0.0).to(ACC) * rstd
+        xh2 = tl.load(X + x_row + c2[None, :], mask=mask, other=0.0).to(ACC) * rstd
+        xd1 = tl.load(XD + t_row + c1[None, :], mask=tmask, other=0.0).to(ACC)
+        xd2 = tl.load(XD + t_row + c2[None, :], mask=tmask, other=0.0).to(ACC)
+        proj = ((tl.sum(xh1 * xd1, axis=1) + tl.sum(xh2 * xd2, axis=1)) / D)[:, None]  # m
+        xhd1 = (xd1 - xh1 * proj) * rstd
+        xhd2 = (xd2 - xh2 * proj) * rstd
+        q1 = dzd1 * w1
+        q2 = dzd2 * w2
+        mean_qxh = ((tl.sum(q1 * xh1, axis=1) + tl.sum(q2 * xh2, axis=1)) / D)[:, None]
+        dxd1 = (q1 - xh1 * mean_qxh) * rstd
+        dxd2 = (q2 - xh2 * mean_qxh) * rstd
+        if COMPUTE_DX_DOT:
+            tl.store(DXD + out + c1[None, :], round_to(dxd1, DXD.dtype.element_ty, RNE), mask=tmask)
+            tl.store(DXD + out + c2[None, :], round_to(dxd2, DXD.dtype.element_ty, RNE), mask=tmask)
+        if COMPUTE_DX:
+            p1 = dz1 * w1
+            p2 = dz2 * w2
+            mean_pxh = ((tl.sum(p1 * xh1, axis=1) + tl.sum(p2 * xh2, axis=1)) / D)[:, None]
+            mean_qxhd = ((tl.sum(q1 * xhd1, axis=1) + tl.sum(q2 * xhd2, axis=1)) / D)[:, None]
+            dx1 = (p1 - xh1 * mean_pxh) * rstd - rstd * (mean_qxhd * xh1 + mean_qxh * xhd1 + proj * dxd1)
+            dx2 = (p2 - xh2 * mean_pxh) * rstd - rstd * (mean_qxhd * xh2 + mean_qxh * xhd2 + proj * dxd2)
+            tl.store(DX + out + c1[None, :], round_to(dx1, DX.dtype.element_ty, RNE), mask=mask)
+            tl.store(DX + out + c2[None, :], round_to(dx2, DX.dtype.element_ty, RNE), mask=mask)
+        if COMPUTE_DW:
+            dw1 += tl.sum(dz1 * xh1 + dzd1 * xhd1, axis=0)
+            dw2 += tl.sum(dz2 * xh2 + dzd2 * xhd2, axis=0)
+    if COMPUTE_DW:
+        part = (slot * n_programs + pid).to(tl.int64) * D
+        tl.store(DW_PART + part + c1, dw1, mask=pair_ok)
+        tl.store(DW_PART + part + c2, dw2, mask=pair_ok)
+
+
 # -------------------------------------------------------------------------------------------------------- launchers
 TILE_PAIRS = 2048  # BLOCK_R x BLOCK_H pairs per program: two (64, 32) halves for a head dim of 64
 
@@ -323,15 +428,76 @@ def rope_bwd_launch(grads, xs, weights, cos, sin, rstd, *, norm: bool, interleav
     return dxs, [dw_part[s].sum(0).to(weights[s].dtype) for s in range(slots)]
 
 
+def norm_rope_tangent_bwd_launch(grads, grad_dots, xs, x_dots, weights, cos, sin, rstd, *, interleaved: bool,
+                                 compute_dx: bool, compute_dx_dot: bool, compute_dw: bool):
+    """The QK-norm (+ RoPE) tangent backward over 1 or 2 tensors of one shape. grads: dL/dy per slot, or None (no y took
+    part); grad_dots: dL/dy_dot per slot (kt rows); xs, x_dots: the forward's inputs (any strides). Returns (dxs, dx_dots
+    (contiguous, or empty if not asked for), dws (D,) per slot or None)."""
+    shape = tuple(xs[0].shape)
+    slots = len(xs)
+    rope = cos is not None
+    if rope:
+        cos, sin = _angles(cos, sin, shape)
+    grad_dots = [g.contiguous() for g in grad_dots]
+    if grads is not None:
+        grads = [g.contiguous() for g in grads]
+    tensors, layout = rows_for(shape, *xs, *x_dots, *((cos, sin) if rope else ()))
+    xs, x_dots = list(tensors[:slots]), list(tensors[slots:2 * slots])
+    if rope:
+        cos, sin = tensors[2 * slots:]
+    half, d = shape[-1] // 2, shape[-1]
+    x0 = xs[0]
+    n_rows = x0.numel() // d if d else 0
+    has_w = weights is not None
+    compute_dw = compute_dw and has_w
+    dxs = [_runtime.new_output(shape if compute_dx else (0,), dtype=x0.dtype, device=x0.device) for _ in xs]
+    dx_dots = [_runtime.new_output(tuple(xd.shape) if compute_dx_dot else (0,), dtype=x0.dtype, device=x0.device)
+               for xd in x_dots]
+    block_r, block_h, warps = _tile(half)
+    n_tiles = _runtime.cdiv(n_rows, block_r)
+    programs = partial_sum_programs(n_tiles, x0.device) if compute_dw else max(n_tiles, 1)
+    dw_part = _runtime.new_output((slots, programs, d) if compute_dw else (0,), dtype=rstd.dtype, device=x0.device)
+    if n_rows and (compute_dx or compute_dx_dot or compute_dw):
+        strides_x = [s for st in pick(layout.strides[:slots]) for s in st]
+        strides_d = [s for st in pick(layout.strides[slots:2 * slots]) for s in st]
+        angle_strides = [s for st in layout.strides[2 * slots:] for s in st] if rope else [0] * 6
+        w = pick(weights) if has_w else (x0, x0)
+        _norm_rope_tangent_bwd_kernel[(programs, slots)](
+            *(pick(grads) if grads is not None else pick(grad_dots)), *pick(grad_dots), *pick(xs), *pick(x_dots), *w,
+            rstd, cos if rope else x0, sin if rope else x0, *pick(dxs), *pick(dx_dots), dw_part if compute_dw else x0,
+            n_rows, x_dots[0].shape[0] * layout.rows_per_sample, *layout.sizes, half, programs,
+            *strides_x, *strides_d, *angle_strides,
+            HAS_W=has_w, ROPE=rope, INTERLEAVED=interleaved, HAS_DY=grads is not None, COMPUTE_DX=compute_dx,
+            COMPUTE_DX_DOT=compute_dx_dot, COMPUTE_DW=compute_dw, BLOCK_R=block_r, BLOCK_H=block_h,
+            ACC=tl_acc_dtype(x0.dtype, rstd.dtype, *((cos.dtype,) if rope else ())), RNE=rne_bf16(x0.dtype),
+            num_warps=warps,
+        )
+    if not compute_dw:
+        return dxs, dx_dots, None
+    if not n_rows:
+        return dxs, dx_dots, [torch.zeros_like(w) for w in weights]
+    return dxs, dx_dots, [dw_part[s].sum(0).to(weights[s].dtype) for s in range(slots)]
+
+
+def tangent_angles(cos: torch.Tensor, sin: torch.Tensor, ndim: int, kt: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The angles of the kt tangent rows: per-sample tables (as many dims as x, a batch dim of their own) are sliced
+    to their first kt rows; shared ones broadcast as they are."""
+    if cos.dim() == ndim and cos.shape[0] != 1:
+        cos = cos[:kt]
+    if sin.dim() == ndim and sin.shape[0] != 1:
+        sin = sin[:kt]
+    return cos, sin
+
+
 # ----------------------------------------------------------------------------------------------------- registration
 def _fwd_impl(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
-              interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+              interleaved: bool, tangent_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(y, y_dot) from the fused kernel."""
     (y,), (y_dot,), _ = rope_fwd_launch([x], [x_dot], None, cos, sin, eps=0.0, norm=False, interleaved=interleaved)
     return y, y_dot
 
 
-def _fwd_fake(x, cos, sin, x_dot, interleaved):
+def _fwd_fake(x, cos, sin, x_dot, interleaved, tangent_grad=False):
     return x.new_empty(x.shape), x.new_empty(x_dot.shape)
 
 
@@ -352,21 +518,25 @@ _bwd = FusedOp("rope_bwd", _bwd_impl, _bwd_fake,
 
 
 def _setup_context(ctx, inputs, output):
-    _x, cos, sin, _x_dot, interleaved = inputs
-    ctx.save_for_backward(cos, sin)
-    ctx.interleaved = interleaved
-    ctx.mark_non_differentiable(output[1])
+    x, cos, sin, _x_dot, interleaved, tangent_grad = inputs
+    ctx.save_for_backward(cos, sin)  # a linear map: nothing else, with or without tangent_grad
+    ctx.interleaved, ctx.tangent_grad, ctx.ndim = interleaved, tangent_grad, x.dim()
+    if not tangent_grad:
+        ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradient for y_dot
 
 
-def _backward(ctx, grad_y, _grad_y_dot):
-    if grad_y is None or not ctx.needs_input_grad[0]:
-        return None, None, None, None, None
+def _backward(ctx, grad_y, grad_y_dot):
     cos, sin = ctx.saved_tensors
-    return _bwd(grad_y, cos, sin, ctx.interleaved), None, None, None, None
+    dx = dx_dot = None
+    if grad_y is not None and ctx.needs_input_grad[0]:
+        dx = _bwd(grad_y, cos, sin, ctx.interleaved)
+    if ctx.tangent_grad and grad_y_dot is not None and grad_y_dot.shape[0] and ctx.needs_input_grad[3]:
+        dx_dot = _bwd(grad_y_dot, *tangent_angles(cos, sin, ctx.ndim, grad_y_dot.shape[0]), ctx.interleaved)
+    return dx, None, None, dx_dot, None, None
 
 
-def _check_op_args(x, cos, sin, x_dot, interleaved):
+def _check_op_args(x, cos, sin, x_dot, interleaved, tangent_grad=False):
     check_rope_args(x, cos, sin, x_dot)
     _runtime.require_triton("rope_fwd", x)
 
@@ -377,24 +547,26 @@ _fwd = FusedOp("rope_fwd", _fwd_impl, _fwd_fake, setup_context=_setup_context, b
 
 # ----------------------------------------------------------------------------------------------------------- public
 def rope_jvp(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
-             *, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+             *, interleaved: bool = True, tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotary embedding of x with its tangent, fused (formulas and pairing in the module docstring).
 
     x: (B, ..., D), D even, any strides; cos, sin: broadcastable to x.shape[:-1] + (D/2,) (e.g. (N, D/2) for x of
     (B, H, N, D), (N, 1, D/2) for (B, N, H, D)), constants; x_dot: (kt, ..., D), kt <= B, strides of its own. Returns
-    (y differentiable in x, y_dot detached), contiguous in x's shape and dtype. Same contract and checks as
-    `reference.rope_jvp_ref`, and cos / sin must not require grad; falls back to the reference (one warning) where
-    Triton cannot run. The op is `torch.ops.mfkernels.rope_fwd`.
+    (y differentiable in x, y_dot detached, or with tangent_grad differentiable in x_dot: module docstring),
+    contiguous in x's shape and dtype. Same contract and checks as `reference.rope_jvp_ref`, and cos / sin must not
+    require grad; falls back to the reference (one warning) where Triton cannot run. The op is
+    `torch.ops.mfkernels.rope_fwd`.
     """
     check_rope_args(x, cos, sin, x_dot)
     check_angles_constant(cos, sin)
-    return _rope_jvp(x, cos, sin, x_dot, interleaved=interleaved)
+    check_tangent_grad(tangent_grad)
+    return _rope_jvp(x, cos, sin, x_dot, interleaved=interleaved, tangent_grad=tangent_grad)
 
 
 def _rope_jvp(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x_dot: torch.Tensor,
-              *, interleaved: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+              *, interleaved: bool = True, tangent_grad: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """rope_jvp on checked arguments."""
     if not _runtime.triton_can_run(x):
         _runtime.warn_fallback("rope_jvp", x)
-        return _rope_jvp_ref(x, cos, sin, x_dot, interleaved=interleaved)
-    return _fwd(x, cos, sin, x_dot, bool(interleaved))
+        return _rope_jvp_ref(x, cos, sin, x_dot, interleaved=interleaved, tangent_grad=tangent_grad)
+    return _fwd(x, cos, sin, x_dot, bool(interleaved), _runtime.tangent_grad_on(tangent_grad, x_dot))
