@@ -476,16 +476,21 @@ def test_a_hard_interrupt_names_the_last_checkpoint(tmp_path, capsys, monkeypatc
            f"(from {tmp_path / 'run' / 'checkpoints' / 'ckpt_00000003.pt'}, step 3)" in capsys.readouterr().err
 
 
-def test_checkpoints_by_time(tmp_path):
-    """train.ckpt_minutes (on by default in every preset) writes checkpoints as the minutes pass, not by step count."""
-    from meanflow.training.checkpoint import list_checkpoints
+def test_checkpoints_by_time(tmp_path, monkeypatch):
+    """train.ckpt_minutes (on by default in every preset) writes checkpoints as the minutes pass, not by step count: on
+    a clock that reads 25 s later at every step, ckpt_minutes=1 checkpoints steps 3 and 6 (75 s apart), and the end."""
+    import itertools
+
+    import meanflow.training.trainer as trainer_module
+    from meanflow.training.checkpoint import checkpoint_step, list_checkpoints
 
     assert all(get_preset(name).train.ckpt_minutes > 0 for name in PRESETS)
+    ticks = itertools.count()
+    monkeypatch.setattr(trainer_module, "checkpoint_clock", lambda: 25.0 * next(ticks))
     run = tmp_path / "run"
-    # 1e-5 minutes: due after every step; keep_ckpts=0 keeps them all
-    assert main(["train", *TOY, "--out", str(run), "--set", "train.ckpt_minutes=0.00001", "--set", "train.keep_ckpts=0",
+    assert main(["train", *TOY, "--out", str(run), "--set", "train.ckpt_minutes=1", "--set", "train.keep_ckpts=0",
                  "--set", "eval.enabled=false"]) == 0
-    assert len(list_checkpoints(run)) == 8
+    assert [checkpoint_step(p) for p in list_checkpoints(run)] == [3, 6, 8]
 
 
 def test_sigterm_to_a_real_process(tmp_path):

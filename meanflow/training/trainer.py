@@ -66,6 +66,11 @@ __all__ = ["NonFiniteLossError", "Trainer"]
 _HEAD_PREFIXES = ("logvar.", "v_blocks.", "v_final.", "v_layers.", "v_out.", "cond_embedder.")
 
 
+def checkpoint_clock() -> float:
+    """Seconds, for train.ckpt_minutes: read once a step (a seam of its own, so a test can run the clock)."""
+    return time.monotonic()
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN / inf; training stopped without writing a checkpoint."""
 
@@ -329,7 +334,7 @@ class Trainer(TrainerState, TrainerReporting):
         window = {"n": 0, "t": time.perf_counter(), "sums": {}}
         bar = tqdm(total=tc.steps, initial=self.step, disable=not (tc.progress and self.is_main), dynamic_ncols=True,
                    desc=self.config.preset or "train")
-        last_save = time.perf_counter()
+        last_save = checkpoint_clock()
         try:
             with StopSignals() as stop:
                 while self.step < tc.steps:
@@ -346,13 +351,13 @@ class Trainer(TrainerState, TrainerReporting):
                         ema = self.ema_model()  # under FSDP a collective (the EMA is gathered to rank 0)
                         if self.is_main:
                             self.sample_grids(self.out_dir / "samples", f"step_{self.step:07d}_", model=ema)
+                    now = checkpoint_clock()
                     signum, time_due = self._agree(stop.requested or 0,
-                                                   tc.ckpt_minutes > 0 and
-                                                   time.perf_counter() - last_save >= 60.0 * tc.ckpt_minutes)
+                                                   tc.ckpt_minutes > 0 and now - last_save >= 60.0 * tc.ckpt_minutes)
                     every = tc.ckpt_every and self.step % tc.ckpt_every == 0
                     if signum or ((every or time_due) and self.step < tc.steps):
                         self.save(time.perf_counter() - t_start)
-                        last_save = time.perf_counter()
+                        last_save = now
                     if signum:
                         raise TrainingInterrupted(signum, self.step, self.last_checkpoint)
         finally:
