@@ -63,6 +63,17 @@ def cases(dt: torch.dtype, pdt: torch.dtype) -> dict:
     *_, qk_rstd = OPS.qk_norm_rope_fwd(q, k, wq, wk, cos, sin, q_dot, k_dot, 1e-6, True)
     out["qk_norm_rope_bwd"] = (OPS.qk_norm_rope_bwd, (q, k, q, k, wq, wk, cos, sin, qk_rstd, True, True, True))
 
+    # the tangent-gradient variants (tests/test_tangent_grad.py) and their backward ops
+    out["layernorm_modulate_fwd (tangent_grad)"] = (OPS.layernorm_modulate_fwd, (x, mod, mod, x_dot, mod_dot, mod_dot,
+                                                                                 1e-6, True, True))
+    out["layernorm_modulate_tangent_bwd"] = (OPS.layernorm_modulate_tangent_bwd,
+                                             (x, x_dot, x, x_dot, mod, mod_dot, mean, rstd, True, True, True))
+    out["rmsnorm_tangent_bwd"] = (OPS.rmsnorm_tangent_bwd, (x, x_dot, x, x_dot, w, r, True, True, True))
+    out["swiglu_tangent_bwd"] = (OPS.swiglu_tangent_bwd, (x, x_dot, x, x_dot, ab, w13, None, w2, False, True, True,
+                                                          True))
+    out["qk_norm_rope_tangent_bwd"] = (OPS.qk_norm_rope_tangent_bwd, (q, k, q_dot, k_dot, q, k, q_dot, k_dot, wq, wk,
+                                                                      cos, sin, qk_rstd, True, True, True, True))
+
     v, v_dot = rnd(B, HEADS, N, D, dtype=dt), rnd(KT, HEADS, N, D, dtype=dt)
     scale = D ** -0.5
     for tangent_grad in (False, True):
