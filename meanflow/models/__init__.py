@@ -5,13 +5,13 @@
     imf_dit.py   iMF's network: in-context conditioning, RMSNorm / SwiGLU / QK-norm + RoPE, u and v branches
     mlp_net.py   a small MLP for the 2-D toys
     layers.py    DiT layers with forward_jvp (timestep embedders, the adaLN-Zero block, the final layer)
-    heads.py     what objectives beyond MeanFlow need: NetworkSpec, iMF's condition embedders, sCM's logvar head
+    heads.py     what objectives beyond MeanFlow need: NetworkSpec, condition embedders (iMF, TVM), sCM's logvar head
     backends.py  autograd / explicit / fused: which op table a forward_jvp gets
     registry.py  build_model(cfg.model, ...): a network from a run's model config (ARCHS: arch -> builder)
 """
 from .backends import BACKENDS, JVPOps, ops_for
 from .dit import DIT_MODELS, DiT, build_dit
-from .heads import IMF_CONDITIONS, LogVarHead, NetworkSpec
+from .heads import IMF_CONDITIONS, TVM_CONDITIONS, LogVarHead, NetworkSpec
 from .imf_dit import IMF_MODELS, IMFDiT, build_imf_dit
 from .mlp_net import MLPNet
 from .network import JVPNetwork, count_parameters, unwrap
@@ -19,4 +19,4 @@ from .registry import ARCHS, build_model, register_arch
 
 __all__ = ["BACKENDS", "JVPOps", "ops_for", "DIT_MODELS", "DiT", "build_dit", "IMF_MODELS", "IMFDiT", "build_imf_dit",
            "MLPNet", "JVPNetwork", "count_parameters", "unwrap", "build_model", "ARCHS", "register_arch",
-           "IMF_CONDITIONS", "LogVarHead", "NetworkSpec"]
+           "IMF_CONDITIONS", "TVM_CONDITIONS", "LogVarHead", "NetworkSpec"]

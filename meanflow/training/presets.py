@@ -9,10 +9,11 @@
 | imagenet-B/2, -L/2, -XL/2 | SD-VAE latents 4x32x32 | DiT-B/2, L/2, XL/2 | 240 epochs (1,201,095 steps) |
 | toy-OBJ, mnist-OBJ | as toy / mnist          | as toy / mnist (+ the objective's heads) | as toy / mnist  |
 
-toy-OBJ and mnist-OBJ (OBJ = fm, meanflow, imf, scm, alphaflow) train the same network on the same data with the same
-optimizer, batch and steps as `toy` / `mnist` (an equal budget), each with its objective (loss.objective) tuned for it;
-bench/learn_objectives.py trains them all and writes the learning table (docs/objectives.md). toy-meanflow and
-mnist-meanflow ARE toy and mnist.
+toy-OBJ and mnist-OBJ (OBJ = fm, meanflow, imf, scm, alphaflow, tvm) train the same network on the same data with the
+same optimizer, batch and steps as `toy` / `mnist` (an equal budget), each with its objective (loss.objective) tuned for
+it; bench/learn_objectives.py trains them all and writes the learning table (docs/objectives.md). toy-meanflow and
+mnist-meanflow ARE toy and mnist. toy-tvm and mnist-tvm run on the `autograd` JVP backend (model.backend): TVM
+differentiates through the JVP, which the op tables of `explicit` / `fused` do not do yet.
 
 The ImageNet presets carry the official hyperparameters (docs/cli.md, 'Presets') and need `--set data.path=...`
 (latent shards from `meanflow prepare-latents`). train.batch_size is the global batch (256): under
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from ..objectives import AlphaFlowConfig, FlowMatchingConfig, IMFConfig, MeanFlowConfig, SCMConfig
+from ..objectives import AlphaFlowConfig, FlowMatchingConfig, IMFConfig, MeanFlowConfig, SCMConfig, TVMConfig
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -107,7 +108,9 @@ def _imagenet(size: str, omega: float, kappa: float, t_end: float) -> Callable[[
 
 # The objectives on the toy and the demo, at the same budget as `toy` / `mnist` (only the loss section differs; see
 # docs/objectives.md for what each learns and how the knobs were chosen).
-OBJECTIVE_NAMES = ("fm", "meanflow", "imf", "scm", "alphaflow")
+OBJECTIVE_NAMES = ("fm", "meanflow", "imf", "scm", "alphaflow", "tvm")
+# objectives whose tangent must carry gradient (TVM): the only backend that gives one today
+TANGENT_GRAD_OBJECTIVES = {"tvm": "autograd"}
 
 
 def _toy_loss(objective: str):
@@ -121,6 +124,7 @@ def _toy_loss(objective: str):
         "imf": IMFConfig(ratio=0.75, p=0.5, omega_max=1.0, sample_omega=1.0, label_dropout=0.0),
         "scm": SCMConfig(sigma_data=1.0, warmup_steps=1000, label_dropout=0.0),
         "alphaflow": AlphaFlowConfig(ratio=0.75, p=0.5, clamp=10.0, label_dropout=0.0),
+        "tvm": TVMConfig(cfg=1.0, sample_cfg=1.0, label_dropout=0.0),
     }[objective]
 
 
@@ -134,6 +138,7 @@ def _mnist_loss(objective: str):
         "imf": IMFConfig(ratio=0.25, omega_max=4.0, sample_omega=2.0, sample_t_min=0.0, sample_t_max=1.0),
         "scm": SCMConfig(sigma_data=0.5, warmup_steps=500, label_dropout=0.0),
         "alphaflow": AlphaFlowConfig(ratio=0.25, omega=2.0, kappa=0.0),
+        "tvm": TVMConfig(cfg=2.0, sample_cfg=2.0),
     }[objective]
 
 
@@ -145,6 +150,8 @@ def _with_objective(base: Callable[[], RunConfig], kind: str, objective: str) ->
         cfg.loss = (_toy_loss if kind == "toy" else _mnist_loss)(objective)
         if objective == "fm":  # the Euler baseline: 1, 2 and 50 steps
             cfg.eval.steps = (1, 2, 50)
+        if objective in TANGENT_GRAD_OBJECTIVES:
+            cfg.model.backend = TANGENT_GRAD_OBJECTIVES[objective]
         return cfg
     return build
 
