@@ -547,8 +547,9 @@ def test_teacher_starts_as_the_network_and_follows_the_ema(tmp_path):
     assert not any(torch.equal(a, after_teacher[k]) for k, a in state(trainer.ema.default).items())
 
 
-@pytest.mark.parametrize("config", [toy_config, digits_config], ids=["toy-mlp", "digits-dit"])
-def test_resume_is_exact_with_the_teacher(tmp_path, config):
+def test_resume_is_exact_with_the_teacher(tmp_path):
+    """(The toy MLP's resume and gradient accumulation: tests/test_objective_training.py.)"""
+    config = digits_config
     a = Trainer(config(), tmp_path / "a")
     a.train()
     b = Trainer(config(), tmp_path / "b", resume=tmp_path / "a" / "checkpoints" / "ckpt_00000002.pt")
