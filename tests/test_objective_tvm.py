@@ -495,6 +495,20 @@ def test_tangent_grad_refuses_batch_statistics():
     net(z, t, h, y, tangents=tangents, beta=beta)                  # a detached tangent is fine
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_refuses_tangent_grad():
+    """The graphed call's backward is recorded for the outputs seen at capture; a differentiable tangent is refused
+    there (not recorded untested), the stop-gradient call is captured as before."""
+    net = tvm_net("mlp").float().cuda()
+    z, t, h, y, beta, tangents = _tangent_grad_inputs(net)
+    z, t, h, beta = (a.float().cuda() for a in (z, t, h, beta))
+    y, tangents = y.cuda(), tuple(a.float().cuda() for a in tangents)
+    graphed = CUDAGraphModel(net)
+    with pytest.raises(NotImplementedError, match="CUDAGraphModel does not record calls with tangent_grad=True"):
+        graphed(z, t, h, y, tangents=tangents, backend="autograd", tangent_grad=True, beta=beta)
+
+
 @pytest.mark.parametrize("backend", ["explicit", "fused"])
 def test_tangent_grad_is_refused_where_the_ops_detach(backend):
     net = tvm_net("mlp")
