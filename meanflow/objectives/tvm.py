@@ -41,6 +41,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mfkernels._checks import require_values
+
 from ..models.heads import TVM_CONDITIONS, NetworkSpec
 from .base import Objective, ObjectiveConfig, as_rows, check_unit_interval, knob, null_labels
 
@@ -244,13 +246,12 @@ class TVMLoss(Objective):
         return F_T, F_u, k
 
     def _check_draws(self, d, batch, x):
-        for name in ("t", "r", "t_fm"):
-            self.check_rows(name, d[name], batch, x, 0.0, 1.0)
-        self.check_rows("beta", d["beta"], batch, x, None, 1.0)
-        if bool((d["beta"] <= 0).any()):
-            raise ValueError("beta (= 1 / cfg) must lie in (0, 1]")
-        if bool((d["r"] > d["t"]).any()):
-            raise ValueError("r must be <= t in every row")
+        self.check_times(d["t"], d["r"], batch, x)
+        self.check_rows("t_fm", d["t_fm"], batch, x, 0.0, 1.0)
+        beta = d["beta"]
+        self.check_rows("beta", beta, batch, x, None, 1.0)
+        require_values(beta > 0, "beta (= 1 / cfg) must lie in (0, 1]",
+                       lambda: f"; got values in [{beta.min().item():.4g}, {beta.max().item():.4g}]")
 
 
 __all__ = ["TVMConfig", "TVMLoss", "BETA_SAMPLERS", "sample_tvm_times", "sample_beta"]
