@@ -172,7 +172,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                             "[0, 0.75]); needs data.path", _imagenet("XL", 0.2, 0.92, 0.75)),
     *[Preset(f"toy-{o}", f"2-D checkerboard, MLP, objective {o} (the toy's budget)",
              _with_objective(_toy("checkerboard"), "toy", o)) for o in OBJECTIVE_NAMES],
-    *[Preset(f"mnist-{o}", f"real MNIST digits, DiT-Tiny/4, objective {o} (the demo's budget, ~10 min on 2 cores)",
+    *[Preset(f"mnist-{o}", f"real MNIST digits, DiT-Tiny/4, objective {o} (the demo's budget, "
+                           + ("~10 min on 2 cores)" if o not in TANGENT_GRAD_OBJECTIVES else
+                              "on the autograd backend: over an hour on 2 cores)"),
              _with_objective(_mnist, "mnist", o)) for o in OBJECTIVE_NAMES],
 ]}
 
