@@ -561,6 +561,16 @@ def test_teacher_starts_as_the_network_and_follows_the_ema(tmp_path):
     assert not any(torch.equal(a, after_teacher[k]) for k, a in state(trainer.ema.default).items())
 
 
+def test_teacher_starts_from_init_from_weights(tmp_path):
+    """train.init_from (another run's EMA weights): the teacher is the initialised network, not the random one."""
+    source = Trainer(toy_config("train.steps=2", "train.ckpt_every=0", "train.seed=3"), tmp_path / "source")
+    source.train()
+    t = Trainer(toy_config(f"train.init_from={tmp_path / 'source'}"), tmp_path / "tvm")
+    loaded = state(source.ema_model())
+    assert all(torch.equal(v, loaded[k]) for k, v in state(t.net).items())
+    assert all(torch.equal(v, loaded[k]) for k, v in state(t.teacher_model).items())
+
+
 def test_resume_is_exact_with_the_teacher(tmp_path):
     """(The toy MLP's resume and gradient accumulation: tests/test_objective_training.py.)"""
     config = digits_config
