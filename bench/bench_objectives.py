@@ -8,6 +8,12 @@ timed round-robin (a shared machine's load drifts hit all of them alike).
 
     python bench/bench_objectives.py --out bench/results/cpu/objectives.json --threads 1      # CPU, explicit
     python bench/bench_objectives.py --device cuda --backends fused --out objectives_h100.json  # GPU, fused, bf16
+    python bench/bench_objectives.py --backends autograd --cases meanflow tvm --threads 1 \
+        --out bench/results/cpu/objectives_autograd.json                                        # TVM (autograd)
+
+Every row also reports `saved_mb`, the tensors autograd keeps for the backward (a CPU-measurable memory cost; CUDA
+rows add the allocator's peak, `peak_mem_mb`). TVM's gradient through the JVP runs only where its ops differentiate
+the tangent (meanflow.models.backends.TANGENT_GRAD_BACKENDS); elsewhere that case is skipped, not faked.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import peak_memory_mb, time_fn, time_interleaved, write_results  # noqa: E402
 from meanflow.models import DIT_MODELS, DiT, count_parameters  # noqa: E402
+from meanflow.models.backends import TANGENT_GRAD_BACKENDS  # noqa: E402
 from meanflow.objectives import build_objective, default_config, network_spec  # noqa: E402
 
 # (row name, objective, config changes, extra call keywords)
@@ -37,6 +44,11 @@ CASES = [
     ("alphaflow alpha=0.5", "alphaflow", {}, {"alpha": 0.5}),
     ("alphaflow alpha=0", "alphaflow", {}, {"alpha": 0.0}),
     ("alphaflow alpha=0.5 +guidance", "alphaflow", {"omega": 1.0, "kappa": 0.5}, {"alpha": 0.5}),
+    # TVM: gradients through the JVP (tangent_grad: the autograd backend only, for now), its EMA teacher's no-grad
+    # call (here the network itself, the teacher of step 0: the same cost), and the official detach_jvp variant
+    ("tvm", "tvm", {"cfg": 1.0, "sample_cfg": 1.0}, {}),
+    ("tvm +guidance", "tvm", {}, {}),
+    ("tvm detach_jvp +guidance", "tvm", {"detach_jvp": True}, {}),
 ]
 
 
@@ -52,6 +64,34 @@ def build_net(name: str, spec, args, device):
         for p in net.parameters():
             p.normal_(0, 0.02)
     return net
+
+
+def saved_activation_mb(step, params) -> float:
+    """MiB of the distinct tensors autograd saves for the backward during one step, the parameters left out: the
+    memory a step's graph holds at its peak, measurable on CPU too (on CUDA the rows also carry the allocator's peak).
+    Tensors inside torch.func.jvp are unwrapped to the storage they live in; the few without a readable storage there
+    (transposed views of the weights, scalars) are left out."""
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+
+    skip = {p.untyped_storage().data_ptr() for p in params}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        base = t
+        while is_functorch_wrapped_tensor(base):
+            base = get_unwrapped(base)
+        try:
+            storage = base.untyped_storage()
+            ptr = storage.data_ptr()
+        except RuntimeError:  # no readable storage: inside torch.func, the parameters' transposed views
+            return t
+        if ptr not in skip:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values()) / 2**20
 
 
 def make_step(net, objective, x, y, opt, backend, call_kw, device):
@@ -82,6 +122,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 warm-up, 2 reps (a dry run of the harness)")
+    ap.add_argument("--cases", nargs="+", default=None, metavar="PREFIX",
+                    help="only the cases whose name starts with one of these (fm, the baseline, always runs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -101,6 +143,11 @@ def main(argv=None):
         for name, objective, changes, call_kw in CASES:
             if objective == "fm" and backend != args.backends[0]:
                 continue  # flow matching has no tangent: one baseline row
+            if objective != "fm" and args.cases and not any(name.startswith(c) for c in args.cases):
+                continue
+            if objective == "tvm" and not changes.get("detach_jvp") and backend not in TANGENT_GRAD_BACKENDS:
+                print(f"skipped {name!r} on {backend!r}: its ops do not differentiate the tangent yet", flush=True)
+                continue
             cfg = default_config(objective).replace(label_dropout=0.1, **changes)
             spec = network_spec(cfg)
             net = build_net(args.model, spec, args, args.device)
@@ -115,6 +162,7 @@ def main(argv=None):
                    "guidance_rows": int(stats.get("guidance_rows", 0)), "extra_rows": int(stats.get("extra_rows", 0)),
                    "dtype": "bf16-autocast" if cuda else "fp32", "config": {k: v for k, v in changes.items()},
                    "call": {k: v for k, v in call_kw.items()}}
+            row["saved_mb"] = saved_activation_mb(step, list(net.parameters()))
             if cuda:
                 row.update(time_fn(step, args.device, warmup=args.warmup, reps=args.reps, cuda_warmup_ms=500,
                                    cuda_rep_ms=2000))
@@ -144,11 +192,16 @@ def main(argv=None):
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| case | backend | params | tangent rows | guidance rows | extra rows | ms / step | vs flow matching |",
-             "|---|---|---|---|---|---|---|---|"]
+    peak = any(r.get("peak_mem_mb") is not None for r in rows)
+    lines = ["| case | backend | params | tangent rows | guidance rows | extra rows | ms / step | vs flow matching | "
+             "saved for backward" + (" | peak memory |" if peak else " |"),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     for r in rows:
+        mem = f" {r['peak_mem_mb']:.0f} MiB |" if peak and r.get("peak_mem_mb") is not None else (" - |" if peak else "")
+        saved = f"{r['saved_mb']:.1f} MiB" if r.get("saved_mb") is not None else "-"
         lines.append(f"| {r['case']} | {r['backend']} | {r['params'] / 1e6:.2f}M | {r['jvp_rows']} | "
-                     f"{r['guidance_rows']} | {r['extra_rows']} | {r['ms']:.1f} | {r['ratio_to_fm']:.2f}x |")
+                     f"{r['guidance_rows']} | {r['extra_rows']} | {r['ms']:.1f} | {r['ratio_to_fm']:.2f}x | "
+                     f"{saved} |{mem}")
     return "\n".join(lines)
 
 

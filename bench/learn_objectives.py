@@ -2,13 +2,15 @@
 samples scored (sliced Wasserstein on the toy; the digit classifier's label match and Frechet distance on MNIST), next
 to flow matching with 1, 2 and 50 Euler steps.
 
-    python bench/learn_objectives.py --suite toy                 # 5 runs, a few minutes on 2 CPU cores
-    python bench/learn_objectives.py --suite mnist               # 5 runs, ~10 min each on 2 free cores
+    python bench/learn_objectives.py --suite toy                 # 6 runs, a few minutes each on 2 CPU cores
+    python bench/learn_objectives.py --suite mnist               # 6 runs, ~10 min each on 2 free cores (TVM on
+                                                                 # the autograd backend: over an hour)
     python bench/learn_objectives.py --suite mnist --objectives scm alphaflow   # some rows only
     python bench/learn_objectives.py --table                     # rewrite docs/objectives.md's tables from the rows
 
 Each run is `python -m meanflow train --preset SUITE-OBJECTIVE --out RUNS/SUITE-OBJECTIVE` (the presets differ only
-in their loss section: same network, data, optimizer, batch, steps); its eval.json and summary.json become one row
+in their loss section: same network, data, optimizer, batch, steps; TVM's runs its network on the autograd JVP
+backend); its eval.json and summary.json become one row
 of docs/objectives_learning.json (merged with the rows already there, keyed by preset), and the two generated blocks
 of docs/objectives.md are rewritten from all rows: the compact table between `<!-- objectives-table:start -->` and
 `<!-- objectives-table:end -->`, the full tables with commands, machines and findings between `<!-- learning:start -->`
@@ -28,9 +30,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ROWS = REPO / "docs" / "objectives_learning.json"
 TABLE = REPO / "docs" / "objectives.md"
-OBJECTIVES = ("fm", "meanflow", "imf", "scm", "alphaflow")
+OBJECTIVES = ("fm", "meanflow", "imf", "scm", "alphaflow", "tvm")
 TITLES = {"fm": "flow matching (Euler)", "meanflow": "MeanFlow", "imf": "iMF", "scm": "sCM (TrigFlow)",
-          "alphaflow": "alpha-Flow"}
+          "alphaflow": "alpha-Flow", "tvm": "TVM"}
 
 
 def git_commit() -> str:

@@ -1,7 +1,7 @@
 """CUDAGraphModel with the objectives beyond MeanFlow (GPU; on CPU the wrapper runs eagerly, tested in
 tests/test_objective_training.py): the graphed training call (iMF: three outputs and the conditions; sCM: every row
 with a per-row time tangent and the logvar head; alpha-Flow: with and without tangents, the discrete rows' no-grad
-forward left eager) gives the eager steps' losses and weights, one capture per shape of the main call."""
+forward left eager; TVM with a stop-gradient tangent: 2B rows, the first B with tangents, its teacher call eager) gives the eager steps' losses and weights, one capture per shape of the main call."""
 import copy
 
 import pytest
@@ -20,6 +20,8 @@ CASES = {
     "alphaflow-0.5": {"alpha_schedule": "constant", "alpha_start": 0.5, "omega": 0.8, "kappa": 0.3},
     "alphaflow-0": {"alpha_schedule": "constant", "alpha_start": 0.0},
     "fm": {"sample_cfg": 2.0},
+    # TVM's gradient through the JVP (tangent_grad) is refused by the wrapper's capture; its stop-gradient variant runs
+    "tvm-detached": {"detach_jvp": True, "beta_sampler": "cfg_uniform"},
 }
 
 

@@ -1,8 +1,9 @@
 """The objectives beyond MeanFlow under torch.distributed on CPU (2 gloo ranks, one spawn:
 tests/_objective_dist_worker.py): DDP and FSDP2 runs with 2 micro-batches per rank equal one process on the same
 global batch (the objective's draws are made for the global batch by `objective.draw` and split over the ranks; the
-v-branch, the condition embedders and the logvar head are wrapped, synchronised and EMA'd like the rest), and a run
-resumed from the FSDP run's distributed checkpoint ends with the same weights bit for bit."""
+v-branch, the condition embedders and the logvar head are wrapped, synchronised and EMA'd like the rest; TVM's
+teacher is sharded and updated like the EMA), and a run resumed from the FSDP run's distributed checkpoint ends with the
+same weights (teacher included) bit for bit."""
 import json
 
 import pytest
@@ -15,8 +16,11 @@ from tests.utils import free_port
 
 
 def snapshot(trainer) -> dict:
-    return {"model": {k: v.detach().clone() for k, v in trainer.net.state_dict().items()},
-            "ema": {k: m.state_dict() for k, m in trainer.ema.models.items()}}
+    out = {"model": {k: v.detach().clone() for k, v in trainer.net.state_dict().items()},
+           "ema": {k: m.state_dict() for k, m in trainer.ema.models.items()}}
+    if trainer.teacher is not None:
+        out["teacher"] = {k: v.detach().clone() for k, v in trainer.teacher_model.state_dict().items()}
+    return out
 
 
 def assert_close(a: dict, b: dict, exact: bool = False, atol: float = 1e-7):
@@ -58,6 +62,9 @@ def test_two_ranks_equal_one_process(runs, objective, mode):
     assert got["step"] == 4
     assert_close(got["model"], ref["model"])
     assert_close(got["ema"]["0.9"], ref["ema"]["0.9"])
+    assert ("teacher" in got) == ("teacher" in ref) == (objective == "tvm")
+    if objective == "tvm":                                           # the teacher, sharded / replicated and updated
+        assert_close(got["teacher"], ref["teacher"])
     logged = [json.loads(line) for line in (out / f"{objective}_{mode}" / "metrics.jsonl").read_text().splitlines()]
     single = [json.loads(line) for line in (out / f"{objective}_single" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(logged, single, strict=True):
@@ -98,3 +105,5 @@ def test_resume_from_a_distributed_checkpoint_is_exact(runs, objective):
     assert a["step"] == 4
     assert_close(a["model"], b["model"], exact=True)
     assert_close(a["ema"]["0.9"], b["ema"]["0.9"], exact=True)
+    if objective == "tvm":                                           # restored from the DCP checkpoint's shards
+        assert_close(a["teacher"], b["teacher"], exact=True)

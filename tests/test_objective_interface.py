@@ -13,13 +13,15 @@ from meanflow.objectives.base import Objective
 from tests._objective_util import NUM_CLASSES, data, small_mlp
 
 CONDITIONAL = {"fm": dict(sample_cfg=2.0), "meanflow": dict(omega=2.0), "imf": dict(), "scm": dict(),
-               "alphaflow": dict(omega=2.0, alpha_end_step=10)}
+               "alphaflow": dict(omega=2.0, alpha_end_step=10), "tvm": dict(beta_sampler="cfg_uniform")}
+# the backend of each objective's network: TVM differentiates through the JVP (autograd only, for now)
+BACKEND = {"tvm": "autograd"}
 
 
 def net_for(name: str, num_classes: int = NUM_CLASSES):
     spec = network_spec(default_config(name))
     return small_mlp(num_classes, v_depth=1 if "v" in spec.heads else 0, logvar="logvar" in spec.heads,
-                     conditions=spec.conditions)
+                     conditions=spec.conditions, backend=BACKEND.get(name, "explicit"))
 
 
 def step_kw(obj):
@@ -27,7 +29,7 @@ def step_kw(obj):
 
 
 def test_registry_names_configs_and_round_trip():
-    assert list(OBJECTIVES) == ["fm", "meanflow", "imf", "scm", "alphaflow"]
+    assert list(OBJECTIVES) == ["fm", "meanflow", "imf", "scm", "alphaflow", "tvm"]
     for name in OBJECTIVES:
         cfg = default_config(name)
         assert cfg.objective == name and isinstance(build_objective(cfg), OBJECTIVES[name])
@@ -37,7 +39,8 @@ def test_registry_names_configs_and_round_trip():
     assert config_from_dict(old) == MeanFlowConfig(omega=3.0)
     with pytest.raises(ValueError, match="unknown keys \\['omega_max'\\] for objective 'meanflow'"):
         config_from_dict({"omega_max": 2.0})
-    with pytest.raises(ValueError, match="unknown objective 'ddpm'; choose one of fm, meanflow, imf, scm, alphaflow"):
+    with pytest.raises(ValueError, match="unknown objective 'ddpm'; choose one of fm, meanflow, imf, scm, alphaflow, "
+                                         "tvm"):
         default_config("ddpm")
     with pytest.raises(ValueError, match="MeanFlowConfig is the config of objective 'meanflow'"):
         MeanFlowConfig(objective="imf")
@@ -56,6 +59,8 @@ def test_own_draws_equal_draws_passed_in(name, conditional):
         cfg = cfg.replace(omega_max=1.0, sample_omega=1.0)
     elif name == "alphaflow":
         cfg = cfg.replace(alpha_end_step=10)
+    elif name == "tvm":
+        cfg = cfg.replace(cfg=1.0, sample_cfg=1.0)
     obj = build_objective(cfg)
     net = net_for(name, NUM_CLASSES if conditional else 0)
     x, y = data(net, conditional=conditional)
@@ -135,5 +140,9 @@ def test_specs():
     assert network_spec(default_config("imf")).heads == ("u", "v")
     assert network_spec(default_config("imf")).conditions == IMF_CONDITIONS
     assert network_spec(default_config("scm")).heads == ("u", "logvar")
-    for name in ("fm", "meanflow", "alphaflow"):
+    for name in ("fm", "meanflow", "alphaflow", "tvm"):
         assert network_spec(default_config(name)).heads == ("u",)
+    assert network_spec(default_config("tvm")).conditions == ("beta",)
+    with pytest.raises(ValueError, match=r"tvm objective passes the condition\(s\) \['beta'\]; MLPNet lacks "
+                                         r"\['beta'\] \(TVM conditions the network on beta = 1 / cfg"):
+        build_objective(default_config("tvm"), model=MLPNet(2, 8, 2, num_classes=3))

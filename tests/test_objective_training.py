@@ -2,6 +2,7 @@
 schedule and sCM's warm-up continue from the checkpointed step), gradient accumulation equal to one micro-batch (the
 objective's draws are made for the whole batch), a start from another run's weights (train.init_from), the CUDA-graph
 wrapper on CPU, and the CLI's sample / eval with each objective's sampler."""
+import dataclasses
 import json
 
 import pytest
@@ -17,7 +18,7 @@ from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
 QUIET = ["train.progress=false", "train.log_every=1", "eval.enabled=false", "train.threads=1", "train.device=cpu",
          "train.grid_size=8"]
-OBJECTIVES = ["fm", "imf", "scm", "alphaflow"]
+OBJECTIVES = ["fm", "imf", "scm", "alphaflow", "tvm"]
 
 
 def toy_config(objective: str, *extra: str) -> RunConfig:
@@ -63,14 +64,17 @@ def test_set_switches_the_objective_and_validates_its_knobs():
 
 
 @pytest.mark.parametrize("preset", [f"{k}-{o}" for k in ("toy", "mnist") for o in
-                                    ("fm", "meanflow", "imf", "scm", "alphaflow")])
+                                    ("fm", "meanflow", "imf", "scm", "alphaflow", "tvm")])
 def test_presets_round_trip_through_their_dict(preset):
     cfg = get_preset(preset)
     back = RunConfig.from_dict(json.loads(cfg.to_json()))
     assert back == cfg and type(back.loss) is type(cfg.loss)
     assert cfg.loss.objective == preset.split("-", 1)[1]
     base = get_preset(preset.split("-")[0])
-    assert (cfg.model, cfg.data, cfg.train) == (base.model, base.data, base.train)   # an equal budget
+    # an equal budget: the same network, data and training (TVM on the autograd JVP backend, the same network)
+    same_net = dataclasses.replace(cfg.model, backend=base.model.backend)
+    assert (same_net, cfg.data, cfg.train) == (base.model, base.data, base.train)
+    assert cfg.model.backend == ("autograd" if cfg.loss.objective == "tvm" else base.model.backend)
     # a config saved before objectives existed (no 'objective' key) reads as MeanFlow
     old = json.loads(get_preset("toy").to_json())
     del old["loss"]["objective"]
@@ -89,7 +93,8 @@ def test_resume_is_exact_and_accumulation_equals_one_batch(tmp_path, objective):
     assert all(torch.equal(x, y) for x, y in zip(weights(resumed).values(), weights(a).values()))
     straight, again = lines(tmp_path / "a"), lines(tmp_path / "b")
     assert [r["loss"] for r in again] == [r["loss"] for r in straight[2:]]
-    keys = {"fm": set(), "imf": {"loss_u", "loss_v"}, "scm": {"logvar"}, "alphaflow": {"alpha"}}[objective]
+    keys = {"fm": set(), "imf": {"loss_u", "loss_v"}, "scm": {"logvar"}, "alphaflow": {"alpha"},
+            "tvm": {"nonfinite_rows"}}[objective]
     assert keys <= set(straight[0]) and all(r[k] == s[k] for r, s in zip(again, straight[2:]) for k in keys)
     if objective == "alphaflow":  # the schedule over the run's 4 steps: 1 -> 0, continued exactly by the resume
         assert straight[0]["alpha"] == 1.0 and straight[-1]["alpha"] == 0.0
@@ -99,7 +104,8 @@ def test_resume_is_exact_and_accumulation_equals_one_batch(tmp_path, objective):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("objective", OBJECTIVES)
+# tvm's conditional DiT run and resume (its teacher included): tests/test_objective_tvm.py
+@pytest.mark.parametrize("objective", [o for o in OBJECTIVES if o != "tvm"])
 def test_conditional_dit_with_heads_trains_and_resumes(tmp_path, objective):
     a = Trainer(digits_config(objective), tmp_path / "a")
     summary = a.train()
@@ -156,7 +162,7 @@ def test_scm_starts_from_a_flow_matching_run(tmp_path):
         Trainer(toy_config("scm", "model.hidden=8", f"train.init_from={tmp_path / 'fm'}"), tmp_path / "bad")
 
 
-@pytest.mark.parametrize("objective", ["imf", "scm"])
+@pytest.mark.parametrize("objective", ["imf", "scm", "tvm"])
 def test_cli_train_sample_eval_with_the_objectives_sampler(tmp_path, objective, capsys):
     run = tmp_path / "run"
     args = ["train", "--preset", f"toy-{objective}", "--out", str(run)]

@@ -81,10 +81,11 @@ def test_bad_compile_options_are_refused(tmp_path, overrides, match):
         Trainer(toy_config("train.compile=true", *overrides), tmp_path)
 
 
-@pytest.mark.parametrize("objective", ["fm", "imf", "scm", "alphaflow"])
+@pytest.mark.parametrize("objective", ["fm", "imf", "scm", "alphaflow", "tvm"])
 def test_compiled_training_equals_eager_for_each_objective(tmp_path, objective):
     """Every objective's network compiles in place (iMF's v-branch and conditions, sCM's logvar head and per-row time
-    tangents, alpha-Flow's mixed rows) and trains as in eager."""
+    tangents, alpha-Flow's mixed rows, TVM's gradient through torch.func.jvp on the autograd backend) and trains as in
+    eager."""
     def make(*extra):
         return apply_overrides(get_preset(f"toy-{objective}"), QUIET + [
             "train.steps=4", "train.batch_size=32", "model.hidden=32", "model.depth=2", *extra])

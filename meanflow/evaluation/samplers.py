@@ -6,7 +6,9 @@
 - meanflow, alphaflow: average-velocity jumps z_r = z_t - (t - r) u(z_t, t, t - r) (sampling.sample);
 - fm: Euler steps with v = u(z, t, 0), classifier-free guided when FlowMatchingConfig.sample_cfg != 1;
 - imf: average-velocity jumps with the network conditioned on (omega, t_min, t_max) = the config's sample_*;
-- scm: TrigFlow consistency steps: x0 = f(sigma_d e, t_max); a second step re-noises to sample_t_mid and applies f.
+- scm: TrigFlow consistency steps: x0 = f(sigma_d e, t_max); a second step re-noises to sample_t_mid and applies f;
+- tvm: jumps z_r = z_t - (t - r) a F(z_t, t, t - r | y, beta = 1 / sample_cfg), a = sample_cfg when the network was
+  trained with scale_param (the official generator_fn's scaling), else 1.
 
 Every sampler takes the same call; `steps` is the number of network evaluations per sample (x2 for guided Euler).
 """
@@ -94,6 +96,27 @@ def scm_sample(model, noise: torch.Tensor, y: torch.Tensor | None = None, *, ste
     return x
 
 
+@torch.no_grad()
+def tvm_sample(model, noise: torch.Tensor, y: torch.Tensor | None = None, *, steps: int = 1, cfg_scale: float = 1.0,
+               scale_param: bool = True, schedule: Sequence[float] | None = None, midpoint: float | None = None,
+               backend: str | None = None) -> torch.Tensor:
+    """TVM: z_r = z_t - (t - r) a F(z_t, t, t - r | y, beta = 1 / cfg_scale), a = cfg_scale with scale_param, else 1.
+    Guidance is a condition of the network: one evaluation per step."""
+    if cfg_scale < 1.0:
+        raise ValueError(f"cfg_scale must be >= 1 (beta = 1 / cfg_scale in (0, 1]); got {cfg_scale}")
+    if cfg_scale != 1.0 and getattr(model, "num_classes", 0) <= 0:
+        raise ValueError(f"TVM sampling with guidance cfg = {cfg_scale} needs a class-conditional model (set "
+                         f"loss.sample_cfg=1 for an unconditional one)")
+    s = _check_schedule(schedule if schedule is not None else make_schedule(steps, midpoint))
+    z = noise
+    ones = torch.ones(noise.shape[0], device=noise.device, dtype=noise.dtype)
+    scale = cfg_scale if scale_param else 1.0
+    for t, r in zip(s[:-1], s[1:]):
+        F = model(z, t * ones, (t - r) * ones, y, backend=backend, beta=ones / cfg_scale)
+        z = z - (t - r) * scale * F.to(z.dtype)
+    return z
+
+
 @dataclass(frozen=True)
 class Sampler:
     """`sampler(model, noise, y, steps=1)` for one objective; `nfe(steps)`: network evaluations per sample."""
@@ -133,7 +156,11 @@ def sampler_for(loss_cfg=None) -> Sampler:
     if name == "scm":
         return Sampler(name, lambda m, e, y, steps=1, generator=None: scm_sample(m, e, y, steps=steps,
                                                                                  config=loss_cfg, generator=generator))
+    if name == "tvm":
+        c = loss_cfg
+        return Sampler(name, lambda m, e, y, steps=1, midpoint=None: tvm_sample(
+            m, e, y, steps=steps, cfg_scale=c.sample_cfg, scale_param=c.scale_param, midpoint=midpoint))
     raise ValueError(f"no sampler for objective {name!r}")
 
 
-__all__ = ["Sampler", "sampler_for", "fm_sample", "imf_sample", "scm_sample"]
+__all__ = ["Sampler", "sampler_for", "fm_sample", "imf_sample", "scm_sample", "tvm_sample"]

@@ -8,6 +8,9 @@
 
 `explicit` and `fused` share all model code: a layer's `forward_jvp(..., ops)` calls `ops.linear`, `ops.attention`, ...
 and the backend only decides which implementation `ops` holds.
+
+A differentiable tangent (`tangent_grad=True`: gradients flow from u_dot to the parameters, as TVM's loss needs) comes
+from the backends in `TANGENT_GRAD_BACKENDS`; `check_tangent_grad` is the one place that refuses it on the others.
 """
 from __future__ import annotations
 
@@ -15,12 +18,30 @@ from mfkernels.ops import JVPOps, ops_table
 
 BACKENDS = ("autograd", "explicit", "fused")
 _TABLES = {"explicit": "reference", "fused": "fused"}
+# Backends whose u_dot can carry gradient. autograd: torch.func.jvp under grad mode records the tangent's graph. The
+# op tables of explicit / fused return detached tangents, so they refuse tangent_grad (check_tangent_grad) until
+# their ops can differentiate the tangent.
+TANGENT_GRAD_BACKENDS = ("autograd",)
 
 
 def check_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     return backend
+
+
+def check_tangent_grad(backend: str, tangent_grad: bool, has_tangents: bool) -> None:
+    """Refuse tangent_grad=True where u_dot cannot carry gradient: without tangents, or on a backend whose ops return
+    a detached tangent (the one refusal: JVPNetwork.forward and CUDAGraphModel both ask here)."""
+    if not tangent_grad:
+        return
+    if not has_tangents:
+        raise ValueError("tangent_grad=True makes u_dot differentiable; it needs a call with tangents=(z_dot, t_dot, "
+                         "h_dot)")
+    if backend not in TANGENT_GRAD_BACKENDS:
+        raise NotImplementedError(f"tangent_grad=True is not supported on the {backend!r} backend yet: its ops return "
+                                  f"a detached tangent. Use backend='autograd' (torch.func.jvp over the plain "
+                                  f"forward; model.backend=autograd in a run config)")
 
 
 def ops_for(backend: str, *, checked: bool = True) -> JVPOps:
@@ -33,4 +54,4 @@ def ops_for(backend: str, *, checked: bool = True) -> JVPOps:
     return ops_table(_TABLES[backend], checked=checked)
 
 
-__all__ = ["BACKENDS", "JVPOps", "check_backend", "ops_for"]
+__all__ = ["BACKENDS", "TANGENT_GRAD_BACKENDS", "JVPOps", "check_backend", "check_tangent_grad", "ops_for"]

@@ -4,10 +4,10 @@
 
 - `NetworkSpec`: the heads and per-row conditions an objective calls the network with (meanflow.objectives asks for one,
   meanflow.models.registry builds a network that has it). MeanFlow / flow matching / alpha-Flow: heads ("u",) and no
-  conditions; iMF: ("u", "v") and ("omega", "t_min", "t_max"); sCM: ("u", "logvar").
-- `ConditionEmbedders`: iMF's extra conditions, each through its own sinusoidal embedder + MLP, summed into the adaLN
+  conditions; iMF: ("u", "v") and ("omega", "t_min", "t_max"); sCM: ("u", "logvar"); TVM: ("u",) and ("beta",).
+- `ConditionEmbedders`: the extra conditions, each through its own sinusoidal embedder + MLP, summed into the adaLN
   conditioning vector c (they carry no tangent). omega enters as 1 - 1/omega (0 for no guidance), as in the official
-  imfDiT; the interval ends enter raw.
+  imfDiT; the interval ends enter raw; TVM's beta = 1 / cfg in (0, 1] enters raw, as the official TVM DiT embeds it.
 - `LogVarHead`: sCM's learned loss weighting logvar(t): Linear over a sinusoidal embedding of the network's time input,
   zero at initialisation (logvar = 0: weight 1). It lives ON the network, as one more output head, so that it is
   trained, checkpointed, EMA'd and wrapped by DDP / FSDP2 exactly like the rest of the weights, and it is evaluated
@@ -23,6 +23,7 @@ import torch.nn as nn
 from .layers import Linear, TimestepEmbedder, timestep_embedding
 
 IMF_CONDITIONS = ("omega", "t_min", "t_max")
+TVM_CONDITIONS = ("beta",)
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class NetworkSpec:
 
 def condition_features(name: str, value: torch.Tensor) -> torch.Tensor:
     """The scalar a network sees for a condition: omega as 1 - 1/omega (no guidance -> 0, omega -> inf -> 1), others
-    raw (t_min, t_max lie in [0, 1])."""
+    raw (t_min, t_max and TVM's beta lie in [0, 1])."""
     return 1.0 - 1.0 / value if name == "omega" else value
 
 
@@ -78,4 +79,5 @@ def extra_heads(v_depth: int, logvar: bool) -> tuple[str, ...]:
     return ("u", "v") if v_depth else (("u", "logvar") if logvar else ("u",))
 
 
-__all__ = ["IMF_CONDITIONS", "NetworkSpec", "condition_features", "ConditionEmbedders", "LogVarHead", "extra_heads"]
+__all__ = ["IMF_CONDITIONS", "TVM_CONDITIONS", "NetworkSpec", "condition_features", "ConditionEmbedders", "LogVarHead",
+           "extra_heads"]

@@ -6,10 +6,14 @@ Every network (DiT, MLPNet, your own) subclasses JVPNetwork and shares one call:
     u, u_dot = model(z, t, h, y, tangents=(z_dot, t_dot, h_dot), backend="explicit")
 
 The tangent batch k = z_dot.shape[0] may be anything from 0 to B and stands for the FIRST k rows of the primal batch.
-u is differentiable; u_dot is detached (MeanFlow's target is stop-gradient, so no tangent graph is ever kept).
+u is differentiable; u_dot is detached (MeanFlow's target is stop-gradient, so no tangent graph is ever kept), unless
+the call asks for `tangent_grad=True` (TVM differentiates through the JVP): then u_dot carries gradient to the
+parameters, on the backends that support it (meanflow.models.backends.check_tangent_grad refuses the others).
 Because the tangents are ordinary forward arguments, DDP / FSDP wrap the model as usual and gradient sync stays right.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -17,7 +21,8 @@ import torch.nn as nn
 from mfkernels.nn import math_attention
 
 from .validate import check_conditions, check_head, check_network_inputs
-from .backends import JVPOps, check_backend, ops_for
+from .backends import JVPOps, check_backend, check_tangent_grad, ops_for
+from .tangent_grad import differentiable_tangent_ops
 
 
 class JVPNetwork(nn.Module):
@@ -54,12 +59,14 @@ class JVPNetwork(nn.Module):
         return self.num_classes
 
     def forward(self, z, t, h, y=None, tangents=None, backend: str | None = None, *, head: str | None = None,
-                **conditions):
+                tangent_grad: bool = False, **conditions):
         """u = net(z, t, h, y), or (u, u_dot) with tangents=(z_dot, t_dot, h_dot) (kt <= B rows: the first kt).
 
         Two-head networks: (u, v) / (u, u_dot, v); head="v" gives v alone (no tangents), head="u" u alone.
+        `tangent_grad`: u_dot differentiable (gradients flow through the JVP to the parameters); False: detached.
         `conditions`: the network's extra per-row inputs by name (see the class docstring)."""
         backend = check_backend(backend or self.backend)
+        check_tangent_grad(backend, tangent_grad, tangents is not None)
         kt = check_network_inputs(self, z, t, h, y, tangents, check_values=self.check_inputs)
         check_conditions(self, conditions, z.shape[0], z.device)
         extra = dict(conditions)
@@ -75,11 +82,12 @@ class JVPNetwork(nn.Module):
             return self._forward_plain(z, t, h, y, **extra)
         z_dot, t_dot, h_dot = tangents
         if backend == "autograd":
-            out = self._forward_autograd_jvp(z, t, h, y, z_dot, t_dot, h_dot, kt, extra)
+            with differentiable_tangent_ops() if tangent_grad else contextlib.nullcontext():
+                out = self._forward_autograd_jvp(z, t, h, y, z_dot, t_dot, h_dot, kt, extra)
         else:
             # inputs validated above: the layers call the ops without re-checking what they build from them
             out = self._forward_jvp(z, t, h, y, z_dot, t_dot, h_dot, ops_for(backend, checked=False), **extra)
-        return (out[0], out[1].detach()) + tuple(out[2:])
+        return (out[0], out[1] if tangent_grad else out[1].detach()) + tuple(out[2:])
 
     def _forward_autograd_jvp(self, z, t, h, y, z_dot, t_dot, h_dot, kt, extra):
         """What peers do: torch.func.jvp over the plain forward on the WHOLE batch (tangents zero-padded to B)."""

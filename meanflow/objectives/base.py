@@ -15,6 +15,8 @@
 - Objectives whose loss follows the training step (alpha-Flow's alpha schedule, sCM's tangent warm-up) set
   `uses_step = True`; the trainer then passes `step=` (its checkpointed step count, so a resumed run continues the
   schedule exactly).
+- Objectives that train against a teacher (TVM: an EMA of the network) set `teacher_decay`; the trainer then keeps
+  that EMA (checkpointed, sharded like the model, updated after every optimizer step) and passes it as `teacher=`.
 - `stats` holds detached tensors for `log_keys` ("loss", "v_loss": a velocity monitor, "raw_loss": the unweighted
   loss; each objective's docstring says what they are) plus ints (jvp_rows, guidance_rows).
 """
@@ -68,6 +70,7 @@ REASONS = {
     "logvar": "the learned loss weighting logvar(t) of sCM; the built-in networks get it with DiT(..., logvar=True) / "
               "MLPNet(..., logvar=True), your own network from meanflow.models.LogVarHead",
     "omega": "iMF conditions the network on its guidance scale and interval",
+    "beta": "TVM conditions the network on beta = 1 / cfg, its guidance scale",
 }
 
 
@@ -78,6 +81,7 @@ class Objective:
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
     uses_step: ClassVar[bool] = False
+    teacher_decay: float | None = None  # an EMA teacher the trainer keeps and passes as teacher= (None: no teacher)
     log_keys: ClassVar[tuple[str, ...]] = ("loss", "v_loss", "raw_loss")
     draw_names: ClassVar[tuple[str, ...]] = ()
 
@@ -120,9 +124,9 @@ class Objective:
         if set(conditions) != set(spec.conditions):
             lacking = [c for c in spec.conditions if c not in conditions]
             if lacking:
+                why = REASONS.get(lacking[0], "per-row inputs")
                 raise ValueError(f"the {self.name} objective passes the condition(s) {list(spec.conditions)}; {who} "
-                                 f"lacks {lacking} ({REASONS['omega'] if 'omega' in lacking else 'per-row inputs'}; "
-                                 f"set `conditions` on the network)")
+                                 f"lacks {lacking} ({why}; set `conditions` on the network)")
             raise ValueError(f"the {self.name} objective passes the conditions {list(spec.conditions)}; {who} "
                              f"expects {list(conditions)} as well (build it without them)")
         if spec.conditional and getattr(net, "num_classes", 0) <= 0:

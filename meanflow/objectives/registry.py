@@ -12,6 +12,7 @@ from .flow_matching import FlowMatchingConfig, FlowMatchingLoss
 from .imf import IMFConfig, IMFLoss
 from .meanflow import MeanFlowConfig, MeanFlowLoss
 from .scm import SCMConfig, SCMLoss
+from .tvm import TVMConfig, TVMLoss
 from ..models.heads import NetworkSpec
 
 OBJECTIVES: dict[str, type[Objective]] = {
@@ -20,9 +21,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "imf": IMFLoss,
     "scm": SCMLoss,
     "alphaflow": AlphaFlowLoss,
+    "tvm": TVMLoss,
 }
 CONFIGS: dict[str, type] = {name: cls.config_class for name, cls in OBJECTIVES.items()}
-ObjectiveConfigs = FlowMatchingConfig | MeanFlowConfig | IMFConfig | SCMConfig | AlphaFlowConfig
+ObjectiveConfigs = FlowMatchingConfig | MeanFlowConfig | IMFConfig | SCMConfig | AlphaFlowConfig | TVMConfig
 
 
 def check_name(name: str) -> str:

@@ -15,7 +15,7 @@ kill at any moment leaves either the old or the new checkpoint complete, never a
 
 - distributed runs (torchrun, world size > 1): a DIRECTORY per checkpoint, `ckpt_<step>/`, written with
   torch.distributed.checkpoint (DCP): `.metadata` + one `__<rank>_0.distcp` file per rank holding that rank's shards
-  of {"model", "optim", "ema"} (FSDP: sharded DTensors; DDP: each replicated tensor written once), `meta.pt` (rank 0:
+  of {"model", "optim", "ema"} (and "teacher" for an objective with one, e.g. TVM) (FSDP: sharded DTensors; DDP: each replicated tensor written once), `meta.pt` (rank 0:
   step, config, global data position, the objective's generator state (identical on every rank), world size, EMA
   decays) and `rank_<r>.pt` (each rank's process RNG states). Every rank writes into `.tmp_ckpt_<step>/`; after a
   barrier rank 0 writes meta.pt and renames the directory onto its final name (multi-node runs need the run

@@ -11,7 +11,7 @@ explicit / fused backends call each block's `forward_jvp` directly; under FSDP2 
 `register_fsdp_forward_method`, so the block's parameters are all-gathered for it just as for `forward`.
 
 EMA under FSDP: the EMA copies are made from the full model before sharding and then sharded exactly like it, so each
-rank updates only its own shard (no communication per step) and the checkpoint stores them sharded (DCP reshards on a
+rank updates only its own shard (no communication per step; TVM's teacher is such a copy, also called by the loss) and the checkpoint stores them sharded (DCP reshards on a
 world-size change). Sampling grids, evaluation and weight export gather the full EMA weights on rank 0
 (`ShardedEMA.gather`, a collective every rank must enter).
 """
@@ -186,6 +186,11 @@ class ShardedEMA(EMA):
         params = [local(p).detach().float() for p in model.parameters()]
         for d in self.decays:
             ema = self.models[decay_key(d)]
+            # A copy that was called (TVM's teacher) may hold its root's parameters unsharded: FSDP2 keeps the root
+            # gathered after a forward for the backward, which a no-grad call never runs. Shard them again first.
+            for m in ema.modules():
+                if is_fsdp(m):
+                    m.reshard()
             torch._foreach_lerp_([local(p) for p in ema.parameters()], params, 1.0 - d)
 
     def state_dict(self):

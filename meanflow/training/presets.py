@@ -10,10 +10,11 @@
 | toy-OBJ, mnist-OBJ | as toy / mnist          | as toy / mnist (+ the objective's heads) | as toy / mnist  |
 | mnist-diffusers   | as mnist                  | diffusers DiT, 64 wide, 4, p 4 (wrapped) | 1000 steps, ~13 min |
 
-toy-OBJ and mnist-OBJ (OBJ = fm, meanflow, imf, scm, alphaflow) train the same network on the same data with the same
-optimizer, batch and steps as `toy` / `mnist` (an equal budget), each with its objective (loss.objective) tuned for it;
-bench/learn_objectives.py trains them all and writes the learning table (docs/objectives.md). toy-meanflow and
-mnist-meanflow ARE toy and mnist.
+toy-OBJ and mnist-OBJ (OBJ = fm, meanflow, imf, scm, alphaflow, tvm) train the same network on the same data with the
+same optimizer, batch and steps as `toy` / `mnist` (an equal budget), each with its objective (loss.objective) tuned for
+it; bench/learn_objectives.py trains them all and writes the learning table (docs/objectives.md). toy-meanflow and
+mnist-meanflow ARE toy and mnist. toy-tvm and mnist-tvm run on the `autograd` JVP backend (model.backend): TVM
+differentiates through the JVP, which the op tables of `explicit` / `fused` do not do yet.
 
 The ImageNet presets carry the official hyperparameters (docs/cli.md, 'Presets') and need `--set data.path=...`
 (latent shards from `meanflow prepare-latents`). train.batch_size is the global batch (256): under
@@ -27,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
-from ..objectives import AlphaFlowConfig, FlowMatchingConfig, IMFConfig, MeanFlowConfig, SCMConfig
+from ..objectives import AlphaFlowConfig, FlowMatchingConfig, IMFConfig, MeanFlowConfig, SCMConfig, TVMConfig
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -127,7 +128,9 @@ def _mnist_diffusers() -> RunConfig:
 
 # The objectives on the toy and the demo, at the same budget as `toy` / `mnist` (only the loss section differs; see
 # docs/objectives.md for what each learns and how the knobs were chosen).
-OBJECTIVE_NAMES = ("fm", "meanflow", "imf", "scm", "alphaflow")
+OBJECTIVE_NAMES = ("fm", "meanflow", "imf", "scm", "alphaflow", "tvm")
+# objectives whose tangent must carry gradient (TVM): the only backend that gives one today
+TANGENT_GRAD_OBJECTIVES = {"tvm": "autograd"}
 
 
 def _toy_loss(objective: str):
@@ -141,6 +144,7 @@ def _toy_loss(objective: str):
         "imf": IMFConfig(ratio=0.75, p=0.5, omega_max=1.0, sample_omega=1.0, label_dropout=0.0),
         "scm": SCMConfig(sigma_data=1.0, warmup_steps=1000, label_dropout=0.0),
         "alphaflow": AlphaFlowConfig(ratio=0.75, p=0.5, clamp=10.0, label_dropout=0.0),
+        "tvm": TVMConfig(cfg=1.0, sample_cfg=1.0, label_dropout=0.0),
     }[objective]
 
 
@@ -154,6 +158,7 @@ def _mnist_loss(objective: str):
         "imf": IMFConfig(ratio=0.25, omega_max=4.0, sample_omega=2.0, sample_t_min=0.0, sample_t_max=1.0),
         "scm": SCMConfig(sigma_data=0.5, warmup_steps=500, label_dropout=0.0),
         "alphaflow": AlphaFlowConfig(ratio=0.25, omega=2.0, kappa=0.0),
+        "tvm": TVMConfig(cfg=2.0, sample_cfg=2.0),
     }[objective]
 
 
@@ -165,6 +170,8 @@ def _with_objective(base: Callable[[], RunConfig], kind: str, objective: str) ->
         cfg.loss = (_toy_loss if kind == "toy" else _mnist_loss)(objective)
         if objective == "fm":  # the Euler baseline: 1, 2 and 50 steps
             cfg.eval.steps = (1, 2, 50)
+        if objective in TANGENT_GRAD_OBJECTIVES:
+            cfg.model.backend = TANGENT_GRAD_OBJECTIVES[objective]
         return cfg
     return build
 
@@ -187,7 +194,9 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                               "attention), 1000 steps, ~13 min on 1 shared CPU core", _mnist_diffusers),
     *[Preset(f"toy-{o}", f"2-D checkerboard, MLP, objective {o} (the toy's budget)",
              _with_objective(_toy("checkerboard"), "toy", o)) for o in OBJECTIVE_NAMES],
-    *[Preset(f"mnist-{o}", f"real MNIST digits, DiT-Tiny/4, objective {o} (the demo's budget, ~10 min on 2 cores)",
+    *[Preset(f"mnist-{o}", f"real MNIST digits, DiT-Tiny/4, objective {o} (the demo's budget, "
+                           + ("~10 min on 2 cores)" if o not in TANGENT_GRAD_OBJECTIVES else
+                              "on the autograd backend: over an hour on 2 cores)"),
              _with_objective(_mnist, "mnist", o)) for o in OBJECTIVE_NAMES],
 ]}
 

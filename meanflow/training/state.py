@@ -1,7 +1,7 @@
 """The training state of a Trainer: what a checkpoint holds, how it is written and how a run resumes from it.
 
-One process: one atomic `torch.save` file per checkpoint (model, EMA, optimizer, data position, the objective's
-generator, every process RNG); several processes: a DCP directory that resumes at any world size
+One process: one atomic `torch.save` file per checkpoint (model, EMA, the objective's teacher if it has one,
+optimizer, data position, the objective's generator, every process RNG); several processes: a DCP directory that resumes at any world size
 (meanflow.training.checkpoint has the file formats). A resumed run reproduces the uninterrupted run's draws exactly.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ class TrainerState:
             "config": self.config.to_dict(),
             "model": self.net.state_dict(),
             "ema": self.ema.state_dict(),
+            **({"teacher": self.teacher.state_dict()} if self.teacher is not None else {}),
             "optimizer": self.optimizer.state_dict(),
             "data": self.batches.state_dict(),
             "elapsed": self.elapsed,
@@ -48,19 +49,21 @@ class TrainerState:
             self.last_checkpoint = ckpt.save_checkpoint(self.out_dir, self.step, state, self.config.train.keep_ckpts)
         return self.last_checkpoint
 
-    def _dcp_tensors(self) -> tuple[dict, dict, dict]:
-        """This rank's (model, optimizer, EMA) state dicts for DCP: sharded under FSDP, keyed by parameter names."""
+    def _dcp_tensors(self) -> dict[str, dict]:
+        """This rank's model, optimizer, EMA (and teacher) state dicts for DCP: sharded under FSDP, keyed by parameter
+        names."""
         model_state, optim_state = parallel.get_train_state(self.net, self.optimizer)
-        ema_state = {str(i): parallel.get_module_state(m) for i, m in enumerate(self.ema.models.values())}
-        return model_state, optim_state, ema_state
+        tensors = {"model": model_state, "optim": optim_state,
+                   "ema": {str(i): parallel.get_module_state(m) for i, m in enumerate(self.ema.models.values())}}
+        if self.teacher is not None:
+            tensors["teacher"] = parallel.get_module_state(self.teacher_model)
+        return tensors
 
     def _save_distributed(self, elapsed: float) -> Path:
-        model_state, optim_state, ema_state = self._dcp_tensors()
         meta = {"config": self.config.to_dict(), "data": self.batches.state_dict(), "elapsed": elapsed,
                 "generator": self.generator.get_state(), "world_size": self.world_size, "parallel": self.parallel,
                 "ema_decays": list(self.ema.models), "threads": self.threads}
-        return ckpt.save_dcp_checkpoint(self.out_dir, self.step, {"model": model_state, "optim": optim_state,
-                                                                  "ema": ema_state},
+        return ckpt.save_dcp_checkpoint(self.out_dir, self.step, self._dcp_tensors(),
                                         meta, {"rank": self.rank, "world_size": self.world_size,
                                                "rng": _process_rng_state()}, self.config.train.keep_ckpts)
 
@@ -75,6 +78,8 @@ class TrainerState:
             if self.world_size == 1:
                 self.net.load_state_dict(state["model"])
                 self.ema.load_state_dict(state["ema"])
+                if self.teacher is not None:
+                    self.teacher.load_state_dict(self._saved_teacher(state))
                 self.optimizer.load_state_dict(state["optimizer"])
             else:  # a one-process checkpoint continued by several: full state dicts, each rank keeps its part
                 names = [n for n, _ in self.net.named_parameters()]
@@ -82,6 +87,9 @@ class TrainerState:
                                             parallel.optimizer_state_by_name(state["optimizer"], names), full=True)
                 self._set_ema_states([state["ema"][k] for k in self.ema.models], full=True,
                                      saved=list(state["ema"]))
+                if self.teacher is not None:
+                    parallel.set_module_state(self.teacher_model, next(iter(self._saved_teacher(state).values())),
+                                              full=True)
             self.batches.load_state_dict(state["data"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {where} does not fit this run's config: {exc}") from exc
@@ -103,6 +111,16 @@ class TrainerState:
                           f"training continues, but not bit for bit like an uninterrupted run (`meanflow train "
                           f"--resume` reuses the run's count unless --set train.threads=N overrides it)", RuntimeWarning, stacklevel=3)
 
+    def _saved_teacher(self, state: dict) -> dict:
+        """The teacher's state of a one-process checkpoint ({decay: state dict}), checked against this run's."""
+        if "teacher" not in state:
+            raise ValueError(f"the checkpoint has no teacher; this run's objective ({self.config.loss.objective}) "
+                             f"trains against one")
+        if list(state["teacher"]) != list(self.teacher.models):
+            raise ValueError(f"the checkpoint's teacher has decay {list(state['teacher'])}; this run's has "
+                             f"{list(self.teacher.models)}")
+        return state["teacher"]
+
     def _set_ema_states(self, states: list[dict], *, full: bool, saved: list[str]) -> None:
         if saved != list(self.ema.models):
             raise ValueError(f"the checkpoint has EMA decays {saved}; this run has {list(self.ema.models)}")
@@ -119,11 +137,14 @@ class TrainerState:
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ckpt.CheckpointError(f"checkpoint {where} does not fit this run's config: {exc}") from exc
         self._check_threads(meta.get("threads"), where)
-        model_state, optim_state, ema_state = self._dcp_tensors()
-        rank_state = ckpt.load_dcp(where, {"model": model_state, "optim": optim_state, "ema": ema_state})
-        parallel.set_train_state(self.net, self.optimizer, model_state, optim_state)
+        tensors = self._dcp_tensors()
+        rank_state = ckpt.load_dcp(where, tensors)
+        parallel.set_train_state(self.net, self.optimizer, tensors["model"], tensors["optim"])
+        ema_state = tensors["ema"]
         self._set_ema_states([ema_state[str(i)] for i in range(len(ema_state))], full=False,
                              saved=list(meta["ema_decays"]))
+        if self.teacher is not None:
+            parallel.set_module_state(self.teacher_model, tensors["teacher"])
         self.generator.set_state(meta["generator"])  # one global state: the same draws at any world size
         self.step, self.elapsed = int(meta["step"]), float(meta["elapsed"])
         if rank_state is not None and int(meta["world_size"]) == self.world_size:

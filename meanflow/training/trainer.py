@@ -113,10 +113,12 @@ class Trainer(TrainerState, TrainerReporting):
         if tc.init_from and resume is None:
             self._init_weights(tc.init_from)
         self.mesh = parallel.device_mesh(self.dist) if self.parallel == "fsdp" else None
-        if self.parallel == "fsdp":  # EMA copies made from the full model, then sharded like it
-            self.ema = parallel.ShardedEMA(self.net, tc.ema_decays, self.mesh, factory=self._build_plain_model)
-        else:
-            self.ema = EMA(self.net, tc.ema_decays)  # DDP: on the unwrapped module (identical on every rank)
+        self.ema = self._build_ema(tc.ema_decays)
+        # An objective that trains against a teacher (TVM: an EMA of the network, used by the loss) declares its
+        # decay; the teacher is owned here like the evaluation EMA: a copy of the network now (after init_from),
+        # updated after every optimizer step, checkpointed and sharded like the model, passed to the loss as teacher=.
+        decay = getattr(self.loss_fn, "teacher_decay", None)
+        self.teacher = self._build_ema((decay,)) if decay is not None else None
         # What the loss calls: net, or DDP / FSDP around it; with train.cuda_graphs a CUDA-graph replayer sits between
         # them (DDP(CUDAGraphModel(net))): DDP's all-reduce hooks fire on the gradients the replay hands to autograd.
         self.model = self._wrap_model(self._graph_model(self.net))
@@ -147,6 +149,18 @@ class Trainer(TrainerState, TrainerReporting):
             else:
                 compile_model(net, **options)
         return parallel.wrap_model(net, self.parallel, self.dist, precision=self._precision(), mesh=self.mesh)
+
+    def _build_ema(self, decays) -> EMA:
+        """EMA copies of the network: under FSDP made from the full model, then sharded like it; else on the
+        unwrapped module (identical on every rank under DDP)."""
+        if self.parallel == "fsdp":
+            return parallel.ShardedEMA(self.net, decays, self.mesh, factory=self._build_plain_model)
+        return EMA(self.net, decays)
+
+    @property
+    def teacher_model(self) -> nn.Module | None:
+        """The objective's teacher network (sharded under FSDP: every rank calls it), None without one."""
+        return next(iter(self.teacher.models.values())) if self.teacher is not None else None
 
     def _graph_model(self, net: nn.Module) -> nn.Module:
         """CUDAGraphModel(net) with train.cuda_graphs (one process or DDP), else net."""
@@ -236,6 +250,8 @@ class Trainer(TrainerState, TrainerReporting):
             kwargs = {k: v[i] for k, v in draws.items()} if draws else {"generator": self.generator}
             if getattr(self.loss_fn, "uses_step", False):
                 kwargs["step"] = self.step  # alpha-Flow's schedule, sCM's warm-up: restored with the step on resume
+            if self.teacher is not None:
+                kwargs["teacher"] = self.teacher_model
             # all but the last micro-batch skip the gradient all-reduce (DDP no_sync / FSDP requires_gradient_sync)
             with parallel.gradient_sync(self.model, i == n - 1):
                 with self._autocast():
@@ -243,7 +259,9 @@ class Trainer(TrainerState, TrainerReporting):
                 if self.world_size == 1:
                     value = loss.item()  # one host sync per micro-batch: stop on NaN before it reaches the weights
                     if not math.isfinite(value):
-                        self._stop_non_finite(f"non-finite loss ({value})")
+                        rows = stats.get("nonfinite_rows")  # objectives that count them (TVM)
+                        where = f" in {int(rows)} of {xs[i].shape[0]} rows" if rows is not None else ""
+                        self._stop_non_finite(f"non-finite loss ({value}{where})")
                 # the mean over micro-batches (and, by the all-reduce's average, over ranks) equals the full-batch
                 # mean: each micro-loss is itself a mean over its rows, and every rank has as many rows
                 (loss / n).backward()
@@ -303,6 +321,8 @@ class Trainer(TrainerState, TrainerReporting):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.net)
+        if self.teacher is not None:
+            self.teacher.update(self.net)
         return grad_norm
 
     def _agree(self, signum: int, time_due: bool) -> tuple[int, bool]:
