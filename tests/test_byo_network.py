@@ -56,6 +56,32 @@ def test_the_example_network_follows_the_protocol(example, backend):
     assert max_rel_err(u, net(z, t, h)) < 1e-12 and max_rel_err(u_dot, ref) < 1e-10
 
 
+@pytest.mark.parametrize("backend", ["explicit", "fused", "autograd"])
+def test_the_example_network_differentiates_its_tangent(example, backend):
+    """tangent_grad=True (TVM's gradient through the JVP) on the page's network, unchanged: its _forward_jvp calls the
+    ops of the table it is handed, so the tangent-grad table makes u_dot differentiable. Gradients of a loss of (u,
+    u_dot) to every parameter against torch.autograd.functional.jvp with create_graph (double backward) of its plain
+    forward, with the layer norm written out (torch's forward-mode layer_norm is not twice differentiable)."""
+    from meanflow.models.tangent_grad import differentiable_tangent_ops
+
+    net = randomize_(example["PointNet"](hidden=16, depth=2, backend=backend).double(), 0.3)
+    z, t = torch.randn(5, 2, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    h = t * torch.rand(5, dtype=torch.float64)
+    tangents = (torch.randn(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                torch.rand(3, dtype=torch.float64))
+    u, u_dot = net(z, t, h, tangents=tangents, tangent_grad=True)
+    w = torch.randn_like(u_dot)
+    params = list(net.parameters())
+    grads = torch.autograd.grad((u_dot * w).sum() + u.square().sum(), params)
+    with differentiable_tangent_ops():
+        u_ref = net._forward_plain(z, t, h, None)
+        _, ref_dot = torch.autograd.functional.jvp(lambda a, b, c: net._forward_plain(a, b, c, None),
+                                                   (z[:3], t[:3], h[:3]), tangents, create_graph=True)
+    ref = torch.autograd.grad((ref_dot * w).sum() + u_ref.square().sum(), params)
+    for g, r in zip(grads, ref):
+        assert max_rel_err(g, r) < 1e-10
+
+
 def test_register_arch_puts_it_behind_the_trainer(example, tmp_path):
     from meanflow import Trainer
 

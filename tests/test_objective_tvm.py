@@ -1,12 +1,14 @@
 """TVM (meanflow.objectives.tvm) against an independent float64 implementation written in the official code's structure
 (lumalabs/tvm training/loss.py sample_ts and __call__, training/wrapper.py get_dfds and forward, training_loop.py's
 reduction; generate_images.py generator_fn), with every random draw explicit: the loss and EVERY parameter gradient,
-through the JVP, on each backend (the explicit / fused op tables do not differentiate the tangent yet: their cases are
-expected to raise, see NEEDS_TANGENT_GRAD_OPS); the stop-gradient variant (detach_jvp) on every backend; the isclose(r, t)
-masking; non-finite rows both ways; the time draws; the sampler; and in the trainer: the teacher (equal to the network at
-step 0, then the 0.01 EMA), an exactly resumed run, the non-finite-loss error.
+through the JVP, on every backend (autograd: torch.func.jvp; explicit: the reference ops with tangent_grad; fused: the
+Triton ops' tangent backward, in the interpreter); the stop-gradient variant (detach_jvp) on every backend; the
+isclose(r, t) masking; non-finite rows both ways; the time draws; the sampler; and in the trainer: the teacher (equal to
+the network at step 0, then the 0.01 EMA), an exactly resumed run, the non-finite-loss error.
 
-The network-level argument (`tangent_grad`) is checked in test_tangent_grad_* against a double-backward reference."""
+The network-level argument (`tangent_grad`) is checked in test_tangent_grad_* against a double-backward reference, for
+every network (DiT, MLP, iMF, a wrapped diffusers DiT; the MMDiT block; the bring-your-own example in
+tests/test_byo_network.py) on every backend, and its refusals."""
 import contextlib
 import copy
 import json
@@ -29,16 +31,11 @@ from tests._objective_util import F64, NUM_CLASSES, assert_same_loss_and_grads
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 from tests.utils import max_rel_err, randomize_
 
-# The explicit / fused op tables return a detached tangent, so a differentiable one (tangent_grad=True) is refused
-# with NotImplementedError. Strict: once the ops support tangent_grad these cases pass, the xfail turns into a failure,
-# and this marker must be removed (the cases then check the fused / explicit gradients against the same reference).
-NEEDS_TANGENT_GRAD_OPS = pytest.mark.xfail(raises=NotImplementedError, strict=True,
-                                           reason="the explicit / fused op tables do not differentiate the tangent yet")
-BACKENDS = [("dit", "autograd"), ("mlp", "autograd"),
-            pytest.param("dit", "explicit", marks=NEEDS_TANGENT_GRAD_OPS),
-            pytest.param("mlp", "explicit", marks=NEEDS_TANGENT_GRAD_OPS),
-            pytest.param("mlp", "fused", marks=NEEDS_TANGENT_GRAD_OPS)]
-IDS = ["dit-autograd", "mlp-autograd", "dit-explicit", "mlp-explicit", "mlp-fused"]
+# Every backend differentiates the tangent: autograd (torch.func.jvp), explicit (the reference ops with
+# tangent_grad) and fused (the Triton ops' tangent backward, in the interpreter here).
+BACKENDS = [("dit", "autograd"), ("mlp", "autograd"), ("dit", "explicit"), ("mlp", "explicit"), ("dit", "fused"),
+            ("mlp", "fused")]
+IDS = ["dit-autograd", "mlp-autograd", "dit-explicit", "mlp-explicit", "dit-fused", "mlp-fused"]
 B = 6
 
 
@@ -188,8 +185,13 @@ def reference(net, teacher, x, y, d, **kw):
 
 
 # ------------------------------------------------------------------------------------- loss and gradients
-@pytest.mark.parametrize("kind,backend", BACKENDS, ids=IDS)
-@pytest.mark.parametrize("scale_param", [True, False], ids=["scaled", "unscaled"])
+# the fused DiT runs its kernels in the interpreter (tens of seconds a case): one case by default, the other a sweep
+CASES = [pytest.param(kind, backend, scale, id=f"{'scaled' if scale else 'unscaled'}-{i}",
+                      marks=[pytest.mark.sweep] if (i == "dit-fused" and not scale) else [])
+         for scale in (True, False) for (kind, backend), i in zip(BACKENDS, IDS)]
+
+
+@pytest.mark.parametrize("kind,backend,scale_param", CASES)
 def test_loss_and_every_gradient_equal_the_official_code(kind, backend, scale_param):
     net, teacher, x, y = case(kind, backend)
     d = explicit_draws(x)
@@ -217,10 +219,11 @@ def test_stop_gradient_variant_equals_the_official_detach_jvp(kind, backend):
     assert_same_loss_and_grads(loss, ref, list(net.parameters()))
 
 
-def test_the_jvp_carries_gradient():
+@pytest.mark.parametrize("kind,backend", [("dit", "autograd"), ("dit", "explicit"), ("mlp", "fused")])
+def test_the_jvp_carries_gradient(kind, backend):
     """With and without the gradient through dF/dr: the same loss, different gradients (the tangent's share is not
     small), and the difference is the official detach_jvp's."""
-    net, teacher, x, y = case("dit", "autograd")
+    net, teacher, x, y = case(kind, backend)
     d = explicit_draws(x)
     params = list(net.parameters())
     through, _ = TVMLoss(model=net)(net, x, y, teacher=teacher, **d)
@@ -229,7 +232,7 @@ def test_the_jvp_carries_gradient():
     g_through = torch.cat([g.flatten() for g in torch.autograd.grad(through, params)])
     g_stopped = torch.cat([g.flatten() for g in torch.autograd.grad(stopped, params, allow_unused=True,
                                                                      materialize_grads=True)])
-    assert max_rel_err(g_stopped, g_through) > 1e-2
+    assert max_rel_err(g_stopped, g_through) > 1e-3
 
 
 def test_unconditional_without_guidance_and_the_null_class_teacher():
@@ -509,19 +512,154 @@ def test_cuda_graph_capture_refuses_tangent_grad():
         graphed(z, t, h, y, tangents=tangents, backend="autograd", tangent_grad=True, beta=beta)
 
 
-@pytest.mark.parametrize("backend", ["explicit", "fused"])
-def test_tangent_grad_is_refused_where_the_ops_detach(backend):
+def test_tangent_grad_refusals():
+    """What cannot be exact is refused, naming tangent_grad: a call without tangents; a network whose _forward_jvp cuts
+    the tangent's graph (a silently partial gradient otherwise); a wrapped network's finite-difference tangent. Off
+    CUDA the CUDA-graph wrapper passes the call through, on every backend."""
     net = tvm_net("mlp")
     z, t, h, y, beta, tangents = _tangent_grad_inputs(net)
-    with pytest.raises(NotImplementedError, match=f"tangent_grad=True is not supported on the '{backend}' backend"):
-        net(z, t, h, y, tangents=tangents, backend=backend, tangent_grad=True, beta=beta)
     with pytest.raises(ValueError, match="tangent_grad=True .* needs a call with tangents"):
         net(z, t, h, y, tangent_grad=True, beta=beta)
+
+    class CutsTheTangent(MLPNet):
+        def _forward_jvp(self, *args, **kw):
+            u, u_dot = super()._forward_jvp(*args, **kw)
+            return u, u_dot.detach()
+
+    cut = randomize_(CutsTheTangent(3, 16, 3, num_classes=NUM_CLASSES, conditions=TVM_CONDITIONS).double())
+    for backend in ("explicit", "fused"):
+        with pytest.raises(RuntimeError, match=f"tangent_grad=True on the '{backend}' backend returned a u_dot "
+                                               f"without a graph"):
+            cut(z, t, h, y, tangents=tangents, backend=backend, tangent_grad=True, beta=beta)
+    with torch.no_grad():  # nothing to differentiate: nothing refused
+        cut(z, t, h, y, tangents=tangents, backend="explicit", tangent_grad=True, beta=beta)
+    fd = _wrapped_dit(tangent="fd")
+    zw, tw, hw, yw, _, tw_dots = _tangent_grad_inputs(fd)
+    with pytest.raises(NotImplementedError, match="tangent_grad=True: a wrapped network with tangent='fd'"):
+        fd(zw, tw, hw, yw % 3, tangents=tw_dots, backend="explicit", tangent_grad=True)
     graphed = CUDAGraphModel(net)                            # off CUDA the wrapper passes the call through
-    with pytest.raises(NotImplementedError, match=f"'{backend}' backend"):
-        graphed(z, t, h, y, tangents=tangents, backend=backend, tangent_grad=True, beta=beta)
-    u, u_dot = graphed(z, t, h, y, tangents=tangents, backend="autograd", tangent_grad=True, beta=beta)
+    for backend in ("autograd", "explicit", "fused"):
+        u, u_dot = graphed(z, t, h, y, tangents=tangents, backend=backend, tangent_grad=True, beta=beta)
+        assert u_dot.requires_grad
+
+
+# ----------------------------------------------------------- tangent_grad of every network on every backend
+def _wrapped_dit(**options):
+    from meanflow.models import wrap
+    from tests._diffusers_models import TINY
+
+    module, shape, classes = TINY["DiT"]()
+    return randomize_(wrap(module, data_shape=shape, num_classes=classes, **options).double(), 0.2)
+
+
+def _imf():
+    from meanflow.models import IMFDiT
+
+    net = IMFDiT(8, 2, 16, 2, 2, 4, num_classes=NUM_CLASSES, head_depth=1, tokens=(2, 1, 1, 1, 1))
+    return randomize_(net.double(), 0.2)
+
+
+NETWORKS = {"dit": lambda: tvm_net("dit"), "mlp": lambda: tvm_net("mlp"), "imf": _imf, "wrapped": _wrapped_dit}
+
+
+def _network_inputs(name, net):
+    z, t, h, y, beta, tangents = _tangent_grad_inputs(net)
+    if name in ("dit", "mlp"):
+        extra = {"beta": beta}
+    elif name == "imf":
+        extra = {"omega": 1 + 2 * torch.rand(B, dtype=F64), "t_min": 0.2 * t, "t_max": torch.ones(B, dtype=F64)}
+    else:
+        extra, y = {}, y % net.num_classes
+    return z, t, h, y, extra, tangents
+
+
+def _double_backward_grads(net, z, t, h, y, extra, tangents, w, params):
+    """The reference: torch.autograd.functional.jvp(create_graph=True) of the plain forward (math attention, torch's
+    math SDPA, the layer norm by its formula), a loss of (u, u_dot), its parameter gradients."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kt = tangents[0].shape[0]
+    head = {"head": "u"} if len(net.heads) > 1 else {}
+    rows = {k: v[:kt] for k, v in extra.items()}
+
+    def fn(z_, t_, h_):
+        return net._forward_plain(z_, t_, h_, None if y is None else y[:kt], **head, **rows)
+
+    with math_attention(), exact_layer_norm(), sdpa_kernel(SDPBackend.MATH):
+        u = net._forward_plain(z, t, h, y, **head, **extra)
+        _, u_dot = torch.autograd.functional.jvp(fn, (z[:kt], t[:kt], h[:kt]), tangents, create_graph=True)
+    loss = (u_dot * w).sum() + u.square().sum()
+    return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+
+
+# the fused DiT is the TVM loss test's (above); the fused iMF's ops are tests/test_tangent_grad.py's (a sweep here)
+NETWORK_CASES = [("dit", "explicit"), ("mlp", "explicit"), ("imf", "explicit"), ("wrapped", "explicit"),
+                 ("mlp", "fused"), ("wrapped", "fused"), pytest.param("imf", "fused", marks=pytest.mark.sweep),
+                 pytest.param("dit", "fused", marks=pytest.mark.sweep)]
+
+
+@pytest.mark.parametrize("name,backend", NETWORK_CASES)
+def test_tangent_grad_of_every_network_on_every_backend(name, backend):
+    """u_dot's gradient (and u's) to every parameter with tangent_grad=True, against the double-backward reference;
+    without tangent_grad the same call's u_dot is detached and equal."""
+    net = NETWORKS[name]()
+    z, t, h, y, extra, tangents = _network_inputs(name, net)
+    head = {"head": "u"} if len(net.heads) > 1 else {}
+    u, u_dot = net(z, t, h, y, tangents=tangents, backend=backend, tangent_grad=True, **head, **extra)
     assert u_dot.requires_grad
+    w = torch.randn_like(u_dot)
+    params = [p for p in net.parameters() if p.requires_grad]
+    grads = torch.autograd.grad((u_dot * w).sum() + u.square().sum(), params, allow_unused=True,
+                                materialize_grads=True)
+    ref = _double_backward_grads(net, z, t, h, y, extra, tangents, w, params)
+    names = [n for n, p in net.named_parameters() if p.requires_grad]
+    scale = max(r.abs().max().item() for r in ref)
+    for n, g, r in zip(names, grads, ref):  # exact, up to rounding (a key bias's gradient is 0 up to rounding)
+        assert (g - r).abs().max().item() <= 1e-9 * r.abs().max().item() + 1e-11 * scale, (n, max_rel_err(g, r))
+    _, detached = net(z, t, h, y, tangents=tangents, backend=backend, **head, **extra)
+    assert not detached.requires_grad and max_rel_err(detached, u_dot.detach()) < 1e-11
+
+
+@pytest.mark.parametrize("table", ["reference", "fused", "no-mask-reference"])
+def test_mmdit_block_tangent_grad(table):
+    """The MMDiT joint block's forward_jvp with a tangent-grad table (a key-padding mask, QK-norm, RoPE): gradients of
+    a loss of both streams and their tangents against torch.func.jvp over its plain forward (float64). The table whose
+    attention takes no mask runs the block's own masked attention tangent, with grad."""
+    import dataclasses
+
+    from meanflow.models.mmdit import MMDiTBlock
+    from mfkernels.nn import rope_angles
+    from mfkernels.ops import ops_table
+
+    torch.manual_seed(0)
+    block = randomize_(MMDiTBlock(16, 2, mlp_ratio=2.0).double(), 0.3)
+    batch, kt, nx, nc = 2, 2, 4, 3
+    x, c, vec = (torch.randn(batch, nx, 16, dtype=F64), torch.randn(batch, nc, 16, dtype=F64),
+                 torch.randn(batch, 16, dtype=F64))
+    x_dot, c_dot, vec_dot = (torch.randn(kt, nx, 16, dtype=F64), torch.randn(kt, nc, 16, dtype=F64),
+                             torch.randn(kt, 16, dtype=F64))
+    c_mask = torch.tensor([[True, True, False], [True, True, True]])
+    cos, sin = (a.double() for a in rope_angles(8, nc + nx))
+    if table == "no-mask-reference":
+        ops = ops_table("reference", tangent_grad=True)
+        ops = dataclasses.replace(ops, attention=lambda q, k, v, qd, kd, vd: ops.attention(q, k, v, qd, kd, vd))
+    else:
+        ops = ops_table(table, tangent_grad=True)
+    wx, wc, wxd, wcd = (torch.randn_like(a) for a in (x, c, x_dot, c_dot))
+    params = list(block.parameters())
+    xo, co, xo_dot, co_dot = block.forward_jvp(x, c, x_dot, c_dot, vec, vec_dot, c_mask, cos, sin, ops=ops)
+    loss = (xo * wx).sum() + (co * wc).sum() + (xo_dot * wxd).sum() + (co_dot * wcd).sum()
+    grads = torch.autograd.grad(loss, params)
+
+    def fn(x_, c_, v_):
+        return block(x_, c_, v_, c_mask[:kt], cos, sin)
+
+    with math_attention(), exact_layer_norm():
+        xr, cr = block(x, c, vec, c_mask, cos, sin)
+        _, (xr_dot, cr_dot) = torch.func.jvp(fn, (x[:kt], c[:kt], vec[:kt]), (x_dot, c_dot, vec_dot))
+    ref_loss = (xr * wx).sum() + (cr * wc).sum() + (xr_dot * wxd).sum() + (cr_dot * wcd).sum()
+    for (n, _), g, r in zip(block.named_parameters(), grads, torch.autograd.grad(ref_loss, params)):
+        assert max_rel_err(g, r) < 1e-9, (n, max_rel_err(g, r))
 
 
 # ------------------------------------------------------------------------------------------ the trainer

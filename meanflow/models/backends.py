@@ -10,7 +10,10 @@
 and the backend only decides which implementation `ops` holds.
 
 A differentiable tangent (`tangent_grad=True`: gradients flow from u_dot to the parameters, as TVM's loss needs) comes
-from the backends in `TANGENT_GRAD_BACKENDS`; `check_tangent_grad` is the one place that refuses it on the others.
+from every backend: `autograd` records torch.func.jvp's tangent graph (meanflow/models/tangent_grad.py makes its layer
+norms exact); `explicit` and `fused` hand the network the op table whose ops all take tangent_grad=True
+(`ops_for(backend, tangent_grad=True)`: mfkernels.ops, 'Gradients through the tangent'), and the stop-gradient table
+(tangent_grad=False) otherwise. `check_tangent_grad` is the one place that refuses what cannot be exact.
 """
 from __future__ import annotations
 
@@ -18,10 +21,9 @@ from mfkernels.ops import JVPOps, ops_table
 
 BACKENDS = ("autograd", "explicit", "fused")
 _TABLES = {"explicit": "reference", "fused": "fused"}
-# Backends whose u_dot can carry gradient. autograd: torch.func.jvp under grad mode records the tangent's graph. The
-# op tables of explicit / fused return detached tangents, so they refuse tangent_grad (check_tangent_grad) until
-# their ops can differentiate the tangent.
-TANGENT_GRAD_BACKENDS = ("autograd",)
+# Backends whose u_dot can carry gradient: all of them (autograd: torch.func.jvp under grad mode; explicit / fused: the
+# op tables with tangent_grad=True). check_tangent_grad refuses any other.
+TANGENT_GRAD_BACKENDS = BACKENDS
 
 
 def check_backend(backend: str) -> str:
@@ -39,19 +41,20 @@ def check_tangent_grad(backend: str, tangent_grad: bool, has_tangents: bool) -> 
         raise ValueError("tangent_grad=True makes u_dot differentiable; it needs a call with tangents=(z_dot, t_dot, "
                          "h_dot)")
     if backend not in TANGENT_GRAD_BACKENDS:
-        raise NotImplementedError(f"tangent_grad=True is not supported on the {backend!r} backend yet: its ops return "
-                                  f"a detached tangent. Use backend='autograd' (torch.func.jvp over the plain "
-                                  f"forward; model.backend=autograd in a run config)")
+        raise NotImplementedError(f"tangent_grad=True is not supported on the {backend!r} backend: its ops return "
+                                  f"a detached tangent. Use one of {TANGENT_GRAD_BACKENDS}")
 
 
-def ops_for(backend: str, *, checked: bool = True) -> JVPOps:
+def ops_for(backend: str, *, checked: bool = True, tangent_grad: bool | None = None) -> JVPOps:
     """The op table of a `forward_jvp` backend: 'explicit' = mfkernels.reference, 'fused' = the mfkernels kernels.
-    checked=False: ops that skip their argument checks (mfkernels.ops), for a network that validated its inputs."""
+    checked=False: ops that skip their argument checks (mfkernels.ops), for a network that validated its inputs.
+    tangent_grad: True / False for every op of the table (a differentiable / a detached tangent), None: each op's own
+    rule (mfkernels.ops)."""
     check_backend(backend)
     if backend == "autograd":
         raise ValueError("the 'autograd' backend has no op table: it differentiates the plain forward with "
                          "torch.func.jvp")
-    return ops_table(_TABLES[backend], checked=checked)
+    return ops_table(_TABLES[backend], checked=checked, tangent_grad=tangent_grad)
 
 
 __all__ = ["BACKENDS", "TANGENT_GRAD_BACKENDS", "JVPOps", "check_backend", "check_tangent_grad", "ops_for"]

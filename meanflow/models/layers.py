@@ -39,12 +39,13 @@ def _frequencies(dim: int, max_period: float, t: torch.Tensor) -> torch.Tensor:
     return torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
 
 
-def timestep_embedding_jvp(t: torch.Tensor, t_dot: torch.Tensor, dim: int,
-                           max_period: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The embedding and its tangent: d cos(w t) = -w sin(w t) t_dot, d sin(w t) = w cos(w t) t_dot."""
+def timestep_embedding_jvp(t: torch.Tensor, t_dot: torch.Tensor, dim: int, max_period: float = 10000.0,
+                           tangent_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The embedding and its tangent: d cos(w t) = -w sin(w t) t_dot, d sin(w t) = w cos(w t) t_dot. The tangent is
+    computed without a graph unless tangent_grad (then it is differentiable in t and t_dot)."""
     emb = timestep_embedding(t, dim, max_period)
     kt = t_dot.shape[0]
-    with torch.no_grad():
+    with torch.set_grad_enabled(tangent_grad and torch.is_grad_enabled()):
         freqs = _frequencies(dim, max_period, t)
         args = t[:kt].to(freqs.dtype)[:, None] * freqs[None]
         w_dt = freqs[None] * t_dot.to(freqs.dtype)[:, None]
@@ -65,7 +66,7 @@ class TimestepEmbedder(nn.Module):
         return self.fc2(F.silu(self.fc1(timestep_embedding(t, self.freq_dim).to(self.fc1.weight.dtype))))
 
     def forward_jvp(self, t, t_dot, ops: JVPOps):
-        emb, emb_dot = timestep_embedding_jvp(t, t_dot, self.freq_dim)
+        emb, emb_dot = timestep_embedding_jvp(t, t_dot, self.freq_dim, tangent_grad=ops.tangent_grad_enabled(t_dot))
         dtype = self.fc1.weight.dtype
         a, a_dot = self.fc1.forward_jvp(emb.to(dtype), emb_dot.to(dtype), ops)
         a, a_dot = ops.silu(a, a_dot)

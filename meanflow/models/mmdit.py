@@ -52,14 +52,15 @@ def masked_attention(q, k, v, mask):
     return torch.softmax(s, dim=-1) @ v
 
 
-def masked_attention_jvp(q, k, v, q_dot, k_dot, v_dot, mask):
+def masked_attention_jvp(q, k, v, q_dot, k_dot, v_dot, mask, tangent_grad: bool = False):
     """Attention with a bool key mask and its tangent (closed form, as reference.attention_jvp_ref; masked scores have
-    P = 0, so P_dot = 0). The primal through torch's SDPA (differentiable); the tangent without a graph."""
+    P = 0, so P_dot = 0). The primal through torch's SDPA (differentiable); the tangent without a graph, unless
+    tangent_grad (then differentiable in q, k, v and the tangents)."""
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     kt = q_dot.shape[0]
-    with torch.no_grad():
+    with torch.set_grad_enabled(tangent_grad and torch.is_grad_enabled()):
         acc = torch.promote_types(q.dtype, torch.float32)
-        qk, kk, vk = (t[:kt].detach().to(acc) for t in (q, k, v))
+        qk, kk, vk = (t[:kt].to(acc) if tangent_grad else t[:kt].detach().to(acc) for t in (q, k, v))
         qd, kd, vd = (t.to(acc) for t in (q_dot, k_dot, v_dot))
         c = q.shape[-1] ** -0.5
         s = c * qk @ kk.transpose(-1, -2)
@@ -88,7 +89,7 @@ def _attention_jvp(ops: JVPOps, q, k, v, q_dot, k_dot, v_dot, mask):
         _WARNED.add("fused")
         warnings.warn("MMDiTBlock: this mfkernels attention takes no attn_mask; the masked joint attention runs as "
                       "plain torch ops (the rest of the block stays fused)", RuntimeWarning, stacklevel=3)
-    return masked_attention_jvp(q, k, v, q_dot, k_dot, v_dot, mask)
+    return masked_attention_jvp(q, k, v, q_dot, k_dot, v_dot, mask, ops.tangent_grad_enabled(q_dot, k_dot, v_dot))
 
 
 class MMDiTBlock(nn.Module):

@@ -8,7 +8,9 @@ Every network (DiT, MLPNet, your own) subclasses JVPNetwork and shares one call:
 The tangent batch k = z_dot.shape[0] may be anything from 0 to B and stands for the FIRST k rows of the primal batch.
 u is differentiable; u_dot is detached (MeanFlow's target is stop-gradient, so no tangent graph is ever kept), unless
 the call asks for `tangent_grad=True` (TVM differentiates through the JVP): then u_dot carries gradient to the
-parameters, on the backends that support it (meanflow.models.backends.check_tangent_grad refuses the others).
+parameters (and to z, t, h and the tangents), on every backend: `autograd` records torch.func.jvp's graph, `explicit` /
+`fused` run the network's `_forward_jvp` with the op table whose ops differentiate their tangents
+(meanflow.models.backends; a network whose own code cuts the tangent's graph is refused, see _check_tangent_graph).
 Because the tangents are ordinary forward arguments, DDP / FSDP wrap the model as usual and gradient sync stays right.
 """
 from __future__ import annotations
@@ -85,9 +87,27 @@ class JVPNetwork(nn.Module):
             with differentiable_tangent_ops() if tangent_grad else contextlib.nullcontext():
                 out = self._forward_autograd_jvp(z, t, h, y, z_dot, t_dot, h_dot, kt, extra)
         else:
-            # inputs validated above: the layers call the ops without re-checking what they build from them
-            out = self._forward_jvp(z, t, h, y, z_dot, t_dot, h_dot, ops_for(backend, checked=False), **extra)
-        return (out[0], out[1] if tangent_grad else out[1].detach()) + tuple(out[2:])
+            # inputs validated above: the layers call the ops without re-checking what they build from them; the
+            # table's tangent_grad is the call's (False: the stop-gradient ops, which save no tangent)
+            ops = ops_for(backend, checked=False, tangent_grad=tangent_grad)
+            out = self._forward_jvp(z, t, h, y, z_dot, t_dot, h_dot, ops, **extra)
+        if not tangent_grad:
+            return (out[0], out[1].detach()) + tuple(out[2:])
+        self._check_tangent_graph(out[1], backend)
+        return tuple(out)
+
+    def _check_tangent_graph(self, u_dot: torch.Tensor, backend: str) -> None:
+        """tangent_grad=True promised a differentiable u_dot: refuse one that carries no graph although the network
+        has parameters to train (its `_forward_jvp` computed the tangent without grad, or detached it), rather than
+        return a gradient that silently misses the tangent's share."""
+        if u_dot.requires_grad or u_dot.shape[0] == 0 or not torch.is_grad_enabled():
+            return
+        if any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError(f"{type(self).__name__}: tangent_grad=True on the {backend!r} backend returned a u_dot "
+                               f"without a graph: the network's tangent computation cut it (torch.no_grad / .detach() "
+                               f"in _forward_jvp, or ops of its own that ignore the table's tangent_grad). Compute the "
+                               f"tangent with the op table's ops (JVPOps.tangent_grad_enabled says when to record "
+                               f"a computation of your own), or use backend='autograd'")
 
     def _forward_autograd_jvp(self, z, t, h, y, z_dot, t_dot, h_dot, kt, extra):
         """What peers do: torch.func.jvp over the plain forward on the WHOLE batch (tangents zero-padded to B)."""

@@ -9,7 +9,11 @@ The network (a JVPNetwork) computes, for the protocol's call u(z, t, h | y) with
 - plain:   u = call(module, z, t, h, y, **conditions);
 - tangent: (u[:kt], u_dot) = torch.func.jvp(call, (z[:kt], t[:kt], h[:kt]), (z_dot, t_dot, h_dot)) inside
   mfkernels.jvp_attention() (every SDPA call with a tangent runs the fused forward + JVP kernel), u[kt:] the plain call
-  on the other rows; u_dot detached (the objectives' targets are stop-gradient).
+  on the other rows; u_dot detached (the objectives' targets are stop-gradient), or with `tangent_grad=True`
+  differentiable (TVM): torch.func.jvp under grad mode records the tangent's graph, the fused attention's tangent output
+  backpropagates through its tangent backward, and the layer norms run as their plain formula
+  (meanflow/models/tangent_grad.py: torch's forward-mode layer_norm is not twice differentiable correctly; batch /
+  instance norm are refused). tangent="fd" refuses tangent_grad (a finite difference is not the JVP's gradient).
 
 Backends (JVPNetwork.backend): "fused" as above; "explicit" the same jvp with torch's math attention (the reference);
 "autograd" torch.func.jvp over the whole batch (tangents zero-padded) with math attention, what peers run.
@@ -41,6 +45,7 @@ import torch.nn as nn
 from .heads import ConditionEmbedders, LogVarHead, NetworkSpec
 from .layers import TimestepEmbedder
 from .network import JVPNetwork
+from .tangent_grad import differentiable_tangent_ops
 
 Call = Callable[..., torch.Tensor]   # call(module, z, t, h, y, **conditions) -> u (z's shape)
 TANGENTS = ("exact", "fd")
@@ -151,7 +156,15 @@ class WrappedNetwork(JVPNetwork):
 
     def _forward_jvp(self, z, t, h, y, z_dot, t_dot, h_dot, ops, head=None, **conditions):
         attention = "fused" if ops.name == "fused" else "math"
-        u, u_dot = self._tangent_call(z, t, h, y, conditions, (z_dot, t_dot, h_dot), attention)
+        if ops.tangent_grad:
+            if self.tangent == "fd":
+                raise NotImplementedError("tangent_grad=True: a wrapped network with tangent='fd' has a "
+                                          "finite-difference tangent, whose gradient is not the JVP's; use "
+                                          "tangent='exact'")
+            with differentiable_tangent_ops():
+                u, u_dot = self._tangent_call(z, t, h, y, conditions, (z_dot, t_dot, h_dot), attention, True)
+        else:
+            u, u_dot = self._tangent_call(z, t, h, y, conditions, (z_dot, t_dot, h_dot), attention)
         if len(self.heads) == 1 or head == "u":
             return u, u_dot
         return u, u_dot, self._extra_head(z, t, y, conditions)
@@ -174,15 +187,15 @@ class WrappedNetwork(JVPNetwork):
         with jvp_attention(attention):
             return torch.func.jvp(lambda z_, t_, h_: self._u(z_, t_, h_, y, conditions), (z, t, h), tangents)
 
-    def _tangent_call(self, z, t, h, y, conditions, tangents, attention):
-        """(u over all B rows, with grad; u_dot over the first kt rows)."""
+    def _tangent_call(self, z, t, h, y, conditions, tangents, attention, tangent_grad: bool = False):
+        """(u over all B rows, with grad; u_dot over the first kt rows, recorded by autograd if tangent_grad)."""
         kt, batch = tangents[0].shape[0], z.shape[0]
         head = _rows(slice(0, kt), z, t, h, y, conditions)
         if self.tangent == "fd" or self.tangent_pass == "separate" or kt == 0:
             u = self._u(z, t, h, y, conditions)
             if kt == 0:
                 return u, u[:0].detach()
-            with torch.no_grad():
+            with torch.set_grad_enabled(tangent_grad and torch.is_grad_enabled()):
                 if self.tangent == "fd":
                     return u, self._finite_difference(u[:kt].detach(), *head, tangents)
                 return u, self._jvp(*head, tangents, attention)[1]
