@@ -21,6 +21,8 @@ the 20th / 80th percentiles, min and max. Cases (`case` field; the provider name
     sdpa_cudnn_bwd    backward of the forced cuDNN forward                                 10 N^2 D
     fused_tangent_bwd backward of a loss of (o, o_dot) (attention_jvp(tangent_grad=True))  30 N^2 D (useful)
     math_tangent_bwd  the same through torch.func.jvp over math SDPA (reverse-over-forward) 30 N^2 D (OOM recorded)
+    tvm_fwd_jvp       TVM's own kernel (lumalabs/tvm jvp_utils.sdpa_jvp) under torch.func.jvp  12 N^2 D
+    tvm_tangent_bwd   the backward of a loss of (o, o_dot) through TVM's kernels               30 N^2 D
   keypad30  a bool key-padding mask (B, 1, 1, N): the last 30% of each row's keys padded (FLOPs counted dense)
     fused_fwd_jvp, fused_fwd, math_jvp, peer_fwd_jvp (its mask must be a full (B, H, N, N) tensor: materialised),
     sdpa_default_fwd, sdpa_efficient_fwd / _bwd (forced EFFICIENT_ATTENTION: torch's masked fused kernel),
@@ -56,6 +58,13 @@ backward over the flash backward, the peer over the fused kernel.
 The peer kernel: `pip download jvp_flash_attention --no-deps -d .whl` (repo root, git-ignored) where pip works; this
 script imports it from site-packages or straight from that wheel (pure Python). Not importable: one row per shape with
 the reason, never silently absent.
+
+TVM's kernel (the tvm_* providers): its license (CC BY-NC-SA 4.0) keeps it out of this repository; put a copy of
+lumalabs/tvm's `jvp_utils/` folder at bench/external/tvm/jvp_utils/ (git-ignored; `carry` it to a GPU machine), e.g.
+`git clone https://github.com/lumalabs/tvm /tmp/tvm && mkdir -p bench/external/tvm && cp -r /tmp/tvm/jvp_utils
+bench/external/tvm/`. It takes no mask, no causal attention and no GQA (dense case only) and needs jaxtyping; its
+table's shape is B 1, H 24, N 16384, D 128 (`--batch 1 --heads 24 --ns 16384 --dims 128`). Not importable: rows with
+the reason.
 
 Without CUDA it runs the Triton interpreter on tiny shapes (N 32 and 64; head dims 32 and 64 unless --dims is given),
 timed with time.perf_counter over one run after a warm-up: a dry run of the code paths, not a measurement.
@@ -95,12 +104,12 @@ FLOPS_PER_HEAD = {  # in units of N^2 D (non-causal; causal counts half)
     "fused_fwd_jvp": 12, "math_jvp": 12, "reference_jvp": 12, "peer_fwd_jvp": 12,
     "fused_fwd": 4, "sdpa_default_fwd": 4, "sdpa_flash_fwd": 4, "sdpa_cudnn_fwd": 4, "sdpa_efficient_fwd": 4,
     "fused_bwd": 10, "sdpa_flash_bwd": 10, "sdpa_cudnn_bwd": 10, "sdpa_efficient_bwd": 10,
-    "fused_tangent_bwd": 30, "math_tangent_bwd": 30,
+    "fused_tangent_bwd": 30, "math_tangent_bwd": 30, "tvm_fwd_jvp": 12, "tvm_tangent_bwd": 30,
 }
 PROVIDERS = {
     "dense": ["fused_fwd_jvp", "fused_fwd", "math_jvp", "reference_jvp", "peer_fwd_jvp", "sdpa_default_fwd",
               "sdpa_flash_fwd", "sdpa_cudnn_fwd", "fused_bwd", "sdpa_flash_bwd", "sdpa_cudnn_bwd", "fused_tangent_bwd",
-              "math_tangent_bwd"],
+              "math_tangent_bwd", "tvm_fwd_jvp", "tvm_tangent_bwd"],
     "keypad30": ["fused_fwd_jvp", "fused_fwd", "math_jvp", "peer_fwd_jvp", "sdpa_default_fwd", "sdpa_efficient_fwd",
                  "sdpa_cudnn_fwd", "fused_bwd", "sdpa_efficient_bwd", "sdpa_cudnn_bwd", "fused_tangent_bwd"],
     "gqa": ["fused_fwd_jvp", "fused_fwd", "math_jvp", "sdpa_flash_fwd", "sdpa_cudnn_fwd", "fused_bwd",
@@ -114,7 +123,9 @@ CPU_RUNS = 1
 VARIANTS = {"default": {}, "padded": {"MFKERNELS_ATTN_PAD_D": "1"}, "tma": {"MFKERNELS_ATTN_TMA": "1"},
             "persistent": {"MFKERNELS_ATTN_PERSISTENT": "1"}}
 FORWARD_ONLY_VARIANTS = {"tma", "persistent"}  # levers of the forward kernel (_levers.py)
-CPU_FIRST_SHAPE_ONLY = {"fused_tangent_bwd", "math_tangent_bwd", "peer_fwd_jvp", "reference_jvp"}
+CPU_FIRST_SHAPE_ONLY = {"fused_tangent_bwd", "math_tangent_bwd", "peer_fwd_jvp", "reference_jvp", "tvm_fwd_jvp",
+                        "tvm_tangent_bwd"}
+TVM_DIR = os.path.join(REPO, "bench", "external", "tvm")  # git-ignored: a copy of lumalabs/tvm's jvp_utils/
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -215,16 +226,42 @@ def import_peer():
         return None, os.path.basename(wheels[-1]), f"import from the wheel failed: {type(e).__name__}: {e}"
 
 
+def import_tvm():
+    """(sdpa_jvp, None) or (None, why not): TVM's own JVP attention from bench/external/tvm (module docstring)."""
+    if not os.path.isdir(os.path.join(TVM_DIR, "jvp_utils")):
+        return None, f"no copy of lumalabs/tvm's jvp_utils/ at {os.path.relpath(TVM_DIR, REPO)}/jvp_utils"
+    sys.path.insert(0, TVM_DIR)
+    try:
+        from jvp_utils.functional import sdpa_jvp
+
+        return sdpa_jvp, None
+    except Exception as e:  # noqa: BLE001
+        return None, f"import failed: {type(e).__name__}: {e}"
+
+
 # --------------------------------------------------------------------------------------------------- providers
 def _sdpa(backend, q, k, v, **kw):
     with sdpa_kernel(BACKENDS[backend]):
         return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
+def _tvm_kernel(causal, mask, gqa):
+    """TVM's sdpa_jvp, or an error naming why it cannot run this case."""
+    sdpa_jvp, why = import_tvm()
+    if sdpa_jvp is None:
+        raise RuntimeError(f"TVM's jvp_utils not importable: {why}")
+    if causal or mask is not None or gqa:
+        raise RuntimeError("TVM's kernel takes no mask, no causal attention and no GQA")
+    return sdpa_jvp
+
+
 def _forward_provider(name, q, k, v, q_dot, k_dot, v_dot, causal, mask, gqa, peer):
     """The callable for a forward provider (run under no_grad; forward mode needs no grad mode)."""
     kw = dict(attn_mask=mask, is_causal=causal, enable_gqa=gqa)
     empty = [t[:0] for t in (q, k, v)]
+    if name == "tvm_fwd_jvp":
+        sdpa_jvp = _tvm_kernel(causal, mask, gqa)
+        return lambda: torch.func.jvp(sdpa_jvp, (q, k, v), (q_dot, k_dot, v_dot))
     if name == "fused_fwd_jvp":
         return lambda: attention_jvp(q, k, v, q_dot, k_dot, v_dot, attn_mask=mask, causal=causal, enable_gqa=gqa)
     if name == "fused_fwd":
@@ -250,10 +287,12 @@ def _backward_provider(name, q, k, v, q_dot, k_dot, v_dot, causal, mask, gqa):
     """(run once, leaves): the forward graph is built once, the timed call is the backward alone."""
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     kw = dict(attn_mask=mask, is_causal=causal, enable_gqa=gqa)
-    if name in ("fused_tangent_bwd", "math_tangent_bwd"):
+    if name in ("fused_tangent_bwd", "math_tangent_bwd", "tvm_tangent_bwd"):
         leaves += [t.detach().clone().requires_grad_() for t in (q_dot, k_dot, v_dot)]
         if name == "fused_tangent_bwd":
             o, o_dot = attention_jvp(*leaves, attn_mask=mask, causal=causal, enable_gqa=gqa, tangent_grad=True)
+        elif name == "tvm_tangent_bwd":  # its own forward + JVP, then its flash and tangent backward kernels
+            o, o_dot = torch.func.jvp(_tvm_kernel(causal, mask, gqa), tuple(leaves[:3]), tuple(leaves[3:]))
         else:
             o, o_dot = torch.func.jvp(lambda a, b, c: _sdpa("math", a, b, c, **kw), tuple(leaves[:3]),
                                       tuple(leaves[3:]))
@@ -268,13 +307,17 @@ def _backward_provider(name, q, k, v, q_dot, k_dot, v_dot, causal, mask, gqa):
 
 
 # ----------------------------------------------------------------------------------------------------- driver
-def _shapes(quick: bool, dtypes=None, ns=None, dims=None):
+def _shapes(quick: bool, dtypes=None, ns=None, dims=None, batch=None, heads=None):
+    """(dtypes, head dims, sequence lengths, (N, D) -> (B, H)); batch / heads fix B / H (TVM's table: B 1, H 24)."""
     if not CUDA:
-        return ["bf16"], dims or [32, 64], [32, 64], (lambda n, d: (1, 4))
-    dtypes = dtypes or (["bf16"] if quick else ["bf16", "fp16"])
-    ns = ns or ([1024, 2048] if quick else [1024, 2048, 4096, 8192])
-    # 16k tokens per batch and a model width of 2048 (the FlashAttention papers' setting).
-    return dtypes, dims or [64, 128], ns, (lambda n, d: (max(1, 16384 // n), 2048 // d))
+        dtypes, dims, ns, bh = ["bf16"], dims or [32, 64], [32, 64], (lambda n, d: (1, 4))
+    else:
+        dtypes = dtypes or (["bf16"] if quick else ["bf16", "fp16"])
+        ns = ns or ([1024, 2048] if quick else [1024, 2048, 4096, 8192])
+        # 16k tokens per batch and a model width of 2048 (the FlashAttention papers' setting).
+        dims = dims or [64, 128]
+        bh = (lambda n, d: (max(1, 16384 // n), 2048 // d))
+    return dtypes, dims, ns, (lambda n, d: (batch or bh(n, d)[0], heads or bh(n, d)[1]))
 
 
 def _case_inputs(case, b, h, n, d, dtype, gen):
@@ -290,8 +333,8 @@ def _case_inputs(case, b, h, n, d, dtype, gen):
 
 
 def run(quick: bool, causal_modes, only=None, log=print, dtypes=None, ns=None, dims=None, cases=CASES,
-        on_shape_done=None, peer=None, peer_error=None, variants=("default",)):
-    dtypes, dims, ns, bh = _shapes(quick, dtypes, ns, dims)
+        on_shape_done=None, peer=None, peer_error=None, variants=("default",), batch=None, heads=None):
+    dtypes, dims, ns, bh = _shapes(quick, dtypes, ns, dims, batch, heads)
     rows = []
     first_shape = True
     for dname in dtypes:
@@ -337,6 +380,11 @@ def _run_case(case, dname, b, h, n, d, causal, prim, tan, mask, only, log, peer,
             rows.append(_run_provider(name, variant, case, base, flops_unit, prim, tan, causal, mask, gqa, peer,
                                       peer_error, outputs))
             log(_fmt(rows[-1]))
+    if "fused_fwd_jvp" in outputs and "tvm_fwd_jvp" in outputs:  # the two kernels' o_dot must agree
+        diff = (outputs["fused_fwd_jvp"] - outputs["tvm_fwd_jvp"]).abs().max().item()
+        for row in rows:
+            if row["base_provider"] == "tvm_fwd_jvp":
+                row["max_abs_diff_vs_fused"] = diff
     if "fused_fwd_jvp" in outputs and "math_jvp" in outputs:
         diff = (outputs["fused_fwd_jvp"] - outputs["math_jvp"]).abs().max().item()
         for row in rows:
@@ -363,7 +411,7 @@ def _run_provider(name, variant, case, base, flops_unit, prim, tan, causal, mask
                 with torch.no_grad():  # forward mode does not need grad mode
                     row.update(_time(fn))
                     row["peak_mem_mb"] = _peak_mb(fn)
-                    if name in ("fused_fwd_jvp", "math_jvp"):
+                    if name in ("fused_fwd_jvp", "math_jvp", "tvm_fwd_jvp"):
                         result = fn()[1].float()
                         if variant == "default":
                             outputs[name] = result
@@ -394,6 +442,9 @@ RATIOS = [
     ("fused_tangent_bwd_over_flash_bwd", ("dense", "fused_tangent_bwd"), ("dense", "sdpa_flash_bwd"), None),
     ("math_tangent_bwd_over_fused_tangent_bwd", ("dense", "math_tangent_bwd"), ("dense", "fused_tangent_bwd"), None),
     ("peer_fwd_jvp_over_fused_fwd_jvp", ("dense", "peer_fwd_jvp"), ("dense", "fused_fwd_jvp"), None),
+    ("tvm_fwd_jvp_over_fused_fwd_jvp", ("dense", "tvm_fwd_jvp"), ("dense", "fused_fwd_jvp"), None),
+    ("tvm_tangent_bwd_over_fused_tangent_bwd", ("dense", "tvm_tangent_bwd"), ("dense", "fused_tangent_bwd"), None),
+    ("fused_tangent_bwd_over_fused_fwd_jvp", ("dense", "fused_tangent_bwd"), ("dense", "fused_fwd_jvp"), None),
     ("keypad30_fused_fwd_jvp_over_dense", ("keypad30", "fused_fwd_jvp"), ("dense", "fused_fwd_jvp"), "<= 1.10"),
     ("keypad30_fused_fwd_jvp_over_efficient_fwd", ("keypad30", "fused_fwd_jvp"), ("keypad30", "sdpa_efficient_fwd"),
      None),
@@ -469,6 +520,8 @@ def main(argv=None):
                     help="comma-separated A/B switches of the fused kernels: " + ",".join(VARIANTS)
                     + " (default first; see the module docstring)")
     ap.add_argument("--ns", default=None, help="comma-separated sequence lengths (CUDA), e.g. 1024,2048,4096,8192")
+    ap.add_argument("--batch", type=int, default=None, help="fixed batch (default: 16k tokens per batch)")
+    ap.add_argument("--heads", type=int, default=None, help="fixed heads (default: 2048 // D)")
     args = ap.parse_args(argv)
     mode = args.causal or ("off" if (args.quick or not CUDA) else "both")
     causal_modes = {"off": [False], "on": [True], "both": [False, True]}[mode]
@@ -488,20 +541,22 @@ def main(argv=None):
     peer, peer_source, peer_error = import_peer()
     peer_info = {"available": peer is not None, "source": peer_source, "error": peer_error}
     print(f"peer kernel jvp_flash_attention: {peer_info}")
+    tvm_info = {"available": import_tvm()[0] is not None, "error": import_tvm()[1]}
+    print(f"TVM's jvp_utils: {tvm_info}")
     timing = {"min_runs": MIN_RUNS, "target_ms": TARGET_MS, "max_runs": MAX_RUNS, "l2_flush": CUDA} if CUDA else \
         {"cpu_runs": CPU_RUNS, "warmup": 1}
     rows = run(args.quick or not CUDA, causal_modes, only, dtypes=dtypes, ns=ns, dims=dims, cases=cases,
-               peer=peer, peer_error=peer_error, variants=variants,
-               on_shape_done=lambda partial: _write(args.out, partial, t0, False, peer_info, timing))
-    result = _write(args.out, rows, t0, True, peer_info, timing)
+               peer=peer, peer_error=peer_error, variants=variants, batch=args.batch, heads=args.heads,
+               on_shape_done=lambda partial: _write(args.out, partial, t0, False, peer_info, timing, tvm_info))
+    result = _write(args.out, rows, t0, True, peer_info, timing, tvm_info)
     for s in result["summary"]:
         print(s)
     print(f"wrote {len(rows)} rows to {args.out} in {result['wall_s']} s")
 
 
-def _write(path, rows, t0, final, peer_info, timing):
+def _write(path, rows, t0, final, peer_info, timing, tvm_info=None):
     extra = {"wall_s": round(time.time() - t0, 1), "complete": final, "summary": summarize(rows),
-             "peer_jvp_flash_attention": peer_info, "timing": timing}
+             "peer_jvp_flash_attention": peer_info, "tvm_jvp_utils": tvm_info, "timing": timing}
     write_results(path, "attention", DEVICE, rows, **extra)
     return extra
 

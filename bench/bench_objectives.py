@@ -11,9 +11,16 @@ timed round-robin (a shared machine's load drifts hit all of them alike).
     python bench/bench_objectives.py --backends autograd --cases meanflow tvm --threads 1 \
         --out bench/results/cpu/objectives_autograd.json                                        # TVM (autograd)
 
+    python bench/bench_objectives.py --backends explicit autograd --cases tvm --threads 1 \
+        --out bench/results/cpu/objectives_tvm.json                                             # TVM, CPU
+    python bench/bench_objectives.py --device cuda --backends fused autograd --cases tvm --compile both \
+        --out $OUT/tvm_step.json                                                                # TVM, GPU (NOTES.md)
+
 Every row also reports `saved_mb`, the tensors autograd keeps for the backward (a CPU-measurable memory cost; CUDA
-rows add the allocator's peak, `peak_mem_mb`). TVM's gradient through the JVP runs only where its ops differentiate
-the tangent (meanflow.models.backends.TANGENT_GRAD_BACKENDS); elsewhere that case is skipped, not faked.
+rows add the allocator's peak, `peak_mem_mb`). TVM's gradient through the JVP runs on every backend
+(meanflow.models.backends.TANGENT_GRAD_BACKENDS); a backend outside it would be skipped, not faked. --compile on / both
+adds rows with the network compiled as train.compile does (meanflow.training.compile.compile_model: inductor on CUDA,
+aot_eager on CPU, where inductor's C++ build would dominate), case names ending in " compiled".
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from bench.common import peak_memory_mb, time_fn, time_interleaved, write_result
 from meanflow.models import DIT_MODELS, DiT, count_parameters  # noqa: E402
 from meanflow.models.backends import TANGENT_GRAD_BACKENDS  # noqa: E402
 from meanflow.objectives import build_objective, default_config, network_spec  # noqa: E402
+from meanflow.training.compile import compile_model  # noqa: E402
 
 # (row name, objective, config changes, extra call keywords)
 CASES = [
@@ -124,6 +132,8 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="tiny sizes, 1 warm-up, 2 reps (a dry run of the harness)")
     ap.add_argument("--cases", nargs="+", default=None, metavar="PREFIX",
                     help="only the cases whose name starts with one of these (fm, the baseline, always runs)")
+    ap.add_argument("--compile", choices=("off", "on", "both"), default="off",
+                    help="the network eager (off), compiled as train.compile does (on), or both rows")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -139,47 +149,78 @@ def main(argv=None):
     x = torch.randn(batch, args.channels, args.size, args.size, device=args.device)
     y = torch.randint(0, args.num_classes, (batch,), device=args.device)
     rows, steps = [], []
-    for backend in args.backends:
-        for name, objective, changes, call_kw in CASES:
-            if objective == "fm" and backend != args.backends[0]:
-                continue  # flow matching has no tangent: one baseline row
-            if objective != "fm" and args.cases and not any(name.startswith(c) for c in args.cases):
-                continue
-            if objective == "tvm" and not changes.get("detach_jvp") and backend not in TANGENT_GRAD_BACKENDS:
-                print(f"skipped {name!r} on {backend!r}: its ops do not differentiate the tangent yet", flush=True)
-                continue
-            cfg = default_config(objective).replace(label_dropout=0.1, **changes)
-            spec = network_spec(cfg)
-            net = build_net(args.model, spec, args, args.device)
-            obj = build_objective(cfg, model=net, total_steps=1)
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
-            step = make_step(net, obj, x, y, opt, backend, call_kw, args.device)
-            stats = step()  # the row counts of this (fixed) draw
-            row = {"bench": "objectives", "model": args.model, "case": name, "objective": objective,
-                   "backend": "-" if objective == "fm" else backend, "batch": batch,
-                   "input": [args.channels, args.size, args.size], "params": count_parameters(net),
-                   "heads": list(spec.heads), "jvp_rows": int(stats.get("jvp_rows", 0)),
-                   "guidance_rows": int(stats.get("guidance_rows", 0)), "extra_rows": int(stats.get("extra_rows", 0)),
-                   "dtype": "bf16-autocast" if cuda else "fp32", "config": {k: v for k, v in changes.items()},
-                   "call": {k: v for k, v in call_kw.items()}}
-            row["saved_mb"] = saved_activation_mb(step, list(net.parameters()))
+    compiled_modes = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+    if args.compile != "off":  # one compiled frame per network instance (and per call kind): room for every row
+        for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                     "accumulated_recompile_limit"):
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, 256)
+    plan = [(backend, case, compiled) for backend in args.backends for case in CASES for compiled in compiled_modes]
+    for backend, (name, objective, changes, call_kw), compiled in plan:
+        if objective == "fm" and (backend != args.backends[0] or compiled != compiled_modes[0]):
+            continue  # flow matching has no tangent: one baseline row
+        if objective != "fm" and args.cases and not any(name.startswith(c) for c in args.cases):
+            continue
+        if objective == "tvm" and not changes.get("detach_jvp") and backend not in TANGENT_GRAD_BACKENDS:
+            print(f"skipped {name!r} on {backend!r}: its ops do not differentiate the tangent yet", flush=True)
+            continue
+        try:
+            row, step = _row(args, backend, name, objective, changes, call_kw, compiled, x, y, batch, cuda)
+        except Exception as e:  # noqa: BLE001 - a failing row (an OOM, a compile error) is recorded, the run goes on
+            print(f"{name!r} on {backend!r} (compiled={compiled}) failed: {type(e).__name__}: {e}", flush=True)
+            rows.append({"bench": "objectives", "model": args.model, "case": name + (" compiled" if compiled else ""),
+                         "objective": objective, "compiled": compiled, "backend": backend, "batch": batch,
+                         "ms": None, "error": f"{type(e).__name__}: {str(e)[:300]}"})
             if cuda:
-                row.update(time_fn(step, args.device, warmup=args.warmup, reps=args.reps, cuda_warmup_ms=500,
-                                   cuda_rep_ms=2000))
-                row["peak_mem_mb"] = peak_memory_mb(step, args.device)
-                row["samples_per_s"] = batch / row["ms"] * 1e3
-                print({k: v for k, v in row.items() if k != "config"}, flush=True)
-            else:
-                steps.append(step)
-            rows.append(row)
+                torch.cuda.empty_cache()
+            continue
+        if step is not None:
+            steps.append(step)
+        rows.append(row)
     if steps:
-        for row, result in zip(rows, time_interleaved(steps, warmup=args.warmup, reps=args.reps)):
+        timed = [r for r in rows if r.get("ms", 0) is not None and "error" not in r]
+        for row, result in zip(timed, time_interleaved(steps, warmup=args.warmup, reps=args.reps)):
             row.update(result, samples_per_s=batch / result["ms"] * 1e3)
             print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items() if k != "config"},
                   flush=True)
     base = next(r for r in rows if r["objective"] == "fm")
     for r in rows:
-        r["ratio_to_fm"] = r["ms"] / base["ms"]
+        r["ratio_to_fm"] = r["ms"] / base["ms"] if r.get("ms") is not None and base.get("ms") else None
+    write_out(args, rows)
+
+
+def _row(args, backend, name, objective, changes, call_kw, compiled, x, y, batch, cuda):
+    """(row, the step to time on CPU, or None: CUDA rows are timed here)."""
+    cfg = default_config(objective).replace(label_dropout=0.1, **changes)
+    spec = network_spec(cfg)
+    net = build_net(args.model, spec, args, args.device)
+    obj = build_objective(cfg, model=net, total_steps=1)
+    if compiled:
+        net.backend = backend
+        compile_model(net, backend="inductor" if cuda else "aot_eager")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0)
+    step = make_step(net, obj, x, y, opt, backend, call_kw, args.device)
+    stats = step()  # the row counts of this (fixed) draw
+    row = {"bench": "objectives", "model": args.model, "case": name + (" compiled" if compiled else ""),
+           "objective": objective, "compiled": compiled,
+           "backend": "-" if objective == "fm" else backend, "batch": batch,
+           "input": [args.channels, args.size, args.size], "params": count_parameters(net),
+           "heads": list(spec.heads), "jvp_rows": int(stats.get("jvp_rows", 0)),
+           "guidance_rows": int(stats.get("guidance_rows", 0)), "extra_rows": int(stats.get("extra_rows", 0)),
+           "dtype": "bf16-autocast" if cuda else "fp32", "config": {k: v for k, v in changes.items()},
+           "call": {k: v for k, v in call_kw.items()}}
+    row["saved_mb"] = saved_activation_mb(step, list(net.parameters()))
+    if cuda:
+        row.update(time_fn(step, args.device, warmup=args.warmup, reps=args.reps, cuda_warmup_ms=500,
+                           cuda_rep_ms=2000))
+        row["peak_mem_mb"] = peak_memory_mb(step, args.device)
+        row["samples_per_s"] = batch / row["ms"] * 1e3
+        print({k: v for k, v in row.items() if k != "config"}, flush=True)
+        return row, None
+    return row, step
+
+
+def write_out(args, rows):
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).resolve().parents[1]).stdout.strip()
@@ -197,6 +238,9 @@ def markdown(rows: list[dict]) -> str:
              "saved for backward" + (" | peak memory |" if peak else " |"),
              "|---|---|---|---|---|---|---|---|---|" + ("---|" if peak else "")]
     for r in rows:
+        if r.get("ms") is None:
+            lines.append(f"| {r['case']} | {r['backend']} | failed: {r.get('error', '?')} |")
+            continue
         mem = f" {r['peak_mem_mb']:.0f} MiB |" if peak and r.get("peak_mem_mb") is not None else (" - |" if peak else "")
         saved = f"{r['saved_mb']:.1f} MiB" if r.get("saved_mb") is not None else "-"
         lines.append(f"| {r['case']} | {r['backend']} | {r['params'] / 1e6:.2f}M | {r['jvp_rows']} | "

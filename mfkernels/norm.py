@@ -166,10 +166,7 @@ def _layernorm_modulate_tangent_bwd_kernel(
     b = tl.program_id(1)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
-    tangent = b < kt
-    tmask = mask & tangent
-    gain = 1.0 + tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(ACC)
-    s_dot = tl.load(SCALE_DOT + b * stride_scale_dot + cols, mask=tmask, other=0.0).to(ACC)
+    tmask = mask & (b < kt)
     acc_shift = tl.zeros([BLOCK_C], dtype=ACC)
     acc_scale = tl.zeros([BLOCK_C], dtype=ACC)
     acc_shift_dot = tl.zeros([BLOCK_C], dtype=ACC)
@@ -185,29 +182,33 @@ def _layernorm_modulate_tangent_bwd_kernel(
         mean = tl.load(MEAN + row, mask=valid, other=0.0)
         rstd = tl.load(RSTD + row, mask=valid, other=0.0)
         xh = tl.where(m_, (x - mean) * rstd, 0.0)
+        xd = tl.load(X_DOT + row * C + cols, mask=tm, other=0.0).to(ACC)
+        proj = tl.sum(xh * xd, axis=0) / C  # m = mean(xh x_dot)
+        xh_dot = tl.where(tm, (xd - tl.sum(xd, axis=0) / C - xh * proj) * rstd, 0.0)
         if HAS_DY:
             dy = tl.load(DY + row * C + cols, mask=m_, other=0.0).to(ACC)
         else:
             dy = tl.zeros([BLOCK_C], dtype=ACC)
         dyd = tl.load(DY_DOT + row * C + cols, mask=tm, other=0.0).to(ACC)
-        xd = tl.load(X_DOT + row * C + cols, mask=tm, other=0.0).to(ACC)
-        proj = tl.sum(xh * xd, axis=0) / C  # m = mean(xh x_dot)
-        xh_dot = tl.where(tm, (xd - tl.sum(xd, axis=0) / C - xh * proj) * rstd, 0.0)
-        q = dyd * gain
-        dx_dot = (q - tl.sum(q, axis=0) / C - xh * (tl.sum(xh * q, axis=0) / C)) * rstd
-        if COMPUTE_DX_DOT:
-            tl.store(DX_DOT + row * C + cols, dx_dot.to(DX_DOT.dtype.element_ty), mask=tm)
-        if COMPUTE_DX:
-            p = dy * gain + dyd * s_dot
-            dx = (p - tl.sum(p, axis=0) / C - xh * (tl.sum(xh * p, axis=0) / C)) * rstd
-            dx -= rstd * ((tl.sum(q * xh_dot, axis=0) / C) * xh + (tl.sum(q * xh, axis=0) / C) * xh_dot
-                          + proj * dx_dot)
-            tl.store(DX + row * C + cols, dx.to(DX.dtype.element_ty), mask=m_)
         if COMPUTE_DMOD:
             acc_shift += dy
             acc_scale += dy * xh + dyd * xh_dot
             acc_shift_dot += dyd
             acc_scale_dot += dyd * xh
+        # the modulation rows are read again for every token (from cache) rather than held: two row vectors fewer
+        # live across the loop (an fp64 build at C = 1152 spilled with them held)
+        gain = 1.0 + tl.load(SCALE + b * stride_scale + cols, mask=mask, other=0.0).to(ACC)
+        q = dyd * gain
+        dx_dot = (q - tl.sum(q, axis=0) / C - xh * (tl.sum(xh * q, axis=0) / C)) * rstd
+        if COMPUTE_DX_DOT:
+            tl.store(DX_DOT + row * C + cols, dx_dot.to(DX_DOT.dtype.element_ty), mask=tm)
+        if COMPUTE_DX:
+            s_dot = tl.load(SCALE_DOT + b * stride_scale_dot + cols, mask=tm, other=0.0).to(ACC)
+            p = dy * gain + dyd * s_dot
+            c_xh = tl.sum(xh * p, axis=0) / C + tl.sum(q * xh_dot, axis=0) / C
+            c_xh_dot = tl.sum(q * xh, axis=0) / C
+            dx = (p - tl.sum(p, axis=0) / C - xh * c_xh - xh_dot * c_xh_dot - dx_dot * proj) * rstd
+            tl.store(DX + row * C + cols, dx.to(DX.dtype.element_ty), mask=m_)
     if COMPUTE_DMOD:
         plane = tl.num_programs(1).to(tl.int64) * n_chunks * C  # one of the 4 (B, n_chunks, C) planes
         part = (b * n_chunks + chunk).to(tl.int64) * C + cols
@@ -268,6 +269,13 @@ def layernorm_modulate_bwd(grad_y, x, scale, mean, rstd, compute_dx: bool, compu
     return dx, dmod
 
 
+def tangent_warps(block_c: int) -> int:
+    """Twice the row kernels' warps (at most 16): the tangent backward keeps about twice as many row vectors live (x,
+    xh, the two upstream gradients, x_dot, xh_dot, p, q, both outputs, four partial sums), and at row_warps it spilled
+    in fp32 on sm_90 (bench/results/sm90-aot-2026-12-07-tangent/)."""
+    return min(2 * row_warps(block_c), 16)
+
+
 def layernorm_modulate_tangent_bwd(grad_y, grad_y_dot, x, x_dot, scale, scale_dot, mean, rstd, compute_dx: bool,
                                    compute_dx_dot: bool, compute_dmod: bool):
     """Launch the tangent backward kernel. grad_y may be None (y unused). Returns (dx or None, dx_dot or None,
@@ -293,7 +301,7 @@ def layernorm_modulate_tangent_bwd(grad_y, grad_y_dot, x, x_dot, scale, scale_do
             dx if compute_dx else x, dx_dot if compute_dx_dot else x, parts if compute_dmod else x,
             tokens, c, n_chunks, rows_per_program, kt, s_scale, s_scale_dot,
             BLOCK_C=block_c, ACC=tl_acc_dtype(x.dtype), HAS_DY=grad_y is not None, COMPUTE_DX=compute_dx,
-            COMPUTE_DX_DOT=compute_dx_dot, COMPUTE_DMOD=compute_dmod, num_warps=row_warps(block_c),
+            COMPUTE_DX_DOT=compute_dx_dot, COMPUTE_DMOD=compute_dmod, num_warps=tangent_warps(block_c),
         )
     else:  # no tokens or no features: zero gradients
         dx = torch.zeros_like(x) if compute_dx else None

@@ -22,15 +22,13 @@ QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1", "eval.e
 GUIDANCE = {"fm": ["loss.sample_cfg=2"], "imf": ["loss.omega_max=3"], "scm": ["loss.label_dropout=0.2"],
             "alphaflow": ["loss.omega=1.5", "loss.kappa=0.3", "loss.alpha_end_step=3"],  # alpha 1 -> 0 in 4 steps
             "tvm": ["loss.beta_sampler=cfg_uniform", "loss.label_dropout=0.25"]}
-# TVM differentiates through the JVP: torch.func.jvp inside the wrapped forward (the autograd backend)
-BACKEND = {"tvm": "autograd"}
 
 
 def objective_config(objective: str, *extra: str):
     """A tiny class-conditional DiT on 8x8 digits (iMF: v-branch and conditions; sCM: logvar head), 4 steps of 8."""
     return apply_overrides(get_preset("digits"), QUIET + [
         f"loss.objective={objective}", *GUIDANCE[objective], "train.steps=4", "train.batch_size=8",
-        "model.hidden=16", "model.depth=2", "model.heads=2", f"model.backend={BACKEND.get(objective, 'explicit')}",
+        "model.hidden=16", "model.depth=2", "model.heads=2", "model.backend=explicit",
         "train.grad_clip=0.05",
         "train.warmup_steps=0", "train.ema_decays=0.9", "train.grid_size=4", "train.keep_ckpts=0", *extra])
 

@@ -1,4 +1,4 @@
-"""The RMSNorm, SwiGLU and RoPE / QK-norm kernels compile for the H100 (sm_90) without register spills
+"""The RMSNorm, SwiGLU and RoPE / QK-norm kernels (the tangent backward ones included) compile for the H100 (sm_90) without register spills
 (tests/_sm90_aot)."""
 from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
 
@@ -16,6 +16,7 @@ for dtype in (torch.bfloat16, torch.float32):
         y, y_dot, rstd = rmsnorm.rmsnorm_jvp_fwd(x, w, x[:kt], 1e-6)
         rmsnorm.rmsnorm_bwd(y, x, w, rstd, True, True)
         rmsnorm.rmsnorm_bwd(y, x, None, rstd, True, False)
+        rmsnorm.rmsnorm_tangent_bwd(y, y_dot, x, x[:kt], w, rstd, True, True, True)
     for c, hidden in ((768, 2048), (1024, 2730)):  # int(C * 8 / 3) of iMF
         x = torch.randn(B, N, c, dtype=dtype)
         w13, w2 = torch.randn(2 * hidden, c, dtype=dtype), torch.randn(c, hidden, dtype=dtype)
@@ -34,6 +35,9 @@ for dtype in (torch.bfloat16, torch.float32):
                                                      interleaved=interleaved)
             rope.rope_bwd_launch([qo, ko], [q, k], weights, *angles, rstd, norm=True, interleaved=interleaved,
                                  compute_dx=True, compute_dw=weights is not None)
+            rope.norm_rope_tangent_bwd_launch([qo, ko], [qo[:kt], ko[:kt]], [q, k], [q[:kt], k[:kt]], weights,
+                                              *angles, rstd, interleaved=interleaved, compute_dx=True,
+                                              compute_dx_dot=True, compute_dw=weights is not None)
         if d == 64:  # RoPE alone
             (y,), _, _ = rope.rope_fwd_launch([q], [q[:kt]], None, cos, cos, eps=0.0, norm=False, interleaved=True)
             rope.rope_bwd_launch([y], None, None, cos, cos, torch.empty(0), norm=False, interleaved=True,
@@ -46,7 +50,8 @@ def test_modern_kernels_compile_for_sm90_without_spills():
     compiled = compile_for_sm90(BODY)
     kernels = {r["kernel"] for r in compiled}
     assert kernels == {"_rmsnorm_jvp_fwd_kernel", "_rmsnorm_bwd_kernel", "_swiglu_jvp_fwd_kernel",
-                       "_swiglu_bwd_kernel", "_rope_jvp_fwd_kernel", "_rope_bwd_kernel"}
+                       "_swiglu_bwd_kernel", "_rope_jvp_fwd_kernel", "_rope_bwd_kernel",
+                       "_rmsnorm_tangent_bwd_kernel", "_norm_rope_tangent_bwd_kernel"}
     spilling = [r for r in compiled if r["spill"]]
     assert not spilling, f"register spills on sm_90: {spilling}"
     too_big = [r for r in compiled if r["shared"] > HOPPER_SHARED_MEMORY]

@@ -14,14 +14,12 @@ from tests._objective_util import NUM_CLASSES, data, small_mlp
 
 CONDITIONAL = {"fm": dict(sample_cfg=2.0), "meanflow": dict(omega=2.0), "imf": dict(), "scm": dict(),
                "alphaflow": dict(omega=2.0, alpha_end_step=10), "tvm": dict(beta_sampler="cfg_uniform")}
-# the backend of each objective's network: TVM differentiates through the JVP (autograd only, for now)
-BACKEND = {"tvm": "autograd"}
 
 
 def net_for(name: str, num_classes: int = NUM_CLASSES):
     spec = network_spec(default_config(name))
     return small_mlp(num_classes, v_depth=1 if "v" in spec.heads else 0, logvar="logvar" in spec.heads,
-                     conditions=spec.conditions, backend=BACKEND.get(name, "explicit"))
+                     conditions=spec.conditions, backend="explicit")
 
 
 def step_kw(obj):
