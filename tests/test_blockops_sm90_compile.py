@@ -5,6 +5,8 @@ BODY = r'''
 from mfkernels import activations, mlp, norm, residual
 from mfkernels._triton import ACT_GELU_TANH, ACT_SILU
 
+pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
+
 for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
     for c in (24, 768, 1152):
         B, N, kt = 2, 3, 1

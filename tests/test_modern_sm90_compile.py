@@ -5,6 +5,8 @@ from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
 BODY = r'''
 from mfkernels import rmsnorm, rope, swiglu
 
+pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
+
 # bf16 and fp32: fp16 compiles like bf16 (same widths), fp64 is a test dtype only. Head dim 64 (iMF) for every variant,
 # 128 for the full one; both pairings for the full one (the pairing changes addressing only).
 for dtype in (torch.bfloat16, torch.float32):
