@@ -1,11 +1,13 @@
 """Every block-op kernel specialisation compiles for the H100 (sm_90) without register spills (see tests/_sm90_aot)."""
+import pytest
+
 from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
+
+pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
 
 BODY = r'''
 from mfkernels import activations, mlp, norm, residual
 from mfkernels._triton import ACT_GELU_TANH, ACT_SILU
-
-pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
 
 for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
     for c in (24, 768, 1152):

@@ -1,11 +1,13 @@
 """The RMSNorm, SwiGLU and RoPE / QK-norm kernels compile for the H100 (sm_90) without register spills
 (tests/_sm90_aot)."""
+import pytest
+
 from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
+
+pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
 
 BODY = r'''
 from mfkernels import rmsnorm, rope, swiglu
-
-pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
 
 # bf16 and fp32: fp16 compiles like bf16 (same widths), fp64 is a test dtype only. Head dim 64 (iMF) for every variant,
 # 128 for the full one; both pairings for the full one (the pairing changes addressing only).
