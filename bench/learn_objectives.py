@@ -8,8 +8,9 @@ to flow matching with 1, 2 and 50 Euler steps.
     python bench/learn_objectives.py --table                     # rewrite docs/objectives.md from the saved rows
 
 Each run is `python -m meanflow train --preset SUITE-OBJECTIVE --out RUNS/SUITE-OBJECTIVE` (the presets differ only
-in their loss section: same network, data, optimizer, batch, steps); its eval.json and summary.json become one row
-of docs/objectives_learning.json (merged with the rows already there, keyed by preset), and docs/objectives.md is
+in their loss section: same network, data, optimizer, batch, steps; except mnist-scm, which continues the mnist-fm run
+RUNS/mnist-fm at a lower learning rate, so train mnist-fm first); its eval.json and summary.json become one row of
+docs/objectives_learning.json (merged with the rows already there, keyed by preset), and docs/objectives.md is
 rewritten from all rows.
 """
 from __future__ import annotations
@@ -27,6 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 ROWS = REPO / "docs" / "objectives_learning.json"
 TABLE = REPO / "docs" / "objectives.md"
 OBJECTIVES = ("fm", "meanflow", "imf", "scm", "alphaflow")
+# presets that continue another preset's run (meanflow/training/presets.py STARTS_FROM): started from RUNS/<that preset>
+STARTS_FROM = {"mnist-scm": "mnist-fm"}
 TITLES = {"fm": "flow matching (Euler)", "meanflow": "MeanFlow", "imf": "iMF", "scm": "sCM (TrigFlow)",
           "alphaflow": "alpha-Flow"}
 
@@ -48,6 +51,11 @@ def train(preset: str, runs: Path, threads: int, extra: list[str]) -> dict:
         import shutil
 
         shutil.rmtree(out)
+    start = STARTS_FROM.get(preset)
+    if start:
+        if not (runs / start / "checkpoints").is_dir():
+            raise SystemExit(f"{preset} continues the {start} run: train it first (it is looked for in {runs / start})")
+        extra = [f"train.init_from={runs / start}", *extra]
     cmd = [sys.executable, "-m", "meanflow", "train", "--preset", preset, "--out", str(out),
            "--set", f"train.threads={threads}", "--set", "train.progress=false"] + [a for s in extra for a in
                                                                                    ("--set", s)]
@@ -125,6 +133,10 @@ def write_table(data: dict) -> str:
                     lines.append(f"| {name} | {steps * nfe_per_step} | {fmt(m[key]['label_match'])} | "
                                  f"{fmt(m[key]['fd'], 1)} | {fmt(m['reference']['fd_real_train_vs_test'], 1)} | "
                                  f"{row['train_wall_s']:.0f} | {cmd} |")
+        continued = [f"{p} continues the {STARTS_FROM[p]} run (train.init_from): its train s and steps come on top "
+                     f"of that run's" for p in (f"{suite}-{o}" for o in present) if p in STARTS_FROM]
+        if continued:
+            lines += ["", "; ".join(continued) + "."]
         if missing:
             lines += ["", f"Not run yet: {', '.join(missing)} (`python bench/learn_objectives.py --suite {suite} "
                           f"--objectives {' '.join(m.split('-', 1)[1] for m in missing)}`)."]
