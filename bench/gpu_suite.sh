@@ -106,7 +106,7 @@ if [ "$device" = cuda ]; then
   parallel=()  # pytest-xdist, where installed, spreads the Triton compiles over the CPU cores
   "$PY" -c "import xdist" >/dev/null 2>&1 && parallel=(-n "${SUITE_TEST_WORKERS:-8}")
   # shellcheck disable=SC2086
-  stage tests 90 env MFKERNELS_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short \
+  stage tests 90 env MFKERNELS_AUTOTUNE=0 "$PY" -m pytest --full -m gpu -q -p no:cacheprovider -rfE --tb=short \
     "${parallel[@]}" -o addopts="" ${SUITE_TEST_ARGS:-tests} >"$out/gpu_tests.log" 2>&1
   tail -n 15 "$out/gpu_tests.log"
 else
@@ -130,7 +130,7 @@ if [ "$device" = cuda ]; then
 fi
 
 if [ "$device" = cuda ]; then
-  stage tests_autotune 70 env MFKERNELS_AUTOTUNE=1 "$PY" -m pytest -m gpu -q -s -p no:cacheprovider -rfE --tb=short \
+  stage tests_autotune 70 env MFKERNELS_AUTOTUNE=1 "$PY" -m pytest --full -m gpu -q -s -p no:cacheprovider -rfE --tb=short \
     -o addopts="" tests/test_bench_tools.py -k bench_shapes >"$out/gpu_tests_autotune.log" 2>&1
   tail -n 8 "$out/gpu_tests_autotune.log"
 fi

@@ -305,6 +305,10 @@ def cmd_train(args) -> int:
     from .training.trainer import Trainer
 
     check_device(cfg.train.device)
+    if not args.resume:  # before the run directory is made: a preset's missing starting run is bad input
+        from .training.presets import check_start
+
+        check_start(cfg)
     out = _run_dir(args, cfg)
     # process-wide, so the entry point decides, not the library
     threads, why = _choose_threads(args, cfg, resumed)

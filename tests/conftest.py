@@ -28,18 +28,43 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def pytest_addoption(parser):
     parser.addoption("--full", action="store_true", default=False,
-                     help="also run the tests marked `sweep`: the long parameter sweeps of the Triton kernels in the "
-                          "interpreter (every dtype x shape x layout), which the default run covers with one case of "
-                          "each kind")
+                     help="also run the long tests: every case of the kernel sweeps (`sweep`: the default run keeps "
+                          "a covering subset) and the tests marked `full` (ahead-of-time compiles, multi-process "
+                          "runs, learning checks, builds of the native op)")
+
+
+def _value_key(value):
+    """A parameter value as a set key (tensors and dicts by their repr)."""
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return (type(value).__name__, value) if not isinstance(value, torch.Tensor) else repr(value)
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without --full, `sweep` tests are deselected (not skipped: they are not part of the default run at all)."""
+    """Without --full: tests marked `full` are deselected, and of each test function marked `sweep` only a covering
+    subset of its cases stays, in collection order: a case is kept when it brings a parameter value (of any of its
+    parameters) that no kept case had, so every dtype, shape, layout, kt ... of the sweep still runs at least once.
+    Deselected, not skipped: they are not part of the default run at all."""
     if config.getoption("--full"):
         return
-    kept, dropped = [], []
+    kept, dropped, covered = [], [], {}
     for item in items:
-        (dropped if item.get_closest_marker("sweep") else kept).append(item)
+        if item.get_closest_marker("full"):
+            dropped.append(item)
+            continue
+        spec = getattr(item, "callspec", None)
+        if spec is None or not item.get_closest_marker("sweep"):
+            kept.append(item)
+            continue
+        seen = covered.setdefault(item.nodeid.split("[")[0], set())
+        new = {(name, _value_key(value)) for name, value in spec.params.items()} - seen
+        if new:
+            seen |= new
+            kept.append(item)
+        else:
+            dropped.append(item)
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = kept

@@ -84,6 +84,7 @@ def _torch_low(q, k, v, q_dot, k_dot, v_dot, causal, scale=None):
     return o, o_dot
 
 
+@pytest.mark.sweep
 # ------------------------------------------------------------------------------------------------ forward + JVP
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
@@ -113,6 +114,7 @@ SHAPES = [
 ]
 
 
+@pytest.mark.sweep
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}q{}k{}D{}kt{}".format(*s))
@@ -192,6 +194,7 @@ def _grads_ref(q, k, v, grad_o, causal, dtype=torch.float64):
     return torch.autograd.grad(o, leaves, grad_o.to(dtype))
 
 
+@pytest.mark.sweep
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
@@ -213,6 +216,7 @@ def test_backward_dtypes(device, dtype, causal):
 BWD_SHAPES = [(1, 2, 20, 41, 64), (2, 1, 40, 17, 32), (2, 1, 21, 23, 72), (1, 1, 18, 35, 128)]
 
 
+@pytest.mark.sweep
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", BWD_SHAPES, ids=lambda s: "B{}H{}q{}k{}D{}".format(*s))
@@ -365,7 +369,7 @@ def test_compile_reverse_mode_fullgraph(device):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.xfail(strict=True, reason="pytorch #192985: under torch.compile, Dynamo drops the custom jvp of an "
                    "autograd.Function inside torch.func.jvp (observed: zero tangents, no error). Strict: when torch "
                    "fixes it this XPASSes and the eager island in scaled_dot_product_attention can go.")

@@ -51,6 +51,7 @@ SHAPES = [
 ]
 
 
+@pytest.mark.sweep
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}Hq{}Hkv{}q{}k{}D{}Dv{}kt{}".format(*s))
@@ -177,6 +178,7 @@ LEVER_CASES = [
 ]
 
 
+@pytest.mark.sweep
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", LEVER_CASES, ids=lambda c: "{}-D{}Dv{}-{}-{}{}".format(
     "+".join(k.split("_")[-1].lower() for k in c[0]), c[1], c[2], "causal" if c[3] else "full", c[4] or "nomask",

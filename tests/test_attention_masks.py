@@ -133,6 +133,7 @@ MASK_CASES = [
 ]
 
 
+@pytest.mark.sweep
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", MASK_CASES, ids=lambda c: f"{c[0]}-Hq{c[2]}Hkv{c[3]}-D{c[6]}Dv{c[7]}-kt{c[8]}")
 def test_masked_forward_jvp_and_backward(device, case):

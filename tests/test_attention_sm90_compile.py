@@ -21,6 +21,8 @@ import pytest
 
 from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
 
+pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
+
 BODY = r'''
 from triton.runtime.autotuner import Autotuner
 
@@ -122,7 +124,7 @@ def _allowed_spill(r: dict) -> int:
     return KNOWN_SPILLS.get((r["kernel"], variant.get("HEAD_D"), variant.get("HEAD_DV")), 0)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_attention_kernels_fit_sm90():
     env = {"MFKERNELS_AUTOTUNE": "0"} if os.environ.get("MFKERNELS_AOT_ALL_CONFIGS") != "1" else {}
     # two compiler processes side by side (the compiles are independent; CI has two cores)
@@ -157,7 +159,7 @@ for ws in (False, True):
 '''
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_warp_specialize_is_a_no_op_on_sm90():
     """Triton 3.6 compiles tl.range(..., warp_specialize=True) at 8 warps (the warps of every bf16 attention config)
     to the same sm_90 PTX as without it (its automatic partitioning runs only for compute capability >= 10), which is

@@ -59,6 +59,7 @@ CASES = [
 ]
 
 
+@pytest.mark.sweep
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "{}-{}-Hq{}Hkv{}-D{}Dv{}-kt{}".format(
     c[0] or "nomask", "causal" if c[1] else "full", c[3], c[4], c[7], c[8], c[9]))

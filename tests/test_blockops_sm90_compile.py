@@ -1,5 +1,9 @@
 """Every block-op kernel specialisation compiles for the H100 (sm_90) without register spills (see tests/_sm90_aot)."""
+import pytest
+
 from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
+
+pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
 
 BODY = r'''
 from mfkernels import activations, mlp, norm, residual

@@ -87,7 +87,7 @@ def test_tangent_call_compiles_fullgraph_and_equals_eager(arch, backend):
     assert u.requires_grad == grads and not u_dot.requires_grad and u_dot.shape[0] == KT
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.full)])
 @pytest.mark.parametrize("arch", ["dit", "mlp"])
 def test_loss_with_guidance_compiles_fullgraph_and_equals_eager(arch, backend):
     """The whole training forward (times, guidance call in a fixed bucket of rows, tangent call, native target op)

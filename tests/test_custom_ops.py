@@ -53,6 +53,7 @@ def opcheck_cases(kt):
     }
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("kt", [0, 2])
 @pytest.mark.parametrize("case", list(opcheck_cases(0)))
 def test_opcheck(case, kt):

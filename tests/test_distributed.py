@@ -31,6 +31,8 @@ from tests._latent_fixtures import make_image_folder, make_tiny_vae
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 from tests.utils import free_port
 
+pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

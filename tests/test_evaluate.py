@@ -167,7 +167,7 @@ def test_digit_metrics_of_real_and_untrained_samples(fresh_cache):
     assert float((conf > 0.9).float().mean()) > out["1step"]["confident"]
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_mnist_classifier_reaches_high_accuracy(fresh_cache):
     from meanflow.evaluation.classifier import load_or_train
 

@@ -67,6 +67,7 @@ def test_fused_loss_and_gradients_with_guidance(device):
         assert max_rel_err(a, b) < 20 * _tol(device)
 
 
+@pytest.mark.full
 @pytest.mark.gpu
 def test_fused_training_steps_match_explicit(device):
     base = _model(device)

@@ -90,7 +90,7 @@ def _grid_error(model):
     return ((u - target).abs().mean() / target.abs().mean()).item()
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_small_mlp_learns_the_closed_form():
     """A real learning test: MeanFlowLoss on 1-D Gaussian data (conditional velocities, as in training) drives an MLP
     to the closed-form average velocity, and its 1-step samples to the data distribution."""

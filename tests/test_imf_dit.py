@@ -67,6 +67,7 @@ def inputs(batch=3, classes=3):
     return z, t, h, y, cond
 
 
+@pytest.mark.sweep
 @pytest.mark.parametrize("backend", ["autograd", "explicit", "fused"])
 @pytest.mark.parametrize("kt", [0, 1, 3])
 def test_forward_jvp_equals_func_jvp_on_every_backend(backend, kt):

@@ -1,6 +1,10 @@
 """The RMSNorm, SwiGLU and RoPE / QK-norm kernels (the tangent backward ones included) compile for the H100 (sm_90) without register spills
 (tests/_sm90_aot)."""
+import pytest
+
 from tests._sm90_aot import HOPPER_SHARED_MEMORY, compile_for_sm90
+
+pytestmark = pytest.mark.full  # long: runs with --full (CI runs it)
 
 BODY = r'''
 from mfkernels import rmsnorm, rope, swiglu

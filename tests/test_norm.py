@@ -36,6 +36,7 @@ def make_inputs(B, N, C, kt, dtype, device):
     return (x, shift, scale), tangents
 
 
+@pytest.mark.sweep
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,N,C,kt", SHAPES)
 @pytest.mark.parametrize("dtype,atol,rtol", DTYPE_TOLS)

@@ -70,6 +70,8 @@ def test_presets_round_trip_through_their_dict(preset):
     assert back == cfg and type(back.loss) is type(cfg.loss)
     assert cfg.loss.objective == preset.split("-", 1)[1]
     base = get_preset(preset.split("-")[0])
+    if preset == "mnist-scm":  # it continues an mnist-fm run at a lower lr (tests/test_preset_scm.py)
+        base.train.init_from, base.train.lr = cfg.train.init_from, cfg.train.lr
     # an equal budget: the same network, data, training and JVP backend (TVM's gradient through the JVP included: every
     # backend is exact for it, and `auto` is the fastest exact one on CPU, presets.TANGENT_GRAD_OBJECTIVES)
     assert (cfg.model, cfg.data, cfg.train) == (base.model, base.data, base.train)

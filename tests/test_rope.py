@@ -152,6 +152,7 @@ def plain_qk(q, k, wq, wk, cos, sin, interleaved):
     return plain_rope(qn, cos, sin, interleaved), plain_rope(kn, cos, sin, interleaved)
 
 
+@pytest.mark.sweep
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["w-rope", "w-norope", "now-rope", "w-rope-half"])
 @pytest.mark.parametrize("kt", [0, 1, 3])

@@ -69,6 +69,7 @@ def test_labels_noise_and_the_split_over_ranks():
         assert seen == list(range(num))
 
 
+@pytest.mark.full
 def test_npz_over_two_torchrun_processes_equals_one(run, tmp_path, capsys):
     one, two = tmp_path / "one.npz", tmp_path / "two.npz"
     assert main(["sample", "--ckpt", str(run), "--device", "cpu", "--num", "7", "--batch-size", "2", "--out", str(one)]) == 0

@@ -463,6 +463,7 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.full
 def test_import_is_lazy_and_jit_cache_loads():
     """Importing does not load the library; the first call loads the cached JIT build (MFKERNELS_NATIVE=jit)."""
     code = (
@@ -500,7 +501,7 @@ def test_failed_jit_build_falls_back_with_one_warning(tmp_path):
     assert "falling back to the pure-torch reference" in out.stdout and "JIT build failed" in out.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_jit_builds_from_scratch(tmp_path):
     out = _python("import mfkernels.target as mt; s = mt.native_status(); print(s.source, s.path)",
                   MFKERNELS_NATIVE="jit", MFKERNELS_BUILD_DIR=str(tmp_path))
@@ -509,7 +510,7 @@ def test_jit_builds_from_scratch(tmp_path):
     assert source == "jit" and Path(path).is_file() and Path(path).is_relative_to(tmp_path)
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_setup_py_builds_the_prebuilt_module(tmp_path):
     """setup.py build_ext -> mfkernels/_C*.so, which the loader imports first (source 'prebuilt')."""
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
@@ -529,7 +530,7 @@ def test_setup_py_builds_the_prebuilt_module(tmp_path):
     assert source == "prebuilt" and Path(path).parent == tmp_path / "pkg" / "mfkernels"
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_setup_py_survives_a_failed_build(tmp_path):
     """A compiler that fails: the build warns and goes on without the extension (MFKERNELS_BUILD_EXT=1: it fails)."""
     bad_cxx = tmp_path / "bad-cxx"
@@ -556,7 +557,7 @@ NVCC = shutil.which("nvcc")
 CHECK = ROOT / "tools" / "check_cuda_compile.sh"
 
 
-@pytest.mark.slow
+@pytest.mark.full
 @pytest.mark.skipif(NVCC is None, reason="nvcc not on PATH")
 def test_cuda_sources_compile_with_nvcc():
     out = subprocess.run(["bash", str(CHECK)], cwd=ROOT, capture_output=True, text=True, timeout=900,

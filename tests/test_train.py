@@ -205,7 +205,7 @@ def test_classifier_training_shows_progress(capsys):
     assert "digit classifier (trained once, then cached): 100%" in err and "3/3" in err
 
 
-@pytest.mark.slow
+@pytest.mark.full
 def test_meanflow_one_step_beats_flow_matching_one_step(tmp_path):
     """MeanFlow's point: at the same small budget, 1-step MeanFlow samples are far closer to the data than 1 Euler
     step of a flow-matching model (which lands near the mean of the data)."""

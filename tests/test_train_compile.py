@@ -60,7 +60,8 @@ def assert_same_run(a, b, out_a, out_b, rtol=1e-5):
         torch.testing.assert_close(sa[k], sb[k], rtol=rtol, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
 
 
-@pytest.mark.parametrize("preset,backend", [("digits", "aot_eager"), ("toy", "inductor")])
+@pytest.mark.parametrize("preset,backend", [pytest.param("digits", "aot_eager", marks=pytest.mark.full),
+                                            ("toy", "inductor")])
 def test_compiled_training_equals_eager(tmp_path, preset, backend):
     make = digits_config if preset == "digits" else toy_config
     eager = run(make(), tmp_path / "eager")

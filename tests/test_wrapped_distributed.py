@@ -17,7 +17,7 @@ from tests._wrapped_dist_worker import (SCENARIOS, SEPARATE, record_first_gradie
                                         unregister_separate, wrapped_config)
 from tests.utils import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.full  # several processes, seconds each: --full
 
 REFERENCES = {"single": [], "single_separate": [f"model.arch={SEPARATE}"], "single_scm": ["loss.objective=scm"]}
 EXPECTED = {"ddp": "single", "fsdp": "single", "ddp_separate": "single_separate",

@@ -56,6 +56,7 @@ from .cuda_graphs import CUDAGraphModel
 from .ema import EMA
 from .reporting import TrainerReporting
 from .interrupts import StopSignals, TrainingInterrupted
+from .presets import check_start
 from .state import TrainerState
 from .validation import check_config
 
@@ -85,6 +86,8 @@ class Trainer(TrainerState, TrainerReporting):
     def __init__(self, config: RunConfig, out_dir: str | os.PathLike, *, resume: str | os.PathLike | None = None,
                  loss_fn=None):
         check_config(config)  # one line naming the key, before anything is built
+        if resume is None:  # a preset that continues another run needs it (a resumed run has its weights already)
+            check_start(config)
         self.config, self.out_dir = config, Path(out_dir)
         tc: TrainConfig = config.train
         if tc.batch_size % tc.grad_accum:
