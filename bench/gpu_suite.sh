@@ -31,7 +31,7 @@
 # JSON is stamped with this checkout's provenance if it has none.
 # Without CUDA the suite runs the benchmark stages in Triton interpreter mode at tiny sizes: a dry run on CPU that CI
 # does (the test stages are skipped there: the ordinary test suite runs the same tests on CPU).
-# Knobs: SUITE_LIMIT_<STAGE>=seconds, SUITE_ONLY="a b", SUITE_SKIP="a b", SUITE_EXTRA="block_ops block profile",
+# Knobs: SUITE_LIMIT_<STAGE>=seconds, SUITE_ONLY="a b", SUITE_SKIP="a b", SUITE_EXTRA="block_ops block profile tvm",
 # SUITE_BUDGET=seconds, SUITE_STEP_ARGS, SUITE_COMPILED_ARGS, SUITE_ATTENTION_ARGS, SUITE_TEST_ARGS, SUITE_TEST_WORKERS.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -167,7 +167,15 @@ for extra in ${SUITE_EXTRA:-}; do
     block_ops) stage block_ops 50 "$PY" bench/bench_block_ops.py --out "$out/block_ops.json" $quick ;;
     block) stage block 45 "$PY" bench/bench_block.py --out "$out/block.json" $quick ;;
     profile) stage profile 90 "$PY" bench/profile_step.py --out "$out" $quick ;;
-    *) echo "=== $extra: unknown extra stage (block_ops, block, profile)"; failed+=("$extra(unknown)") ;;
+    # gradients through the tangent: the TVM step fused vs autograd (eager and compiled; time, peak memory) and the
+    # attention's tangent backward against its forward + JVP, FA2's backward and the math reference (and TVM's own
+    # kernel where bench/external/tvm is carried)
+    tvm) stage tvm_step 150 "$PY" bench/bench_objectives.py --device "$device" --backends fused autograd --cases tvm \
+           --compile both --out "$out/tvm_step.json" $quick
+         stage tvm_attention 120 "$PY" bench/bench_attention.py --out "$out/tvm_attention.json" \
+           ${SUITE_TVM_ATTENTION_ARGS:---causal off --dtypes bf16 --ns 4096,16384 --dims 128 --batch 1 --heads 24 --cases dense \
+           --providers fused_fwd_jvp,fused_bwd,fused_tangent_bwd,sdpa_flash_bwd,math_tangent_bwd,tvm_fwd_jvp,tvm_tangent_bwd} $quick ;;
+    *) echo "=== $extra: unknown extra stage (block_ops, block, profile, tvm)"; failed+=("$extra(unknown)") ;;
   esac
 done
 
