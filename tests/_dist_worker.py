@@ -4,16 +4,13 @@ test compares against single-process runs."""
 from __future__ import annotations
 
 import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from meanflow.training.config import apply_overrides
 from meanflow.training.interrupts import TrainingInterrupted
 from meanflow.training.presets import get_preset
+from tests._gloo import gloo_rank
 
 # device=cpu: gloo ranks on CPU even where a GPU is visible (two ranks cannot share one GPU)
 QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1", "eval.enabled=false", "train.device=cpu"]
@@ -93,11 +90,7 @@ def _signal_rank_1_in_step_2(trainer, rank: int) -> None:
 def run(rank: int, world: int, port: int, out: str) -> None:
     from meanflow.training.trainer import Trainer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    out_dir = Path(out)
-    try:
+    with gloo_rank(rank, world, port, out) as out_dir:
         from torch._dynamo.utils import counters
 
         for name, (overrides, resume) in SCENARIOS.items():
@@ -139,9 +132,3 @@ def run(rank: int, world: int, port: int, out: str) -> None:
         except ValueError as exc:
             if rank == 0:
                 (out_dir / "fsdp_graphs.txt").write_text(str(exc))
-        dist.barrier()
-    except BaseException:
-        (out_dir / f"rank{rank}.error.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()

@@ -4,17 +4,13 @@ distributed checkpoint; rank 0 saves the full weights (and TVM's teacher) for th
 process."""
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from meanflow.training.config import apply_overrides
 from meanflow.training.presets import get_preset
 from tests._dist_worker import full_state
+from tests._gloo import gloo_rank
 
 OBJECTIVES = ("fm", "imf", "scm", "alphaflow", "tvm")
 QUIET = ["train.progress=false", "train.log_every=1", "train.threads=1", "eval.enabled=false", "train.device=cpu"]
@@ -62,11 +58,7 @@ def teacher_state(trainer) -> dict:
 def run(rank: int, world: int, port: int, out: str) -> None:
     from meanflow.training.trainer import Trainer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    out_dir = Path(out)
-    try:
+    with gloo_rank(rank, world, port, out) as out_dir:
         for name, (objective, overrides, resume) in SCENARIOS.items():
             trainer = Trainer(objective_config(objective, *overrides), out_dir / name,
                               resume=out_dir / resume if resume else None)
@@ -76,9 +68,3 @@ def run(rank: int, world: int, port: int, out: str) -> None:
                 state["teacher"] = teacher_state(trainer)
             if rank == 0:
                 torch.save(state, out_dir / f"{name}.result.pt")
-        dist.barrier()
-    except BaseException:
-        (out_dir / f"rank{rank}.error.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()

@@ -4,18 +4,14 @@ plus a control that calls the network around DDP (the peers' trap: gradients are
 saves the full weights for the parent test to compare with single-process runs."""
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from meanflow.models import ARCHS, register_arch
 from meanflow.models.registry import _build_diffusers
 from meanflow.training.config import apply_overrides
 from meanflow.training.presets import get_preset
+from tests._gloo import gloo_rank
 
 TINY_DIT = ('{"num_layers": 2, "num_attention_heads": 2, "attention_head_dim": 8, "patch_size": 2, '
             '"attention_bias": false}')   # no key bias: its gradient is 0 up to rounding, which Adam would amplify
@@ -88,12 +84,8 @@ def full_weights(trainer) -> dict:
 def run(rank: int, world: int, port: int, out: str) -> None:
     from meanflow.training.trainer import Trainer
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
     register_separate()
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=120))
-    out_dir = Path(out)
-    try:
+    with gloo_rank(rank, world, port, out) as out_dir:
         for name, overrides in SCENARIOS.items():
             trainer = Trainer(wrapped_config(*overrides), out_dir / name)
             if name == "ddp_bypassed":
@@ -104,9 +96,3 @@ def run(rank: int, world: int, port: int, out: str) -> None:
             if rank == 0:
                 torch.save({"model": weights, "grads": grads, "step": trainer.step,
                             "class": type(trainer.model).__name__}, out_dir / f"{name}.result.pt")
-        dist.barrier()
-    except BaseException:
-        (out_dir / f"rank{rank}.error.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
