@@ -1,4 +1,4 @@
-"""docs/any_network.md's example, run from the page itself (so the documented code cannot rot): a plain diffusers
+"""The README's any-network example, run from the page itself (so the documented code cannot rot): a plain diffusers
 DiT wrapped and trained with MeanFlow through the public API, then sampled in one step; the command-line spelling of
 the same network (model.arch=diffusers:<ClassName>, the mnist-diffusers preset) builds; the bench's dry run."""
 import math
@@ -13,13 +13,13 @@ from meanflow.models import WrappedNetwork, build_model
 from meanflow.objectives import network_spec
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "any_network.md"
+DOC = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def doc_example() -> str:
     block = re.search(r"<!-- any-network-example:start -->\n```python\n(.*?)```\n<!-- any-network-example:end -->",
                       DOC.read_text(), re.S)
-    assert block, "docs/any_network.md lost its example (markers any-network-example:start / end)"
+    assert block, "README.md lost its any-network example (markers any-network-example:start / end)"
     return block.group(1)
 
 
