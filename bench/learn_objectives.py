@@ -3,8 +3,8 @@ samples scored (sliced Wasserstein on the toy; the digit classifier's label matc
 to flow matching with 1, 2 and 50 Euler steps.
 
     python bench/learn_objectives.py --suite toy                 # 6 runs, a few minutes each on 2 CPU cores
-    python bench/learn_objectives.py --suite mnist               # 6 runs, ~10 min each on 2 free cores (TVM on
-                                                                 # the autograd backend: over an hour)
+    python bench/learn_objectives.py --suite mnist               # 6 runs, 10-40 min each on 2 free cores (TVM,
+                                                                 # through the JVP: ~40 min on 1 thread)
     python bench/learn_objectives.py --suite mnist --objectives scm alphaflow   # some rows only
     python bench/learn_objectives.py --table                     # rewrite docs/objectives.md's tables from the rows
 
