@@ -14,6 +14,8 @@ from tests._objective_dist_worker import DDP, IMF_DIT, OBJECTIVES, RESUMED, SCEN
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 from tests.utils import free_port
 
+pytestmark = pytest.mark.full  # one spawn of 2 ranks for every objective (over a minute): --full
+
 
 def snapshot(trainer) -> dict:
     out = {"model": {k: v.detach().clone() for k, v in trainer.net.state_dict().items()},
