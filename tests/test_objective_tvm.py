@@ -185,9 +185,9 @@ def reference(net, teacher, x, y, d, **kw):
 
 
 # ------------------------------------------------------------------------------------- loss and gradients
-# the fused DiT runs its kernels in the interpreter (tens of seconds a case): one case by default, the other a sweep
+# the fused DiT runs its kernels in the interpreter (tens of seconds a case): one case by default, the other --full
 CASES = [pytest.param(kind, backend, scale, id=f"{'scaled' if scale else 'unscaled'}-{i}",
-                      marks=[pytest.mark.sweep] if (i == "dit-fused" and not scale) else [])
+                      marks=[pytest.mark.full] if (i == "dit-fused" and not scale) else [])
          for scale in (True, False) for (kind, backend), i in zip(BACKENDS, IDS)]
 
 
@@ -592,10 +592,10 @@ def _double_backward_grads(net, z, t, h, y, extra, tangents, w, params):
     return torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
 
 
-# the fused DiT is the TVM loss test's (above); the fused iMF's ops are tests/test_tangent_grad.py's (a sweep here)
+# the fused DiT is the TVM loss test's (above); the fused iMF's ops are tests/test_tangent_grad.py's (--full here)
 NETWORK_CASES = [("dit", "explicit"), ("mlp", "explicit"), ("imf", "explicit"), ("wrapped", "explicit"),
-                 ("mlp", "fused"), ("wrapped", "fused"), pytest.param("imf", "fused", marks=pytest.mark.sweep),
-                 pytest.param("dit", "fused", marks=pytest.mark.sweep)]
+                 ("mlp", "fused"), ("wrapped", "fused"), pytest.param("imf", "fused", marks=pytest.mark.full),
+                 pytest.param("dit", "fused", marks=pytest.mark.full)]
 
 
 @pytest.mark.parametrize("name,backend", NETWORK_CASES)
