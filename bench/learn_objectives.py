@@ -177,7 +177,7 @@ def compact_table(rows: dict) -> str:
              "(higher) and FD (lower). From `docs/objectives_learning.json`; commands, machines and findings in "
              "[the learning runs in detail](#the-learning-runs-in-detail).", "",
              "| objective | steps (NFE) | toy SW_2 | MNIST label match | MNIST FD |", "|---|---|---|---|---|"]
-    floor: dict[str, list] = {}
+    floor: dict[tuple[str, int], list[float]] = {}  # (name, digits) -> each run's own floor
     for o in OBJECTIVES:
         toy, mnist = rows.get(f"toy-{o}"), rows.get(f"mnist-{o}")
         keys = sorted({k for r in (toy, mnist) if r for k in r["metrics"] if k.endswith("step")},
@@ -194,16 +194,15 @@ def compact_table(rows: dict) -> str:
             if r:
                 ref = r["metrics"]["reference"]
                 if "sw_data_vs_data" in ref:
-                    floor.setdefault("toy SW_2", []).append((ref["sw_data_vs_data"], 3))
+                    floor.setdefault(("toy SW_2", 3), []).append(ref["sw_data_vs_data"])
                 else:
-                    floor.setdefault("MNIST FD", []).append((ref["fd_real_train_vs_test"], 1))
+                    floor.setdefault(("MNIST FD", 1), []).append(ref["fd_real_train_vs_test"])
     if floor:
         # each run measures its own floor (its classifier and draws): a range where the runs differ
         parts = []
-        for name, values in sorted(floor.items()):
-            lo, hi = min(v for v, _ in values), max(v for v, _ in values)
-            digits = values[0][1]
-            parts.append(f"{name} {lo:.{digits}f}" + (f"-{hi:.{digits}f}" if f"{lo:.{digits}f}" != f"{hi:.{digits}f}" else ""))
+        for (name, digits), values in sorted(floor.items()):
+            lo, hi = (f"{v:.{digits}f}" for v in (min(values), max(values)))
+            parts.append(f"{name} {lo}" + (f"-{hi}" if lo != hi else ""))
         lines += ["", "Floors (data against data, measured by each run): " + ", ".join(parts) + "."]
     return "\n".join(lines)
 

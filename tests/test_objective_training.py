@@ -11,7 +11,7 @@ from meanflow.cli import main
 from meanflow.objectives import IMFConfig, MeanFlowConfig
 from meanflow.training.checkpoint import CheckpointError
 from meanflow.training.config import RunConfig, apply_overrides, describe_config
-from meanflow.training.presets import get_preset
+from meanflow.training.presets import PRESETS, get_preset
 from meanflow.training.trainer import Trainer
 from tests._single_thread import single_thread  # noqa: F401  (autouse fixture)
 
@@ -76,6 +76,8 @@ def test_presets_round_trip_through_their_dict(preset):
     # backend is exact for it, and `auto` is the fastest exact one on CPU, presets.TANGENT_GRAD_OBJECTIVES)
     assert (cfg.model, cfg.data, cfg.train) == (base.model, base.data, base.train)
     assert cfg.model.backend == "auto"
+    if preset.startswith("mnist-"):  # the listing says what a run costs: TVM's gradient through the JVP is the long one
+        assert ("through the JVP" in PRESETS[preset].summary) == (preset == "mnist-tvm")
     # a config saved before objectives existed (no 'objective' key) reads as MeanFlow
     old = json.loads(get_preset("toy").to_json())
     del old["loss"]["objective"]

@@ -133,13 +133,10 @@ def _mnist_diffusers() -> RunConfig:
 # The objectives on the toy and the demo, at the same budget as `toy` / `mnist` (only the loss section differs; see
 # docs/objectives.md for what each learns and how the knobs were chosen).
 OBJECTIVE_NAMES = ("fm", "meanflow", "imf", "scm", "alphaflow", "tvm")
-# Objectives whose tangent must carry gradient (TVM), and the JVP backend their presets run. Every backend is exact for
-# it (docs/design.md, 'Gradients through the tangent'); `auto` is `explicit` on CPU and `fused` on CUDA. On CPU explicit
-# is the fastest exact one: at the toy's MLP it ties with autograd (84 ms a step each, batch 256, one thread), at
-# mnist's DiT-Tiny/4 (64 tokens) it is as fast, and at 256 tokens (DiT-Tiny/2) it takes 0.31-0.34x autograd's time
-# and keeps 24% less for the backward (bench/results/cpu/objectives_tvm.json): autograd pads the tangent to every row
-# and runs attention as math.
-TANGENT_GRAD_OBJECTIVES = {"tvm": "auto"}
+# Objectives whose tangent must carry gradient (TVM): their presets say the cost. They keep the model's `auto` backend
+# (explicit on CPU, fused on CUDA): every backend is exact for them (docs/design.md, 'Gradients through the tangent'),
+# and on CPU explicit is the fastest exact one (bench/results/cpu/objectives_tvm.json).
+TANGENT_GRAD_OBJECTIVES = frozenset({"tvm"})
 
 
 def _toy_loss(objective: str):
@@ -219,8 +216,6 @@ def _with_objective(base: Callable[[], RunConfig], kind: str, objective: str) ->
         cfg.loss = (_toy_loss if kind == "toy" else _mnist_loss)(objective)
         if objective == "fm":  # the Euler baseline: 1, 2 and 50 steps
             cfg.eval.steps = (1, 2, 50)
-        if objective in TANGENT_GRAD_OBJECTIVES:
-            cfg.model.backend = TANGENT_GRAD_OBJECTIVES[objective]
         if cfg.preset == "mnist-scm":
             _mnist_scm_train(cfg)
             cfg.description = ("5,000 real MNIST digits, class-conditional DiT-Tiny/4; objective scm continuing the "
